@@ -1,0 +1,448 @@
+"""BudgetBatchSampler: batches capped by total cost and by size, every sample once."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any, Dict, Iterator, List, Optional
+
+import numpy as np
+from torch.utils.data import Sampler
+
+from .costs import as_cost_array
+from .packing import pack_pool
+
+__all__ = ["BudgetBatchSampler"]
+
+DEFAULT_WINDOW = 8192
+_NO_SIZE_CAP = 2**62  # max_batch_size=None
+_STATE_VERSION = 1
+
+
+class BudgetBatchSampler(Sampler[List[int]]):
+    """Yield lists of dataset indices whose total cost stays under a budget.
+
+    Use it as ``DataLoader(dataset, batch_sampler=sampler)`` (not ``sampler=``).
+
+    Args:
+        costs: one non-negative number per sample (objects per image, voxels,
+            frames...), or ``None`` for cost 1 each (then give ``num_samples``).
+        max_cost: cap on the summed cost of a batch (``None``: no cost cap).
+        max_batch_size: cap on the number of samples in a batch (``None``: none).
+        shuffle: shuffle with ``seed`` and the epoch (see :meth:`set_epoch`).
+        seed: base seed; the same seed and epoch give the same batches anywhere.
+        drop_last: drop the epoch's final batch when it is under half full
+            (fewer than half of ``max_batch_size`` samples and under half of
+            ``max_cost``).
+        window: how many samples the planner looks ahead to pack tightly.
+        num_samples: dataset length when ``costs`` is ``None``.
+
+    Every index comes exactly once per epoch (``drop_last`` aside). A sample
+    whose own cost exceeds ``max_cost`` gets a batch of its own, with one
+    warning per epoch. ``max_cost`` and ``max_batch_size`` may be changed at
+    any time; the next batch formed obeys the new values.
+    """
+
+    def __init__(
+        self,
+        costs: Any,
+        *,
+        max_cost: Optional[float] = None,
+        max_batch_size: Optional[int] = None,
+        shuffle: bool = True,
+        seed: int = 0,
+        drop_last: bool = False,
+        window: int = DEFAULT_WINDOW,
+        num_samples: Optional[int] = None,
+    ) -> None:
+        cost_array = as_cost_array(costs, expected_len=num_samples)
+        if cost_array is None:
+            if num_samples is None:
+                raise ValueError("costs=None needs num_samples (the dataset length)")
+            num_samples = _check_int("num_samples", num_samples, minimum=0)
+            cost_array = np.ones(num_samples)
+            cost_array.setflags(write=False)
+        if max_cost is None and max_batch_size is None:
+            raise ValueError("give max_cost, max_batch_size or both: otherwise a batch has no bound")
+        self._costs = cost_array
+        self._max_cost = math.inf
+        self._max_batch_size = _NO_SIZE_CAP
+        self._budget = (self._max_cost, self._max_batch_size)
+        if max_batch_size is not None:
+            self.max_batch_size = max_batch_size
+        if max_cost is not None:
+            self.max_cost = max_cost
+        self.shuffle = bool(shuffle)
+        self.seed = _check_int("seed", seed)
+        self.drop_last = bool(drop_last)
+        self.window = _check_int("window", window, minimum=1)
+        self.epoch = 0
+        self._uniform = bool(len(cost_array) == 0 or np.all(cost_array == cost_array[0]))
+        self.warn_oversized = True
+        self._plan: Optional[_EpochPlan] = None
+        self._resume = False
+        self._len_cache: Optional[tuple] = None
+
+    # -- budget ---------------------------------------------------------------
+    @property
+    def max_cost(self) -> float:
+        """Cap on the summed cost of one batch (``math.inf`` when uncapped)."""
+        return self._max_cost
+
+    @max_cost.setter
+    def max_cost(self, value: Optional[float]) -> None:
+        if value is None:
+            if self._max_batch_size == _NO_SIZE_CAP:
+                raise ValueError("max_cost=None needs a max_batch_size")
+            self._max_cost = math.inf
+            self._budget = (self._max_cost, self._max_batch_size)
+            return
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+            raise TypeError(f"max_cost must be a number, got {type(value).__name__}")
+        if not value > 0 or math.isnan(value):
+            raise ValueError(f"max_cost must be > 0, got {value!r}")
+        self._max_cost = float(value)
+        self._budget = (self._max_cost, self._max_batch_size)
+
+    @property
+    def max_batch_size(self) -> Optional[int]:
+        """Cap on the number of samples in one batch (``None`` when uncapped)."""
+        return None if self._max_batch_size == _NO_SIZE_CAP else self._max_batch_size
+
+    @max_batch_size.setter
+    def max_batch_size(self, value: Optional[int]) -> None:
+        if value is None:
+            if math.isinf(self._max_cost):
+                raise ValueError("max_batch_size=None needs a max_cost")
+            self._max_batch_size = _NO_SIZE_CAP
+        else:
+            self._max_batch_size = _check_int("max_batch_size", value, minimum=1)
+        self._budget = (self._max_cost, self._max_batch_size)
+
+    @property
+    def costs(self) -> np.ndarray:
+        """The validated per-sample costs (read-only)."""
+        return self._costs
+
+    # -- epochs and iteration -------------------------------------------------
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose shuffle the next iteration uses."""
+        self.epoch = _check_int("epoch", epoch, minimum=0)
+
+    def __iter__(self) -> Iterator[List[int]]:
+        if not (self._resume and self._plan is not None and self._plan.epoch == self.epoch):
+            self._plan = self._new_plan()
+        self._resume = False
+        return self.iter_remaining()
+
+    def iter_remaining(self) -> Iterator[List[int]]:
+        """Continue the current epoch where it stands (used for recovery)."""
+        if self._plan is None:
+            self._plan = self._new_plan()
+        plan = self._plan
+        warned = False
+        while True:
+            budget = self._budget
+            if not plan.ready(budget, self.drop_last):
+                return
+            indices, bounds, n_batches = plan.chunk_idx, plan.bounds, plan.chunk_batches
+            k = plan.next_k
+            while k < n_batches and budget is self._budget:  # the setters make a new tuple
+                batch = indices[bounds[k] : bounds[k + 1]]
+                k += 1
+                plan.next_k = k
+                if len(batch) == 1 and not warned and self._costs[batch[0]] > self._max_cost:
+                    warned = True
+                    if self.warn_oversized:
+                        self._warn_oversized(batch[0])
+                yield batch
+
+    def requeue(self, indices: List[int]) -> None:
+        """Give indices that were yielded but never used back to this epoch."""
+        if self._plan is None:
+            raise RuntimeError("requeue() before any iteration")
+        self._plan.requeue(np.asarray(indices, dtype=np.int64))
+        self._resume = True
+
+    def __len__(self) -> int:
+        if self._resume and self._plan is not None:  # the rest of a restored epoch
+            return self._plan.copy().count_remaining(self._max_cost, self._max_batch_size, self.drop_last)
+        key = (self.epoch, self._max_cost, self._max_batch_size, self.drop_last, self.window,
+               self.shuffle, self.seed)
+        if self._len_cache is None or self._len_cache[0] != key:
+            count = self._new_plan().count_remaining(self._max_cost, self._max_batch_size, self.drop_last)
+            self._len_cache = (key, count)
+        return self._len_cache[1]
+
+    # -- resumption -----------------------------------------------------------
+    def state_dict(self) -> Dict[str, Any]:
+        """Where the epoch stands: enough for a fresh sampler to finish it.
+
+        ``consumed`` (a bitmap by index) is what counts; ``chunk`` lets a
+        sampler with the same settings continue with the very same batches.
+        """
+        state: Dict[str, Any] = {
+            "version": _STATE_VERSION,
+            "epoch": self.epoch,
+            "seed": self.seed,
+            "shuffle": self.shuffle,
+            "num_samples": len(self._costs),
+            "consumed": _pack_bits(np.zeros(len(self._costs), bool)),
+            "chunk": None,
+        }
+        if self._plan is not None and self._plan.epoch == self.epoch:
+            state["consumed"] = _pack_bits(self._plan.consumed_by_index())
+            state["chunk"] = self._plan.chunk_state()
+        return state
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`; the next iteration yields the rest of that epoch."""
+        if state.get("version") != _STATE_VERSION:
+            raise ValueError(f"unsupported BudgetBatchSampler state version {state.get('version')!r}")
+        if state["num_samples"] != len(self._costs):
+            raise ValueError(
+                f"state is for {state['num_samples']} samples, this sampler has {len(self._costs)}")
+        self.epoch, self.seed, self.shuffle = int(state["epoch"]), int(state["seed"]), bool(state["shuffle"])
+        consumed = _unpack_bits(state["consumed"], len(self._costs))
+        self._plan = self._new_plan(consumed_by_index=consumed)
+        chunk = state.get("chunk")
+        if chunk is not None:
+            replay = self._new_plan(consumed_by_index=_unpack_bits(chunk["start"], len(self._costs)))
+            if replay.replay_chunk(chunk, self.drop_last) and np.array_equal(replay.consumed_by_index(), consumed):
+                self._plan = replay
+        self._resume = True
+
+    # -- internals ------------------------------------------------------------
+    def _new_plan(self, consumed_by_index: Optional[np.ndarray] = None) -> "_EpochPlan":
+        n = len(self._costs)
+        if self.shuffle:
+            order = np.random.default_rng([self.seed, self.epoch]).permutation(n)
+        else:
+            order = np.arange(n)
+        return _EpochPlan(order, self._costs, self.window, self.shuffle, self._uniform,
+                          seed=(self.seed, self.epoch), epoch=self.epoch,
+                          consumed_by_index=consumed_by_index)
+
+    def _warn_oversized(self, index: int) -> None:
+        n_over = int(np.count_nonzero(self._costs > self._max_cost))
+        warnings.warn(
+            f"sample {index} has cost {self._costs[index]:g} > max_cost {self._max_cost:g}; it gets a "
+            f"batch of its own ({n_over} sample(s) exceed max_cost; warned once per epoch)",
+            stacklevel=3,
+        )
+
+
+class _EpochPlan:
+    """The rest of one epoch: a permutation, what is consumed, a pool, a planned chunk.
+
+    The pool is always the first ``window`` unconsumed samples in permutation
+    order, so the plan is a function of the consumed set alone. A planned
+    chunk is one array of positions grouped by batch plus the batch bounds;
+    yielding a batch is a list slice, and the consumed bits of a chunk are
+    written lazily (``_sync_consumed``) to keep the per-batch path short.
+    """
+
+    def __init__(self, order, costs, window, shuffle, uniform, *, seed, epoch, consumed_by_index=None):
+        self.order = order
+        self.costs_at = costs[order]
+        self.window = window
+        self.shuffle = shuffle
+        self.uniform = uniform
+        self.seed = seed
+        self.epoch = epoch
+        self.consumed = np.zeros(len(order), bool)  # by permutation position
+        if consumed_by_index is not None:
+            self.consumed = consumed_by_index[order].copy()
+        self.cursor = 0  # positions below it have been pulled into the pool
+        self.pool = np.empty(0, np.int64)
+        self._clear_chunk()
+
+    def copy(self) -> "_EpochPlan":
+        other = object.__new__(_EpochPlan)
+        other.__dict__.update(self.__dict__)
+        other.consumed = self.consumed.copy()
+        return other
+
+    def consumed_by_index(self) -> np.ndarray:
+        self._sync_consumed()
+        out = np.zeros(len(self.order), bool)
+        out[self.order] = self.consumed
+        return out
+
+    def chunk_state(self) -> Optional[Dict[str, Any]]:
+        """The current chunk as (consumed before it, batches yielded from it, its budget)."""
+        if self.chunk_budget is None:
+            return None
+        start = self.consumed_by_index()
+        start[self.order[self.chunk_pos[: self.bounds[self.next_k]]]] = False
+        start[self.order[self.dropped]] = False
+        return {"start": _pack_bits(start), "yielded": self.next_k, "budget": self.chunk_budget}
+
+    def replay_chunk(self, chunk: Dict[str, Any], drop_last: bool) -> bool:
+        """Plan the chunk again from its start and skip what was yielded."""
+        self._plan_chunk(*chunk["budget"], drop_last)
+        if chunk["yielded"] > self.chunk_batches:
+            return False
+        self.next_k = chunk["yielded"]
+        return True
+
+    def requeue(self, indices: np.ndarray) -> None:
+        self._sync_consumed()
+        position = np.empty(len(self.order), np.int64)
+        position[self.order] = np.arange(len(self.order))
+        self.consumed[position[indices]] = False
+        self._clear_chunk()
+        self.pool = np.flatnonzero(~self.consumed[: self.cursor])
+
+    def ready(self, budget: tuple, drop_last: bool) -> bool:
+        """Make sure unyielded batches planned at ``budget`` exist; False at epoch end."""
+        if self.next_k < self.chunk_batches and self.chunk_budget == budget:
+            return True
+        self._return_unyielded()
+        self._plan_chunk(*budget, drop_last)
+        return self.chunk_batches > 0
+
+    def count_remaining(self, max_cost: float, max_batch_size: int, drop_last: bool) -> int:
+        """Batches the rest of the epoch yields at this budget (consumes this plan)."""
+        count = 0
+        if self.chunk_budget == (max_cost, max_batch_size):
+            count = self.chunk_batches - self.next_k
+            self.next_k = self.chunk_batches
+        while True:
+            self._return_unyielded()
+            self._plan_chunk(max_cost, max_batch_size, drop_last)
+            if self.chunk_batches == 0:
+                return count
+            count += self.chunk_batches
+            self.next_k = self.chunk_batches
+
+    def _clear_chunk(self) -> None:
+        self.chunk_pos = np.empty(0, np.int64)
+        self.chunk_idx: List[int] = []
+        self.bounds: List[int] = [0]
+        self.chunk_batches = 0
+        self.next_k = 0
+        self.synced_k = 0
+        self.chunk_budget: Optional[tuple] = None
+        self.dropped = np.empty(0, np.int64)  # positions drop_last dropped in this chunk
+
+    def _sync_consumed(self) -> None:
+        if self.next_k > self.synced_k:
+            self.consumed[self.chunk_pos[self.bounds[self.synced_k] : self.bounds[self.next_k]]] = True
+            self.synced_k = self.next_k
+
+    def _return_unyielded(self) -> None:
+        """Put the planned but unyielded batches back into the pool."""
+        self._sync_consumed()
+        rest = self.chunk_pos[self.bounds[self.next_k] :]
+        if len(rest):
+            self.pool = np.sort(np.concatenate([self.pool, rest]))
+        self._clear_chunk()
+
+    def _pull_fresh(self, target: int) -> np.ndarray:
+        """The pool topped up to ``target`` unconsumed positions."""
+        n = len(self.order)
+        parts = [self.pool]
+        size = len(self.pool)
+        while size < target and self.cursor < n:
+            stop = min(n, self.cursor + target - size)
+            span = np.arange(self.cursor, stop)
+            span = span[~self.consumed[span]]
+            parts.append(span)
+            size += len(span)
+            self.cursor = stop
+        return np.concatenate(parts) if len(parts) > 1 else self.pool
+
+    def _plan_chunk(self, max_cost: float, max_batch_size: int, drop_last: bool) -> None:
+        target = self.window
+        while True:
+            pool = self._pull_fresh(target)
+            last = self.cursor >= len(self.order)
+            pos, batch, self.pool = _pack_positions(pool, self.costs_at, max_cost, max_batch_size,
+                                                    self.uniform, last)
+            if len(pos) or last:
+                break
+            target *= 2  # equal costs and a window smaller than one batch: look further
+        while last and len(self.pool):  # end of epoch: pack the leftovers too
+            more_pos, more_batch, self.pool = _pack_positions(
+                self.pool, self.costs_at, max_cost, max_batch_size, self.uniform, last)
+            offset = int(batch.max()) + 1 if len(batch) else 0
+            pos, batch = np.concatenate([pos, more_pos]), np.concatenate([batch, more_batch + offset])
+        n_batches = int(batch.max()) + 1 if len(batch) else 0
+        if n_batches == 0:
+            return
+        rank = self._batch_rank(pos, batch, n_batches)
+        if last and drop_last:  # the least filled batch of the epoch goes last, to be dropped
+            fill = np.bincount(batch, self.costs_at[pos], n_batches) / max_cost
+            fill += np.bincount(batch, minlength=n_batches) / max_batch_size
+            worst = int(np.argmin(fill))
+            rank[rank > rank[worst]] -= 1
+            rank[worst] = n_batches - 1
+        grouped = np.argsort(rank[batch] * len(self.order) + pos)  # by batch rank, then position
+        self.chunk_pos = pos[grouped]
+        sizes = np.bincount(batch, minlength=n_batches)[np.argsort(rank)]
+        self.bounds = [0, *np.cumsum(sizes).tolist()]
+        if last and drop_last and _under_half_full(self.chunk_pos[self.bounds[-2] :], self.costs_at,
+                                                   max_cost, max_batch_size):
+            self.dropped = self.chunk_pos[self.bounds[-2] :]
+            self.consumed[self.dropped] = True  # dropped: counts as used
+            self.chunk_pos = self.chunk_pos[: self.bounds[-2]]
+            self.bounds.pop()
+        self.chunk_idx = self.order[self.chunk_pos].tolist()
+        self.chunk_batches = len(self.bounds) - 1
+        self.chunk_budget = (max_cost, max_batch_size)
+
+    def _batch_rank(self, pos: np.ndarray, batch: np.ndarray, n_batches: int) -> np.ndarray:
+        """Yield rank of each batch: random with the epoch's seed, or by first position."""
+        if self.shuffle:
+            return np.random.default_rng([*self.seed, self.cursor, len(self.pool)]).permutation(n_batches)
+        first = np.full(n_batches, len(self.order), np.int64)
+        np.minimum.at(first, batch, pos)
+        return np.argsort(np.argsort(first, kind="stable"), kind="stable")
+
+
+def _pack_positions(pool: np.ndarray, costs_at: np.ndarray, max_cost: float, max_batch_size: int,
+                    uniform: bool, last: bool):
+    """Pack pool positions into batches.
+
+    Returns ``(positions, batch_ids, leftover)``: the placed positions with the
+    batch number of each (``0..k-1``), and the positions left for later.
+    """
+    costs = costs_at[pool]
+    oversized = costs > max_cost
+    alone = pool[oversized]
+    fits, fit_costs = pool[~oversized], costs[~oversized]
+    if uniform:
+        per_batch = max_batch_size
+        if len(fits) and fit_costs[0] > 0 and not math.isinf(max_cost):
+            per_batch = max(1, int(min(per_batch, max_cost // fit_costs[0])))
+        batch_of = np.arange(len(fits)) // per_batch
+        if not last:  # a partial batch waits for the next pool
+            batch_of[len(fits) - len(fits) % per_batch :] = -1
+    else:
+        batch_of = pack_pool(fit_costs, max_cost, max_batch_size)
+    placed = batch_of >= 0
+    first_alone = int(batch_of.max()) + 1 if placed.any() else 0
+    pos = np.concatenate([fits[placed], alone])
+    batch = np.concatenate([batch_of[placed], np.arange(first_alone, first_alone + len(alone))])
+    return pos, batch, fits[~placed]
+
+
+def _pack_bits(mask: np.ndarray) -> bytes:
+    return np.packbits(mask).tobytes()
+
+
+def _unpack_bits(data: bytes, count: int) -> np.ndarray:
+    return np.unpackbits(np.frombuffer(data, dtype=np.uint8), count=count).astype(bool)
+
+
+def _under_half_full(positions: np.ndarray, costs_at: np.ndarray, max_cost: float, max_batch_size: int) -> bool:
+    return len(positions) < max_batch_size / 2 and float(costs_at[positions].sum()) < max_cost / 2
+
+
+def _check_int(name: str, value: Any, minimum: Optional[int] = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)

@@ -1,0 +1,63 @@
+"""Sampler packing quality and speed (pytest-benchmark; run with --benchmark-enable).
+
+    .venv/bin/python -m pytest tests/benchmarks/test_bench_sampler.py --benchmark-enable
+"""
+
+import math
+
+import numpy as np
+import pytest
+from torch.utils.data import BatchSampler, RandomSampler
+
+from adaptive_loader import BudgetBatchSampler
+
+SEED_N = 100_000
+EPOCH_N = 1_000_000
+
+
+def seed_costs(n):
+    return np.random.default_rng(0).integers(10, 1201, n)
+
+
+def lower_bound(costs, max_cost, max_batch_size):
+    return max(math.ceil(costs.sum() / max_cost), math.ceil(len(costs) / max_batch_size))
+
+
+@pytest.mark.parametrize("window", [1024, 8192])
+def test_packing_ratio_seed_distribution(benchmark, window):
+    costs = seed_costs(SEED_N)
+    sampler = BudgetBatchSampler(costs, max_cost=1500, max_batch_size=10, window=window)
+    n_batches = benchmark.pedantic(lambda: sum(1 for _ in sampler), rounds=3, iterations=1)
+    ratio = n_batches / lower_bound(costs, 1500, 10)
+    benchmark.extra_info.update(batches=n_batches, ratio_to_lower_bound=round(ratio, 4))
+    assert ratio <= 1.01
+
+
+def test_epoch_1m_torch_batch_sampler(benchmark):
+    sampler = BatchSampler(RandomSampler(range(EPOCH_N)), 10, drop_last=False)
+    benchmark.pedantic(lambda: sum(1 for _ in sampler), rounds=5, iterations=1)
+
+
+def test_epoch_1m_budget_sampler_seed_costs(benchmark):
+    sampler = BudgetBatchSampler(seed_costs(EPOCH_N), max_cost=1500, max_batch_size=10)
+    n = benchmark.pedantic(lambda: sum(1 for _ in sampler), rounds=5, iterations=1)
+    benchmark.extra_info["batches"] = n
+
+
+def test_epoch_1m_budget_sampler_uniform_costs(benchmark):
+    sampler = BudgetBatchSampler(None, num_samples=EPOCH_N, max_batch_size=10)
+    n = benchmark.pedantic(lambda: sum(1 for _ in sampler), rounds=5, iterations=1)
+    benchmark.extra_info["batches"] = n
+
+
+def test_replan_after_budget_change(benchmark):
+    """Cost of one batch right after the budget moved (a chunk is planned again)."""
+    sampler = BudgetBatchSampler(seed_costs(SEED_N), max_cost=1500, max_batch_size=10)
+    it = iter(sampler)
+    caps = iter([1500, 1400] * 10_000)
+
+    def step():
+        sampler.max_cost = next(caps)
+        next(it)
+
+    benchmark(step)
