@@ -1,0 +1,228 @@
+"""The controller: measurements in, the next budget and fallbacks out.
+
+Pure logic, no processes and no I/O, so every rule is unit-testable with plain
+numbers. The loader feeds it an :class:`Observation` after each batch and
+applies the :class:`Decision` it returns.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import List, Optional, Tuple
+
+import numpy as np
+
+__all__ = ["CostModel", "Observation", "Decision", "Controller"]
+
+
+class CostModel:
+    """Bytes of one sample as ``intercept + slope * cost``, learned online.
+
+    Until ``min_samples`` samples are seen (or while their costs barely vary)
+    it assumes bytes are proportional to cost at the worst ratio seen, which
+    over-estimates: conservative until it knows better. After that it fits a
+    line over the most recent ``window`` samples and adds the largest residual
+    as a margin, so the estimate stays an upper bound of what was seen.
+    """
+
+    def __init__(self, window: int = 512, min_samples: int = 16) -> None:
+        self.window = window
+        self.min_samples = min_samples
+        self._costs = np.zeros(window)
+        self._bytes = np.zeros(window)
+        self._n = 0  # samples seen in all
+        self._fit: Optional[Tuple[float, float, float]] = None
+
+    @property
+    def seen(self) -> int:
+        return self._n
+
+    def observe(self, costs, nbytes) -> None:
+        """Record samples: their costs and measured bytes."""
+        costs = np.asarray(costs, dtype=np.float64)
+        nbytes = np.asarray(nbytes, dtype=np.float64)
+        for c, b in zip(costs[-self.window:], nbytes[-self.window:]):
+            slot = self._n % self.window
+            self._costs[slot], self._bytes[slot] = c, b
+            self._n += 1
+        self._fit = None
+
+    def coefficients(self) -> Optional[Tuple[float, float, float]]:
+        """``(intercept, slope, margin)`` bytes, or ``None`` before any sample."""
+        if self._n == 0:
+            return None
+        if self._fit is None:
+            self._fit = self._compute_fit()
+        return self._fit
+
+    def sample_bytes(self, cost: float) -> float:
+        """Upper estimate of one sample's bytes at ``cost``."""
+        a, b, m = self.coefficients() or (0.0, 0.0, 0.0)
+        return a + m + b * cost
+
+    def _compute_fit(self) -> Tuple[float, float, float]:
+        k = min(self._n, self.window)
+        c, y = self._costs[:k], self._bytes[:k]
+        spread = c.max() - c.min()
+        if k >= self.min_samples and spread > 0.1 * max(c.max(), 1e-12):
+            slope, intercept = np.polyfit(c, y, 1)
+            slope, intercept = max(float(slope), 0.0), max(float(intercept), 0.0)
+        elif c.max() > 0:  # proportional at the worst ratio seen
+            positive = c > 0
+            slope = float(np.max(y[positive] / c[positive]))
+            intercept = float(np.max(y[~positive], initial=0.0))
+        else:
+            slope, intercept = 0.0, float(y.max())
+        margin = max(0.0, float(np.max(y - (intercept + slope * c))))
+        return intercept, slope, margin
+
+
+@dataclass(frozen=True)
+class Observation:
+    """What the loader knows right after a batch.
+
+    ``ours_in_shm`` is the bytes of this loader's batches that sit in shm now
+    (held by the user, or predicted for those in flight); they count as space
+    the loader may use, since it will get them back.
+    """
+
+    shm_free: int
+    shm_total: int
+    ours_in_shm: int
+    in_flight_slots: int  # num_workers * prefetch_factor
+    held_batches: int  # yielded batches the user still holds
+    fds_in_use: int
+    fd_soft_limit: int
+    fd_hard_limit: int
+    storages_per_batch: float
+    local_world_size: int = 1
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What to do before the next batch. ``None`` fields mean: leave as is."""
+
+    max_cost: float
+    per_batch_bytes: float
+    prefetch_factor: Optional[int] = None
+    num_workers: Optional[int] = None
+    fd_soft_limit: Optional[int] = None
+    sharing_strategy: Optional[str] = None
+    reasons: List[str] = field(default_factory=list)
+
+
+class Controller:
+    """Turns observations into the budget of the next batches.
+
+    Args:
+        user_max_cost: the user's own cap; the budget never exceeds it.
+        max_batch_size: the user's size cap (``None``: none).
+        min_cost: smallest positive sample cost (so a budget never goes below
+            one sample).
+        num_workers, prefetch_factor: the loader's pipeline depth now.
+        safety: fraction of the usable shm that batches may fill.
+        fd_headroom: fraction of the fd soft limit that may be in use.
+        hysteresis: relative change below which the budget stays put.
+    """
+
+    def __init__(self, *, user_max_cost: float, max_batch_size: Optional[int], min_cost: float,
+                 num_workers: int, prefetch_factor: int, safety: float = 0.8, fd_headroom: float = 0.8,
+                 hysteresis: float = 0.2, model: Optional[CostModel] = None) -> None:
+        self.user_max_cost = user_max_cost
+        self.max_batch_size = max_batch_size
+        self.min_cost = min_cost
+        self.num_workers = num_workers
+        self.prefetch_factor = prefetch_factor
+        self.safety = safety
+        self.fd_headroom = fd_headroom
+        self.hysteresis = hysteresis
+        self.model = model or CostModel()
+        self.max_cost = user_max_cost
+        self.strategy_switched = False
+
+    def decide(self, obs: Observation) -> Decision:
+        reasons: List[str] = []
+        usable = self.safety * (obs.shm_free / max(1, obs.local_world_size) + obs.ours_in_shm)
+        slots = self.num_workers * self.prefetch_factor + max(1, obs.held_batches)
+        per_batch = usable / slots
+        prefetch, workers = self._shrink_pipeline(usable, obs.held_batches, reasons)
+        if prefetch is not None or workers is not None:
+            slots = (workers or self.num_workers) * (prefetch or self.prefetch_factor) + max(1, obs.held_batches)
+            per_batch = usable / slots
+        target = self._max_cost_for(per_batch)
+        self._move_budget(target, per_batch, reasons)
+        fd_limit, strategy = self._fd_plan(obs, reasons)
+        return Decision(self.max_cost, per_batch, prefetch, workers, fd_limit, strategy, reasons)
+
+    # -- budget ---------------------------------------------------------------
+    def _max_cost_for(self, per_batch_bytes: float) -> float:
+        """The largest cost cap whose worst-case batch fits in ``per_batch_bytes``."""
+        fit = self.model.coefficients()
+        if fit is None:
+            return self.user_max_cost  # nothing measured yet: the workers' off-shm check guards
+        a, b, m = fit
+        per_sample = a + m  # bytes a sample brings whatever its cost
+        candidates = []
+        if self.min_cost > 0 or b > 0:  # count bounded by cost: n <= X / min_cost
+            denominator = b + (per_sample / self.min_cost if self.min_cost > 0 else 0.0)
+            if denominator > 0:
+                candidates.append(per_batch_bytes / denominator)
+        if self.max_batch_size is not None:  # count bounded by size
+            rest = per_batch_bytes - per_sample * self.max_batch_size
+            if rest >= 0:
+                candidates.append(rest / b if b > 0 else math.inf)
+        if not candidates:
+            return self.user_max_cost if per_sample == 0 else self.min_cost
+        return min(self.user_max_cost, max(self.min_cost, max(candidates)))
+
+    def _move_budget(self, target: float, per_batch: float, reasons: List[str]) -> None:
+        current = self.max_cost
+        # shrink on a small drop, grow only on a clear rise: batches in flight make the
+        # free space jitter by a batch or so from one observation to the next
+        if target < current * (1 - self.hysteresis / 2) or target > current * (1 + self.hysteresis) \
+                or (target == self.user_max_cost and current != target):
+            direction = "lower" if target < current else "raise"
+            reasons.append(f"{direction} max_cost {current:.4g} -> {target:.4g}: "
+                           f"{per_batch / 2**20:.1f} MiB of shm per batch in flight")
+            self.max_cost = target
+
+    # -- fewer in flight ------------------------------------------------------
+    def _shrink_pipeline(self, usable: float, held: int, reasons: List[str]):
+        """Fewer batches in flight when even one smallest sample per slot does not fit."""
+        if self.model.coefficients() is None or self.num_workers == 0:
+            return None, None
+        smallest = self.model.sample_bytes(self.min_cost)
+        if smallest <= 0:
+            return None, None
+        fitting_slots = int(usable // smallest) - max(1, held)
+        if fitting_slots >= self.num_workers * self.prefetch_factor:
+            return None, None
+        prefetch = max(1, fitting_slots // self.num_workers)
+        workers = self.num_workers if fitting_slots >= self.num_workers else max(1, fitting_slots)
+        if (prefetch, workers) == (self.prefetch_factor, self.num_workers):
+            return None, None  # already as low as it goes: the workers send batches off shm
+        reasons.append(
+            f"fewer batches in flight: {self.num_workers}x{self.prefetch_factor} -> {workers}x{prefetch}; "
+            f"a one-sample batch needs {smallest / 2**20:.1f} MiB, {usable / 2**20:.1f} MiB usable")
+        changed_prefetch = prefetch if prefetch != self.prefetch_factor else None
+        changed_workers = workers if workers != self.num_workers else None
+        self.prefetch_factor, self.num_workers = prefetch, workers
+        return changed_prefetch, changed_workers
+
+    # -- file descriptors -----------------------------------------------------
+    def _fd_plan(self, obs: Observation, reasons: List[str]):
+        incoming = obs.storages_per_batch * (self.num_workers * self.prefetch_factor + 1)
+        projected = obs.fds_in_use + incoming
+        if projected <= self.fd_headroom * obs.fd_soft_limit or self.strategy_switched:
+            return None, None
+        if obs.fd_soft_limit < obs.fd_hard_limit:
+            wanted = int(max(2 * obs.fd_soft_limit, projected / self.fd_headroom * 2))
+            new_limit = min(obs.fd_hard_limit, wanted)
+            reasons.append(f"raise fd soft limit {obs.fd_soft_limit} -> {new_limit}: "
+                           f"{obs.fds_in_use} open + ~{incoming:.0f} incoming")
+            return new_limit, None
+        self.strategy_switched = True
+        reasons.append(f"switch to the file_system sharing strategy: {obs.fds_in_use} fds open + "
+                       f"~{incoming:.0f} incoming against a hard limit of {obs.fd_hard_limit}")
+        return None, "file_system"

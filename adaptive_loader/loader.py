@@ -1,0 +1,517 @@
+"""AdaptiveLoader: a DataLoader whose batch budget follows the shm it has.
+
+It wires the other modules together: the sampler plans batches under the
+current budget, the workers measure and ship them (``transport``), the
+probes read shm, fds and RAM (``measure``), the controller turns that into
+the next budget and fallbacks, and ``telemetry`` records it all. It owns
+recovery: a dead worker or a lost batch rebuilds the iterator over the
+batches not yet delivered.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import resource
+import time
+import weakref
+from collections import deque
+from typing import Any, Callable, Deque, Dict, Iterator, List, Optional
+
+import numpy as np
+import torch
+import torch.multiprocessing
+from torch.utils.data import BatchSampler, DataLoader, Dataset, IterableDataset, RandomSampler
+from torch.utils.data._utils import signal_handling as _torch_signal_handling
+
+from .controller import Controller, Observation
+from .costs import as_cost_array
+from .measure import ShmProbe, _leaves, host_ram_available, read_fds, rss_of
+from .sampler import DEFAULT_WINDOW, BudgetBatchSampler
+from .telemetry import SinkSpec, Telemetry
+from .transport import PIPE, SHM, MeasuredCollate, WorkerSetup
+
+__all__ = ["AdaptiveLoader", "LoaderStalled", "LoaderFailed"]
+
+logger = logging.getLogger("adaptive_loader")
+
+_OWN_KEYWORDS = ("sampler", "batch_sampler")
+_POLL_SECONDS = 1.0  # how often a waiting loader checks its workers
+
+
+class LoaderStalled(RuntimeError):
+    """No batch arrived for ``stall_timeout`` seconds although workers were alive."""
+
+
+class LoaderFailed(RuntimeError):
+    """Recovery was tried ``max_restarts`` times without a batch getting through."""
+
+
+class AdaptiveLoader:
+    """Iterate a map-style dataset in batches that fit the shared memory at hand.
+
+    Like ``DataLoader(dataset, batch_sampler=BudgetBatchSampler(...))``, plus:
+    workers measure each batch, a controller lowers or raises ``max_cost`` so
+    the batches in flight fit in ``/dev/shm``, and before anything can fail it
+    falls back (fewer batches in flight, a batch off shm, more fds or the
+    ``file_system`` strategy). Every sample is delivered exactly once per epoch;
+    a dead worker is replaced; a stall becomes :class:`LoaderStalled`.
+
+    Args:
+        dataset: a map-style dataset (``__getitem__`` and ``__len__``).
+        costs: per-sample cost (e.g. objects per image); ``None``: 1 each.
+        max_cost: your cap on a batch's summed cost; the adaptive budget never
+            exceeds it. ``None``: only shm decides.
+        max_batch_size: cap on samples per batch (``batch_size`` is accepted too).
+        num_workers, collate_fn: as for DataLoader.
+        shuffle, seed: shuffle with ``seed`` and the epoch (:meth:`set_epoch`).
+        telemetry: a JSONL path, a callable taking a record dict, or a list of them.
+        shm_path: where the POSIX shm filesystem is mounted.
+        safety: fraction of the usable shm that batches in flight may fill.
+        stall_timeout: seconds without a batch before :class:`LoaderStalled`
+            (DataLoader's ``timeout``, if given, is used instead).
+        max_restarts: recoveries in a row without progress before :class:`LoaderFailed`.
+        drop_last, window: passed to :class:`BudgetBatchSampler`.
+        **dataloader_kwargs: anything else DataLoader takes (``pin_memory``,
+            ``prefetch_factor``, ``worker_init_fn``, ``persistent_workers``,
+            ``multiprocessing_context``, ``generator``, ...).
+    """
+
+    def __init__(self, dataset: Dataset, *, costs: Any = None, max_cost: Optional[float] = None,
+                 max_batch_size: Optional[int] = None, num_workers: int = 0,
+                 collate_fn: Optional[Callable[[List[Any]], Any]] = None, shuffle: bool = False, seed: int = 0,
+                 telemetry: SinkSpec = None, shm_path: str = "/dev/shm", safety: float = 0.8,
+                 stall_timeout: float = 300.0, max_restarts: int = 3, drop_last: bool = False,
+                 window: int = DEFAULT_WINDOW, **dataloader_kwargs: Any) -> None:
+        if isinstance(dataset, IterableDataset) or not hasattr(dataset, "__len__"):
+            raise TypeError("AdaptiveLoader needs a map-style dataset with __len__ and __getitem__")
+        max_batch_size = _take_batch_size_alias(max_batch_size, dataloader_kwargs)
+        _refuse_own_keywords(dataloader_kwargs)
+        if dataloader_kwargs.pop("in_order", True) is not True:
+            raise ValueError("in_order=False is not supported: AdaptiveLoader matches batches to indices in order")
+        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+            raise ValueError(f"num_workers must be an int >= 0, got {num_workers!r}")
+        _check_fraction("safety", safety)
+        _check_positive("stall_timeout", stall_timeout)
+        if isinstance(max_restarts, bool) or not isinstance(max_restarts, int) or max_restarts < 0:
+            raise ValueError(f"max_restarts must be an int >= 0, got {max_restarts!r}")
+        n = len(dataset)
+        cost_array = as_cost_array(costs, expected_len=n)
+        if max_cost is None and max_batch_size is None:
+            max_batch_size = 1  # DataLoader's default batch_size
+        self.dataset = dataset
+        self.sampler = BudgetBatchSampler(cost_array, max_cost=max_cost, max_batch_size=max_batch_size,
+                                          shuffle=shuffle, seed=seed, drop_last=drop_last, window=window,
+                                          num_samples=n)
+        self.user_max_cost = self.sampler.max_cost
+        self._shm = ShmProbe(shm_path)
+        self.num_workers = num_workers
+        self.prefetch_factor = dataloader_kwargs.pop("prefetch_factor", None)
+        if num_workers > 0 and self.prefetch_factor is None:
+            self.prefetch_factor = 2
+        user_timeout = dataloader_kwargs.pop("timeout", 0)
+        self.stall_timeout = float(user_timeout) if user_timeout else float(stall_timeout)
+        self.max_restarts = max_restarts
+        self.safety = safety
+        self.collate_fn = collate_fn
+        self._user_worker_init = dataloader_kwargs.pop("worker_init_fn", None)
+        self._dataloader_kwargs = dataloader_kwargs
+        self._telemetry = Telemetry(telemetry)
+        positive = self.sampler.costs[self.sampler.costs > 0]
+        self.controller = Controller(
+            user_max_cost=self.user_max_cost, max_batch_size=self.sampler.max_batch_size,
+            min_cost=float(positive.min()) if len(positive) else 0.0, num_workers=num_workers,
+            prefetch_factor=self.prefetch_factor or 1, safety=safety)
+        self.sharing_strategy = torch.multiprocessing.get_sharing_strategy()
+        self._fd_soft_limit: Optional[int] = None
+        self._dataloader: Optional[DataLoader] = None
+        self._feed = _Feed(self.sampler)
+        self._held = _HeldBatches()
+        self._step = 0
+        self._fallbacks: Dict[str, int] = {}
+
+    # -- construction from an existing DataLoader ------------------------------
+    @classmethod
+    def wrap(cls, dataloader: DataLoader, *, costs: Any = None, max_cost: Optional[float] = None,
+             **overrides: Any) -> "AdaptiveLoader":
+        """An AdaptiveLoader with ``dataloader``'s dataset, collate_fn, workers and keywords.
+
+        Its ``batch_size`` becomes ``max_batch_size`` and a ``RandomSampler`` means ``shuffle=True``.
+        """
+        if not isinstance(dataloader, DataLoader):
+            raise TypeError(f"wrap() takes a torch DataLoader, got {type(dataloader).__name__}")
+        _refuse_batch_sampler_as_sampler(dataloader.sampler)
+        batch_size = dataloader.batch_size
+        if batch_size is None:
+            batch_size = getattr(dataloader.batch_sampler, "batch_size", None)
+        kwargs: Dict[str, Any] = dict(
+            costs=costs, max_cost=max_cost, max_batch_size=batch_size, num_workers=dataloader.num_workers,
+            collate_fn=dataloader.collate_fn, shuffle=isinstance(dataloader.sampler, RandomSampler),
+            drop_last=dataloader.drop_last, pin_memory=dataloader.pin_memory, timeout=dataloader.timeout,
+            worker_init_fn=dataloader.worker_init_fn, generator=dataloader.generator,
+            persistent_workers=dataloader.persistent_workers,
+            multiprocessing_context=dataloader.multiprocessing_context,
+        )
+        if dataloader.num_workers > 0:
+            kwargs["prefetch_factor"] = dataloader.prefetch_factor
+        if getattr(dataloader, "pin_memory_device", ""):
+            kwargs["pin_memory_device"] = dataloader.pin_memory_device
+        kwargs.update(overrides)
+        return cls(dataloader.dataset, **kwargs)
+
+    # -- the DataLoader-like surface -------------------------------------------
+    def __len__(self) -> int:
+        """Batches in an epoch at the current budget (the budget may still move)."""
+        return len(self.sampler)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+    @property
+    def max_cost(self) -> float:
+        """The budget in force now (``<=`` your ``max_cost``)."""
+        return self.sampler.max_cost
+
+    @property
+    def fallbacks(self) -> Dict[str, int]:
+        """How often each fallback fired so far, by kind."""
+        return dict(self._fallbacks)
+
+    def state_dict(self) -> Dict[str, Any]:
+        """The epoch's progress counting delivered batches only, plus the budget."""
+        state = self.sampler.state_dict()
+        consumed = np.unpackbits(np.frombuffer(state["consumed"], np.uint8), count=len(self.dataset)).astype(bool)
+        for batch in self._feed.outstanding:
+            consumed[batch] = False  # dispatched but never delivered
+        state["consumed"] = np.packbits(consumed).tobytes()
+        state["chunk"] = None
+        return {"sampler": state, "max_cost": self.sampler.max_cost}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Resume: the next iteration delivers exactly what the saved one had not."""
+        self.sampler.load_state_dict(state["sampler"])
+        budget = min(float(state["max_cost"]), self.user_max_cost)
+        self.sampler.max_cost = budget
+        self.controller.max_cost = budget
+
+    def __iter__(self) -> Iterator[Any]:
+        return self._epoch()
+
+    # -- one epoch ---------------------------------------------------------------
+    def _epoch(self) -> Iterator[Any]:
+        epoch = self.sampler.epoch
+        self._feed.start(iter(self.sampler))
+        iterator = self._start_iterator()
+        restarts = 0
+        last_progress = time.monotonic()
+        try:
+            while True:
+                wait_start = time.monotonic()
+                try:
+                    envelope = next(iterator)
+                except StopIteration:
+                    break
+                except RuntimeError as exc:
+                    kind = _classify(exc)
+                    if kind == "timeout":
+                        if time.monotonic() - last_progress >= self.stall_timeout:
+                            self._raise_stall(epoch, last_progress)
+                        continue
+                    if kind is None:
+                        raise
+                    restarts += 1
+                    if restarts > self.max_restarts:
+                        raise LoaderFailed(
+                            f"{restarts - 1} recoveries in a row did not get a batch through; last error: {exc}. "
+                            f"{self._resource_summary()}") from exc
+                    iterator = self._recover(iterator, kind, exc, epoch)
+                    continue
+                restarts = 0
+                last_progress = time.monotonic()
+                indices = self._feed.outstanding.popleft()
+                batch = envelope.open()
+                decision_needs_rebuild = self._after_batch(indices, envelope.stats, batch,
+                                                          time.monotonic() - wait_start, epoch)
+                if decision_needs_rebuild:
+                    iterator = self._rebuild(iterator)
+                yield batch
+        finally:
+            self._stop(iterator)
+        self._telemetry.event("epoch_end", f"epoch {epoch} done after {self._step} batches in all",
+                              step=self._step, epoch=epoch, fallbacks=self.fallbacks)
+
+    def _after_batch(self, indices: List[int], stats, batch: Any, wait_s: float, epoch: int) -> bool:
+        """Learn from the batch, record it, apply the controller's decision. True: rebuild needed."""
+        self._step += 1
+        costs = self.sampler.costs[indices]
+        if stats.transport == SHM:
+            self.controller.model.observe(costs, stats.sample_bytes)
+            if not self._dataloader_kwargs.get("pin_memory"):  # pinned batches are copied out of shm
+                self._held.track(batch, stats.batch_bytes)
+        elif stats.transport == PIPE:
+            self.controller.model.observe(costs, stats.sample_bytes)
+            self._count("off_shm")
+            self._telemetry.event("off_shm", f"batch {self._step} ({len(indices)} samples) went through the "
+                                  f"worker's pipe: {stats.off_shm_reason}", step=self._step, epoch=epoch,
+                                  level=logging.WARNING, bytes=stats.batch_bytes)
+        shm = self._shm.read()
+        fds = read_fds()
+        ours = self._held.bytes_alive() + self._predicted_outstanding_bytes()
+        decision = None if self.num_workers == 0 else self.controller.decide(Observation(
+            shm_free=shm.free, shm_total=shm.total, ours_in_shm=ours,
+            in_flight_slots=self.num_workers * (self.prefetch_factor or 0), held_batches=self._held.alive(),
+            fds_in_use=fds.in_use, fd_soft_limit=fds.soft_limit, fd_hard_limit=fds.hard_limit,
+            storages_per_batch=stats.batch_storages, local_world_size=_local_world_size()))
+        self._telemetry.batch(
+            step=self._step, epoch=epoch, samples=len(indices), cost=float(costs.sum()), bytes=stats.batch_bytes,
+            storages=stats.batch_storages, max_cost=_finite_or_none(self.sampler.max_cost), shm_free=shm.free,
+            shm_total=shm.total, shm_ours=ours, fds_in_use=fds.in_use, fd_limit=fds.soft_limit,
+            ram_available=host_ram_available(), worker_rss=self._worker_rss(stats.worker_pid),
+            transport=stats.transport, worker=stats.worker_id, wait_s=wait_s,
+            samples_per_s=len(indices) / max(wait_s, 1e-9))
+        return decision is not None and self._apply(decision, epoch)
+
+    def _predicted_outstanding_bytes(self) -> int:
+        """What the batches dispatched but not yet delivered are expected to weigh."""
+        fit = self.controller.model.coefficients()
+        if fit is None or not self._feed.outstanding:
+            return 0
+        a, b, m = fit
+        samples = sum(len(batch) for batch in self._feed.outstanding)
+        cost = sum(float(self.sampler.costs[batch].sum()) for batch in self._feed.outstanding)
+        return int(samples * (a + m) + b * cost)
+
+    def _apply(self, decision, epoch: int) -> bool:
+        rebuild = False
+        if decision.max_cost != self.sampler.max_cost:
+            self.sampler.max_cost = decision.max_cost
+            self.sampler.warn_oversized = decision.max_cost >= self.user_max_cost
+            self._event("budget", "; ".join(r for r in decision.reasons if "max_cost" in r), epoch,
+                        max_cost=_finite_or_none(decision.max_cost), per_batch_bytes=decision.per_batch_bytes)
+        if decision.prefetch_factor is not None or decision.num_workers is not None:
+            self.prefetch_factor = decision.prefetch_factor or self.prefetch_factor
+            self.num_workers = decision.num_workers or self.num_workers
+            self._count("fewer_in_flight")
+            self._event("fewer_in_flight", _reason(decision, "fewer batches"), epoch, level=logging.WARNING,
+                        num_workers=self.num_workers, prefetch_factor=self.prefetch_factor)
+            rebuild = True
+        if decision.fd_soft_limit is not None:
+            soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (decision.fd_soft_limit, hard))
+            self._fd_soft_limit = decision.fd_soft_limit
+            self._count("fd_limit")
+            self._event("fd_limit", _reason(decision, "fd soft limit"), epoch, level=logging.WARNING,
+                        soft_limit=decision.fd_soft_limit)
+        if decision.sharing_strategy is not None:
+            self._switch_strategy(decision.sharing_strategy, _reason(decision, "file_system"), epoch)
+            rebuild = True
+        return rebuild
+
+    # -- iterators, rebuilds and recovery ----------------------------------------------
+    def _start_iterator(self) -> Iterator[Any]:
+        if self._dataloader is None:
+            self._dataloader = self._make_dataloader()
+        iterator = iter(self._dataloader)
+        if self.num_workers > 0:
+            _detach_sigchld_watch(iterator)
+        return iterator
+
+    def _make_dataloader(self) -> DataLoader:
+        from torch.utils.data import default_collate
+
+        kwargs = dict(self._dataloader_kwargs)
+        if self.num_workers > 0:
+            kwargs.update(prefetch_factor=self.prefetch_factor, timeout=min(_POLL_SECONDS, self.stall_timeout),
+                          worker_init_fn=WorkerSetup(self._user_worker_init, self.sharing_strategy,
+                                                     self._fd_soft_limit))
+        else:
+            kwargs.pop("persistent_workers", None)
+            if self._user_worker_init is not None:
+                kwargs["worker_init_fn"] = self._user_worker_init
+        collate = MeasuredCollate(self.collate_fn or default_collate, self._shm.path)
+        return DataLoader(self.dataset, batch_sampler=self._feed, num_workers=self.num_workers,
+                          collate_fn=collate, **kwargs)
+
+    def _rebuild(self, iterator) -> Iterator[Any]:
+        """A new iterator (new settings) over the rest of the epoch; outstanding batches go back."""
+        self._stop(iterator, even_persistent=True)
+        self._feed.requeue_outstanding()
+        self._dataloader = None
+        return self._start_iterator()
+
+    def _recover(self, iterator, kind: str, exc: BaseException, epoch: int) -> Iterator[Any]:
+        lost = sum(len(b) for b in self._feed.outstanding)
+        self._count("recovery")
+        self._event("recovery", f"{kind}: {exc}; rebuilding the iterator, {lost} undelivered samples go back "
+                    f"to the epoch. {self._resource_summary()}", epoch, level=logging.WARNING, cause=kind,
+                    requeued_samples=lost)
+        if kind == "fds" and self.sharing_strategy != "file_system":
+            self._switch_strategy("file_system", "the fds ran out while receiving a batch", epoch)
+        return self._rebuild(iterator)
+
+    def _switch_strategy(self, strategy: str, why: str, epoch: int) -> None:
+        torch.multiprocessing.set_sharing_strategy(strategy)
+        self.sharing_strategy = strategy
+        self.controller.strategy_switched = True
+        self._count("sharing_strategy")
+        self._event("sharing_strategy", f"sharing strategy -> {strategy}: {why}", epoch, level=logging.WARNING,
+                    strategy=strategy)
+
+    def _stop(self, iterator, even_persistent: bool = False) -> None:
+        shutdown = getattr(iterator, "_shutdown_workers", None)
+        persistent = self._dataloader is not None and self._dataloader.persistent_workers
+        if shutdown is not None and (even_persistent or not persistent):
+            shutdown()
+
+    def _raise_stall(self, epoch: int, since: float) -> None:
+        waited = time.monotonic() - since
+        message = (f"no batch for {waited:.0f} s although the workers are alive (stall_timeout="
+                   f"{self.stall_timeout:g} s). {self._resource_summary()} If your samples take longer "
+                   f"to load, raise stall_timeout.")
+        self._event("stall", message, epoch, level=logging.ERROR)
+        raise LoaderStalled(message)
+
+    # -- small helpers ----------------------------------------------------------
+    def _resource_summary(self) -> str:
+        shm, fds = self._shm.read(), read_fds()
+        return (f"shm {self._shm.path}: {shm.free / 2**20:.1f} MiB free of {shm.total / 2**20:.1f} MiB; "
+                f"fds {fds.in_use} open, limit {fds.soft_limit} (hard {fds.hard_limit}); "
+                f"sharing strategy {self.sharing_strategy}; max_cost {self.sampler.max_cost:g}.")
+
+    def _worker_rss(self, pid: int) -> Optional[int]:
+        if pid == os.getpid() or self._step % 10:
+            return None
+        return rss_of([pid])[pid]
+
+    def _event(self, event: str, message: str, epoch: int, level: int = logging.INFO, **data: Any) -> None:
+        self._telemetry.event(event, message, step=self._step, epoch=epoch, level=level, **data)
+
+    def _count(self, kind: str) -> None:
+        self._fallbacks[kind] = self._fallbacks.get(kind, 0) + 1
+
+
+class _Feed:
+    """The batch sampler DataLoader sees: pulls from the sampler and remembers
+    what it handed out, so a yielded batch can be matched to its indices and
+    the undelivered ones can be given back."""
+
+    def __init__(self, sampler: BudgetBatchSampler) -> None:
+        self.sampler = sampler
+        self.source: Iterator[List[int]] = iter(())
+        self.outstanding: Deque[List[int]] = deque()
+
+    def start(self, source: Iterator[List[int]]) -> None:
+        self.source = source
+        self.outstanding.clear()
+
+    def requeue_outstanding(self) -> None:
+        if self.outstanding:
+            self.sampler.requeue([i for batch in self.outstanding for i in batch])
+            self.outstanding.clear()
+        self.source = self.sampler.iter_remaining()
+
+    def __iter__(self) -> Iterator[List[int]]:
+        for batch in self.source:
+            self.outstanding.append(batch)
+            yield batch
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+
+class _HeldBatches:
+    """Yielded shm batches the user still references (via a weakref on one tensor each)."""
+
+    def __init__(self) -> None:
+        self._bytes: Dict[int, int] = {}
+        self._next_id = 0
+
+    def track(self, batch: Any, nbytes: int) -> None:
+        anchor = next((leaf for leaf in _leaves(batch) if isinstance(leaf, torch.Tensor)), None)
+        if anchor is None:
+            return
+        key = self._next_id
+        self._next_id += 1
+        self._bytes[key] = nbytes
+        weakref.finalize(anchor, self._bytes.pop, key, None)
+
+    def alive(self) -> int:
+        return len(self._bytes)
+
+    def bytes_alive(self) -> int:
+        return sum(self._bytes.values())
+
+
+def _classify(exc: RuntimeError) -> Optional[str]:
+    """Which failure a DataLoader RuntimeError reports, if one we recover from."""
+    text = str(exc)
+    if text.startswith("DataLoader timed out after"):
+        return "timeout"
+    if "exited unexpectedly" in text or "is killed by signal" in text:
+        return "worker_died"
+    if "Too many open files" in text or "ancdata" in text:
+        return "fds"
+    return None
+
+
+def _detach_sigchld_watch(iterator) -> None:
+    """Stop torch's SIGCHLD handler from raising in *any* main-thread code when
+    a worker dies; the loader notices the death itself at its next poll and
+    recovers, instead of the error surfacing in the middle of a training step."""
+    if getattr(iterator, "_worker_pids_set", False):
+        _torch_signal_handling._remove_worker_pids(id(iterator))
+        iterator._worker_pids_set = False
+
+
+def _take_batch_size_alias(max_batch_size: Optional[int], kwargs: Dict[str, Any]) -> Optional[int]:
+    if "batch_size" in kwargs:
+        batch_size = kwargs.pop("batch_size")
+        if max_batch_size is not None and batch_size is not None and batch_size != max_batch_size:
+            raise ValueError(f"batch_size={batch_size} and max_batch_size={max_batch_size} disagree; give one")
+        return max_batch_size if max_batch_size is not None else batch_size
+    return max_batch_size
+
+
+def _refuse_own_keywords(kwargs: Dict[str, Any]) -> None:
+    sampler = kwargs.get("sampler")
+    if sampler is not None:
+        _refuse_batch_sampler_as_sampler(sampler)
+    for key in _OWN_KEYWORDS:
+        if kwargs.get(key) is not None:
+            raise ValueError(f"AdaptiveLoader builds its own batch sampler from costs/max_cost/max_batch_size/"
+                             f"shuffle; {key}= cannot be passed")
+        kwargs.pop(key, None)
+
+
+def _refuse_batch_sampler_as_sampler(sampler: Any) -> None:
+    if isinstance(sampler, (BatchSampler, BudgetBatchSampler)):
+        raise ValueError(
+            f"a batch sampler ({type(sampler).__name__}) was passed as sampler=: DataLoader then treats each "
+            f"list of indices as one sample and yields batches of one. Pass it as batch_sampler=, or give "
+            f"AdaptiveLoader costs= and max_cost= instead")
+
+
+def _check_fraction(name: str, value: float) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value <= 1:
+        raise ValueError(f"{name} must be a number in (0, 1], got {value!r}")
+
+
+def _check_positive(name: str, value: float) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0 or math.isnan(value):
+        raise ValueError(f"{name} must be a number > 0, got {value!r}")
+
+
+def _local_world_size() -> int:
+    try:
+        return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
+
+
+def _finite_or_none(value: float) -> Optional[float]:
+    return None if math.isinf(value) else value
+
+
+def _reason(decision, keyword: str) -> str:
+    return next((r for r in decision.reasons if keyword in r), "; ".join(decision.reasons))

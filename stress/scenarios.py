@@ -1,0 +1,164 @@
+"""The scenarios: what each builds for vanilla DataLoader and for AdaptiveLoader.
+
+Sizes scale with the shm size so that each scenario presses on the same limit
+whatever size is chosen; ``quick`` shrinks sample counts for CI.
+"""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional
+
+import numpy as np
+
+from . import workloads as w
+
+__all__ = ["Scenario", "Setup", "SCENARIOS", "get"]
+
+
+@dataclass
+class Setup:
+    """Everything a run of one scenario needs, for one shm size."""
+
+    dataset: Any
+    check: Callable[[Any], List[int]]  # batch -> indices, asserting content is intact
+    vanilla: Dict[str, Any]  # DataLoader kwargs
+    adaptive: Dict[str, Any]  # AdaptiveLoader kwargs
+    keep_batches: bool = False  # hold every batch until the end, like a user caching them
+    on_batch: Optional[Callable[[int], None]] = None  # called after batch k is received
+    on_end: Optional[Callable[[], None]] = None
+
+
+@dataclass
+class Scenario:
+    name: str
+    proves: str
+    build: Callable[[int, int, bool], Setup]  # (shm_bytes, workers, quick) -> Setup
+    nofile: Optional[int] = None  # ulimit -n inside the sandbox
+
+
+def _seed(shm: int, workers: int, quick: bool) -> Setup:
+    n = 120 if quick else 240
+    costs = np.random.default_rng(0).integers(10, 1201, n)
+    # a vanilla batch of 10 images (~6,000 masks) takes ~shm/3.5: a few in flight overflow it
+    side = max(8, int(math.sqrt(shm / 3.5 / 6050)))
+    return Setup(
+        dataset=w.SegmentationDataset(costs, side=side), check=w.SegmentationDataset.check,
+        vanilla=dict(batch_size=10, num_workers=workers, collate_fn=w.detection_collate),
+        adaptive=dict(costs=costs, max_batch_size=10, num_workers=workers, collate_fn=w.detection_collate,
+                      shuffle=True))
+
+
+def _volumes(shm: int, workers: int, quick: bool) -> Setup:
+    side = max(8, int(round((shm / 40 / 4) ** (1 / 3))))  # a batch of 16 is ~0.4 shm
+    return Setup(
+        dataset=w.VolumeDataset(48 if quick else 128, shape=(1, side, side, side)), check=w.VolumeDataset.check,
+        vanilla=dict(batch_size=16, num_workers=workers),
+        adaptive=dict(max_batch_size=16, num_workers=workers))
+
+
+def _giant(shm: int, workers: int, quick: bool) -> Setup:
+    ds = w.GiantSampleDataset(n=24, small_bytes=max(4096, shm // 64), giant_bytes=int(shm * 1.25), giant_index=7)
+    return Setup(
+        dataset=ds, check=w.GiantSampleDataset.check,
+        vanilla=dict(batch_size=4, num_workers=workers),
+        adaptive=dict(costs=ds.sizes(), max_batch_size=4, num_workers=workers))
+
+
+def _many_tensors(shm: int, workers: int, quick: bool) -> Setup:
+    ds = w.ManyTensorsDataset(n=40 if quick else 80, tensors=300)
+    return Setup(
+        dataset=ds, check=w.ManyTensorsDataset.check, keep_batches=True,
+        vanilla=dict(batch_size=4, num_workers=workers, collate_fn=w.list_collate),
+        adaptive=dict(max_batch_size=4, num_workers=workers, collate_fn=w.list_collate))
+
+
+class _ShmHog:
+    """Another process that fills most of /dev/shm, then lets go."""
+
+    # Takes up to argv[1] bytes in 1 MiB steps, as much as there is: a real neighbour does not
+    # wait for the loader to make room.
+    CODE = ("import os,sys; f=os.open('/dev/shm/hog',os.O_CREAT|os.O_RDWR,0o600); want=int(sys.argv[1]); got=0\n"
+            "while got < want:\n"
+            "    try: os.posix_fallocate(f, got, 1 << 20); got += 1 << 20\n"
+            "    except OSError: break\n"
+            "print(got, flush=True); sys.stdin.readline(); os.unlink('/dev/shm/hog')")
+
+    def __init__(self, nbytes: int, start_at: int, stop_at: int) -> None:
+        self.nbytes, self.start_at, self.stop_at = nbytes, start_at, stop_at
+        self.proc: Optional[subprocess.Popen] = None
+
+    def __call__(self, step: int) -> None:
+        if step == self.start_at and self.proc is None:
+            self.proc = subprocess.Popen([sys.executable, "-c", self.CODE, str(self.nbytes)],
+                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            self.proc.stdout.readline()  # wait until the space is really taken
+        elif step == self.stop_at:
+            self.stop()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.communicate("\n", timeout=30)
+
+
+def _shm_hog(shm: int, workers: int, quick: bool) -> Setup:
+    n = 160 if quick else 320
+    costs = np.random.default_rng(1).integers(10, 1201, n)
+    side = max(8, int(math.sqrt(shm / 10 / 6050)))  # a vanilla batch is ~shm/10 until the hog arrives
+    hog = _ShmHog(int(shm * 0.75), start_at=3, stop_at=(n // 10) * 2 // 3)
+    return Setup(
+        dataset=w.SegmentationDataset(costs, side=side), check=w.SegmentationDataset.check,
+        vanilla=dict(batch_size=10, num_workers=workers, collate_fn=w.detection_collate),
+        adaptive=dict(costs=costs, max_batch_size=10, num_workers=workers, collate_fn=w.detection_collate),
+        on_batch=hog, on_end=hog.stop)
+
+
+def _worker_kill(shm: int, workers: int, quick: bool) -> Setup:
+    side = max(8, int(round((shm / 200 / 4) ** (1 / 3))))  # small: shm is not the problem here
+    killed: List[int] = []
+
+    def kill_at_third(step: int) -> None:
+        if step == 3 and not killed:
+            killed.append(w.kill_one_worker())
+
+    return Setup(
+        dataset=w.VolumeDataset(48 if quick else 96, shape=(1, side, side, side)), check=w.VolumeDataset.check,
+        vanilla=dict(batch_size=4, num_workers=workers),
+        adaptive=dict(max_batch_size=4, num_workers=workers), on_batch=kill_at_third)
+
+
+def _mixed(shm: int, workers: int, quick: bool) -> Setup:
+    numel = max(1024, shm // 24 // 2)  # bf16: a sample is ~shm/24, a batch of 8 a third of shm
+    return Setup(
+        dataset=w.MixedDataset(32 if quick else 64, big_numel=numel), check=w.MixedDataset.check,
+        vanilla=dict(batch_size=8, num_workers=workers),
+        adaptive=dict(max_batch_size=8, num_workers=workers))
+
+
+SCENARIOS: Dict[str, Scenario] = {s.name: s for s in [
+    Scenario("seed", "the question's workload (10..1,200 masks per image, tuple(zip(*batch)) collate): vanilla "
+             "hangs when the feeder thread hits ENOSPC; adaptive caps objects per batch by measured bytes",
+             _seed),
+    Scenario("volumes", "fixed-shape 3-D volumes with default collate, which allocates shm inside the worker: "
+             "vanilla crashes with ENOSPC; adaptive shrinks the batch", _volumes),
+    Scenario("giant-sample", "one sample larger than all of /dev/shm: adaptive sends that batch through the "
+             "worker's pipe instead", _giant),
+    Scenario("many-tensors", "300 small tensors per sample, ulimit -n 1024, batches kept alive: fds run out; "
+             "adaptive raises the limit or moves to the file_system strategy", _many_tensors, nofile=1024),
+    Scenario("shm-hog", "another process takes 75% of /dev/shm mid-epoch and frees it later: adaptive "
+             "follows the free space down and back up", _shm_hog),
+    Scenario("worker-kill", "a worker is SIGKILLed mid-epoch: adaptive rebuilds the iterator over the "
+             "undelivered batches", _worker_kill),
+    Scenario("mixed", "nested dicts and lists of numpy arrays, strings, bf16/bool/int8/complex tensors, "
+             "checked value by value on both transports", _mixed),
+]}
+
+
+def get(name: str) -> Scenario:
+    try:
+        return SCENARIOS[name]
+    except KeyError:
+        raise ValueError(f"unknown scenario {name!r}; known: {', '.join(SCENARIOS)}") from None

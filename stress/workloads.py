@@ -1,0 +1,181 @@
+"""Synthetic datasets for the scenarios. Each sample carries its index and
+fills its tensors with values derived from it, so the receiver can check both
+which samples arrived and that their bytes arrived intact."""
+
+from __future__ import annotations
+
+import os
+import signal
+from typing import Any, Dict, List, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+__all__ = ["SegmentationDataset", "VolumeDataset", "GiantSampleDataset", "ManyTensorsDataset", "MixedDataset",
+           "detection_collate", "list_collate", "ids_of_tuple_batch", "ids_of_dict_batch", "ids_of_list_batch"]
+
+
+def detection_collate(batch: List[Any]) -> tuple:
+    """The seed's collate: a tuple of per-field tuples."""
+    return tuple(zip(*batch))
+
+
+def list_collate(batch: List[Any]) -> List[Any]:
+    return list(batch)
+
+
+class SegmentationDataset(Dataset):
+    """The seed's instance-segmentation workload, scaled: image ``i`` has
+    ``costs[i]`` masks of ``side x side`` bytes each."""
+
+    def __init__(self, costs: Sequence[int], side: int = 48) -> None:
+        self.costs = np.asarray(costs)
+        self.side = side
+
+    def __len__(self) -> int:
+        return len(self.costs)
+
+    def __getitem__(self, i: int):
+        n, s = int(self.costs[i]), self.side
+        target = {
+            "image_id": torch.tensor(i),
+            "masks": torch.full((n, s, s), i % 251, dtype=torch.uint8),
+            "boxes": torch.full((n, 4), float(i)),
+            "labels": torch.full((n,), i, dtype=torch.int64),
+            "area": torch.full((n,), float(i)),
+            "iscrowd": torch.zeros(n, dtype=torch.int64),
+        }
+        return torch.full((3, s, s), float(i)), target, i
+
+    @staticmethod
+    def check(batch) -> List[int]:
+        images, targets, ids = batch
+        for image, target, i in zip(images, targets, ids):
+            assert int(target["image_id"]) == i and float(image.flatten()[0]) == i, f"sample {i} corrupted"
+            assert target["masks"].numel() == 0 or int(target["masks"].flatten()[-1]) == i % 251
+        return list(ids)
+
+
+class VolumeDataset(Dataset):
+    """3-D volumes of one shape (default collate stacks them)."""
+
+    def __init__(self, n: int, shape=(1, 64, 64, 64)) -> None:
+        self.n, self.shape = n, shape
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int):
+        return {"volume": torch.full(self.shape, float(i)), "index": i}
+
+    @staticmethod
+    def check(batch) -> List[int]:
+        ids = batch["index"].tolist()
+        firsts = batch["volume"].flatten(1)[:, 0].tolist()
+        assert firsts == [float(i) for i in ids], "volume corrupted"
+        return ids
+
+
+class GiantSampleDataset(Dataset):
+    """``n`` samples of ``small_bytes``, and sample ``giant_index`` of ``giant_bytes``."""
+
+    def __init__(self, n: int, small_bytes: int, giant_bytes: int, giant_index: int) -> None:
+        self.n, self.small, self.giant, self.giant_index = n, small_bytes, giant_bytes, giant_index
+
+    def __len__(self) -> int:
+        return self.n
+
+    def sizes(self) -> np.ndarray:
+        sizes = np.full(self.n, self.small)
+        sizes[self.giant_index] = self.giant
+        return sizes
+
+    def __getitem__(self, i: int):
+        nbytes = self.giant if i == self.giant_index else self.small
+        return torch.full((nbytes // 4,), float(i)), i
+
+    @staticmethod
+    def check(batch) -> List[int]:
+        ids = batch[1] if isinstance(batch[1], list) else batch[1].tolist()
+        for data, i in zip(batch[0], ids):
+            assert float(data[0]) == i and float(data[-1]) == i, f"sample {i} corrupted"
+        return ids
+
+
+class ManyTensorsDataset(Dataset):
+    """Each sample is ``tensors`` small tensors: one shm file (and fd) each."""
+
+    def __init__(self, n: int, tensors: int = 300, numel: int = 64) -> None:
+        self.n, self.tensors, self.numel = n, tensors, numel
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int):
+        return {"index": i, "parts": [torch.full((self.numel,), float(i)) for _ in range(self.tensors)]}
+
+    @staticmethod
+    def check(batch) -> List[int]:
+        ids = []
+        for sample in batch:
+            i = sample["index"]
+            assert all(float(p[0]) == i for p in sample["parts"]), f"sample {i} corrupted"
+            ids.append(i)
+        return ids
+
+
+class MixedDataset(Dataset):
+    """Nested dicts and lists of numpy arrays, strings and tensors of several dtypes."""
+
+    def __init__(self, n: int, big_numel: int = 1 << 18) -> None:
+        self.n, self.big_numel = n, big_numel
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> Dict[str, Any]:
+        return {
+            "index": i,
+            "name": f"sample-{i}",
+            "pixels": torch.full((self.big_numel,), i % 100, dtype=torch.bfloat16),
+            "meta": {"mask": torch.tensor([i % 2 == 0] * 8), "small": torch.full((4,), i, dtype=torch.int8),
+                     "exact": np.full(16, i, dtype=np.float64)},
+            "parts": [torch.full((3,), i, dtype=torch.int32), torch.full((2, 2), complex(i, -i))],
+        }
+
+    @staticmethod
+    def check(batch) -> List[int]:
+        ids = batch["index"].tolist()
+        for row, i in enumerate(ids):
+            assert batch["name"][row] == f"sample-{i}"
+            assert float(batch["pixels"][row, -1]) == i % 100 and batch["pixels"].dtype == torch.bfloat16
+            assert bool(batch["meta"]["mask"][row, 0]) == (i % 2 == 0)
+            assert int(batch["meta"]["small"][row, 0]) == np.int8(i)
+            assert float(batch["meta"]["exact"][row, 3]) == i
+            assert int(batch["parts"][0][row, 2]) == i and batch["parts"][1][row, 1, 1] == complex(i, -i)
+        return ids
+
+
+def ids_of_tuple_batch(batch) -> List[int]:
+    return list(batch[-1])
+
+
+def ids_of_dict_batch(batch) -> List[int]:
+    return batch["index"].tolist()
+
+
+def ids_of_list_batch(batch) -> List[int]:
+    return [sample["index"] for sample in batch]
+
+
+def kill_one_worker() -> int:
+    """SIGKILL one DataLoader worker of this process; returns its pid."""
+    import psutil
+
+    children = [c for c in psutil.Process().children() if c.name() == "pt_data_worker"]  # torch names them
+    if not children:
+        raise RuntimeError("no worker process to kill")
+    victim = children[0]
+    os.kill(victim.pid, signal.SIGKILL)
+    return victim.pid
