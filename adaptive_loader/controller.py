@@ -19,11 +19,11 @@ __all__ = ["CostModel", "Observation", "Decision", "Controller"]
 class CostModel:
     """Bytes of one sample as ``intercept + slope * cost``, learned online.
 
-    Until ``min_samples`` samples are seen (or while their costs barely vary)
-    it assumes bytes are proportional to cost at the worst ratio seen, which
-    over-estimates: conservative until it knows better. After that it fits a
-    line over the most recent ``window`` samples and adds the largest residual
-    as a margin, so the estimate stays an upper bound of what was seen.
+    Over the most recent ``window`` samples it fits a line (least squares once
+    it has ``min_samples`` samples whose costs vary; before that, bytes
+    proportional to cost at the median ratio) and keeps the largest residual
+    as a margin. :meth:`sample_bytes` adds the margin, so it bounds every
+    sample seen from above; :meth:`expected_bytes` is the central estimate.
     """
 
     def __init__(self, window: int = 512, min_samples: int = 16) -> None:
@@ -61,6 +61,11 @@ class CostModel:
         a, b, m = self.coefficients() or (0.0, 0.0, 0.0)
         return a + m + b * cost
 
+    def expected_bytes(self, samples: int, total_cost: float) -> float:
+        """Central estimate of a batch's bytes."""
+        a, b, _ = self.coefficients() or (0.0, 0.0, 0.0)
+        return samples * a + b * total_cost
+
     def _compute_fit(self) -> Tuple[float, float, float]:
         k = min(self._n, self.window)
         c, y = self._costs[:k], self._bytes[:k]
@@ -68,10 +73,10 @@ class CostModel:
         if k >= self.min_samples and spread > 0.1 * max(c.max(), 1e-12):
             slope, intercept = np.polyfit(c, y, 1)
             slope, intercept = max(float(slope), 0.0), max(float(intercept), 0.0)
-        elif c.max() > 0:  # proportional at the worst ratio seen
+        elif c.max() > 0:  # proportional, at the median ratio; the margin covers the rest
             positive = c > 0
-            slope = float(np.max(y[positive] / c[positive]))
-            intercept = float(np.max(y[~positive], initial=0.0))
+            slope = float(np.median(y[positive] / c[positive]))
+            intercept = float(np.median(y[~positive])) if (~positive).any() else 0.0
         else:
             slope, intercept = 0.0, float(y.max())
         margin = max(0.0, float(np.max(y - (intercept + slope * c))))

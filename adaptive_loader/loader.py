@@ -212,7 +212,7 @@ class AdaptiveLoader:
                     envelope = next(iterator)
                 except StopIteration:
                     break
-                except RuntimeError as exc:
+                except Exception as exc:  # classified: ours to recover from, or re-raised
                     kind = _classify(exc)
                     if kind == "timeout":
                         if time.monotonic() - last_progress >= self.stall_timeout:
@@ -274,13 +274,11 @@ class AdaptiveLoader:
 
     def _predicted_outstanding_bytes(self) -> int:
         """What the batches dispatched but not yet delivered are expected to weigh."""
-        fit = self.controller.model.coefficients()
-        if fit is None or not self._feed.outstanding:
+        if not self._feed.outstanding:
             return 0
-        a, b, m = fit
         samples = sum(len(batch) for batch in self._feed.outstanding)
         cost = sum(float(self.sampler.costs[batch].sum()) for batch in self._feed.outstanding)
-        return int(samples * (a + m) + b * cost)
+        return int(self.controller.model.expected_bytes(samples, cost))
 
     def _apply(self, decision, epoch: int) -> bool:
         rebuild = False
@@ -443,15 +441,23 @@ class _HeldBatches:
         return sum(self._bytes.values())
 
 
-def _classify(exc: RuntimeError) -> Optional[str]:
-    """Which failure a DataLoader RuntimeError reports, if one we recover from."""
+def _classify(exc: BaseException) -> Optional[str]:
+    """Which failure an exception from the DataLoader iterator reports, if one we recover from.
+
+    An exception raised inside a worker (the dataset's or collate's own) comes
+    back as "Caught X in DataLoader worker process N" and is not ours to handle.
+    """
     text = str(exc)
-    if text.startswith("DataLoader timed out after"):
+    if text.startswith("Caught "):
+        return None
+    if isinstance(exc, RuntimeError) and text.startswith("DataLoader timed out after"):
         return "timeout"
     if "exited unexpectedly" in text or "is killed by signal" in text:
         return "worker_died"
     if "Too many open files" in text or "ancdata" in text:
         return "fds"
+    if isinstance(exc, (ConnectionError, EOFError)):  # a batch's fd died with the worker sharing it
+        return "worker_died"
     return None
 
 

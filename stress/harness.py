@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -58,9 +59,9 @@ def run_case(scenario: str, loader: str, *, shm_bytes: int, workers: int = 2, qu
     expected = len(spec.build(shm_bytes, workers, quick).dataset)
     counts = Counter(delivered)
     if hung:
-        outcome, error = "hang", f"no batch for {hang_after:g} s; killed. Log tail: {tail}"
+        outcome, error = "hang", f"no batch for {hang_after:g} s; killed. Last error in its log: {tail}"
     elif child is None:
-        outcome, error = "crash", f"exit status {proc.returncode} before reporting. Log tail: {tail}"
+        outcome, error = "crash", f"exit status {proc.returncode} before reporting. Last error in its log: {tail}"
     else:
         outcome, error = child["outcome"], child["error"]
         seconds = child["seconds"]
@@ -131,9 +132,12 @@ def _read_int(path: str) -> Optional[int]:
         return None
 
 
-def _tail(path: str, lines: int = 6) -> str:
+def _tail(path: str) -> str:
+    """The last line of the log that names an exception, else its last line."""
     try:
         with open(path, errors="replace") as f:
-            return " | ".join(line.rstrip() for line in f.readlines()[-lines:])
+            lines = [line.strip() for line in f if line.strip()]
     except OSError:
         return ""
+    errors = [line for line in lines if re.match(r"^[\w.]*(Error|Exception|Killed)\b", line)]
+    return (errors or lines or [""])[-1][:500]

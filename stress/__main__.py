@@ -1,0 +1,94 @@
+"""python -m stress {list,run,matrix,demo}: vanilla DataLoader beside AdaptiveLoader in a small /dev/shm."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any, Dict, List
+
+from .harness import run_case
+from .report import results_table, side_by_side
+from .sandbox import parse_size, sandbox_available
+from .scenarios import SCENARIOS, get
+
+
+def main(argv: List[str] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m stress", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("list", help="the scenarios and what each proves")
+    run = sub.add_parser("run", help="one scenario")
+    run.add_argument("scenario", choices=list(SCENARIOS))
+    run.add_argument("--loader", choices=["vanilla", "adaptive", "both"], default="both")
+    matrix = sub.add_parser("matrix", help="every scenario with both loaders")
+    matrix.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma-separated subset")
+    demo = sub.add_parser("demo", help="the seed scenario in 64 MiB, vanilla then adaptive")
+    for p in (run, matrix, demo):
+        p.add_argument("--shm-size", default="64M", help="size of the private /dev/shm (default 64M)")
+        p.add_argument("--workers", type=int, default=2)
+        p.add_argument("--hang-after", type=float, default=20.0, help="seconds without a batch that count as a hang")
+        p.add_argument("--quick", action="store_true", help="fewer samples (CI)")
+        p.add_argument("--json", metavar="FILE", help="write the results as JSON")
+    args = parser.parse_args(argv)
+
+    if args.command == "list":
+        for scenario in SCENARIOS.values():
+            print(f"{scenario.name:14} {scenario.proves}")
+        return 0
+    ok, why = sandbox_available()
+    if not ok:
+        print(f"cannot run: {why}. Refusing to run on the machine's own /dev/shm.", file=sys.stderr)
+        return 2
+    shm = parse_size(args.shm_size)
+    if args.command == "demo":
+        return _demo(args, shm)
+    names = [args.scenario] if args.command == "run" else [get(n.strip()).name for n in args.scenarios.split(",")]
+    loaders = ["vanilla", "adaptive"] if getattr(args, "loader", "both") == "both" else [args.loader]
+    results = [_run_with_progress(name, loader, shm, args) for name in names for loader in loaders]
+    print(results_table(results))
+    _write_json(args.json, results)
+    bad = [r for r in results if r["loader"] == "adaptive" and not _adaptive_ok(r)]
+    return 1 if bad else 0
+
+
+def _demo(args, shm: int) -> int:
+    print(f"The seed's instance-segmentation workload in a private {shm / 2**20:.0f} MiB /dev/shm "
+          f"(a common container default), {args.workers} workers.\n")
+    vanilla = _run_with_progress("seed", "vanilla", shm, args)
+    adaptive = _run_with_progress("seed", "adaptive", shm, args)
+    print()
+    print(side_by_side(vanilla, adaptive))
+    for result in (vanilla, adaptive):
+        if result["error"]:
+            print(f"\n{result['loader']}: {result['error'][:400]}")
+    _write_json(args.json, [vanilla, adaptive])
+    return 0 if _adaptive_ok(adaptive) else 1
+
+
+def _run_with_progress(name: str, loader: str, shm: int, args) -> Dict[str, Any]:
+    label = f"{name} / {loader:8}"
+    interactive = sys.stdout.isatty()
+
+    def show(delivered: int) -> None:
+        if interactive:
+            print(f"\r{label} {delivered} samples", end="", flush=True)
+
+    result = run_case(name, loader, shm_bytes=shm, workers=args.workers, quick=args.quick,
+                      hang_after=args.hang_after, on_progress=show)
+    line = f"{label} {result['outcome']:5} {result['delivered']}/{result['expected']} samples in {result['seconds']:.1f} s"
+    print(("\r" if interactive else "") + line.ljust(60), flush=True)
+    return result
+
+
+def _adaptive_ok(result: Dict[str, Any]) -> bool:
+    return result["outcome"] == "ok" and result["missing"] == 0 and result["duplicated"] == 0
+
+
+def _write_json(path: str, results: List[Dict[str, Any]]) -> None:
+    if path:
+        with open(path, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

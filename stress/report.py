@@ -1,0 +1,48 @@
+"""Plain-text tables of stress results."""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Sequence
+
+__all__ = ["results_table", "side_by_side"]
+
+_COLUMNS = [("scenario", "scenario"), ("loader", "loader"), ("outcome", "outcome"), ("delivered", "delivered"),
+            ("missing", "missing"), ("duplicated", "dup"), ("peak_shm_used_bytes", "peak shm"),
+            ("seconds", "seconds"), ("samples_per_s", "samples/s"), ("fallbacks", "fallbacks")]
+
+
+def _cell(key: str, result: Dict[str, Any]) -> str:
+    value = result.get(key)
+    if key == "delivered":
+        return f"{value}/{result['expected']}"
+    if key == "peak_shm_used_bytes":
+        return "-" if value is None else f"{value / 2**20:.1f} MiB"
+    if key == "fallbacks":
+        return ", ".join(f"{k} {v}" for k, v in sorted((value or {}).items())) or "-"
+    if isinstance(value, float):
+        return f"{value:.2f}" if value < 100 else f"{value:.0f}"
+    return "-" if value is None else str(value)
+
+
+def results_table(results: Sequence[Dict[str, Any]]) -> str:
+    """One row per result, columns aligned."""
+    rows: List[List[str]] = [[title for _, title in _COLUMNS]]
+    rows += [[_cell(key, r) for key, _ in _COLUMNS] for r in results]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(_COLUMNS))]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * width for width in widths))
+    errors = [f"  {r['scenario']}/{r['loader']}: {r['error']}" for r in results if r.get("error")]
+    if errors:
+        lines += ["", "errors:"] + [e[:300] for e in errors]
+    return "\n".join(lines)
+
+
+def side_by_side(vanilla: Dict[str, Any], adaptive: Dict[str, Any]) -> str:
+    """The demo's closing table: one column per loader."""
+    keys = [("outcome", "outcome"), ("delivered", "samples delivered"), ("missing", "missing"),
+            ("duplicated", "duplicated"), ("peak_shm_used_bytes", "peak /dev/shm used"),
+            ("seconds", "seconds"), ("samples_per_s", "samples/s"), ("fallbacks", "fallbacks")]
+    rows = [["", "DataLoader", "AdaptiveLoader"]]
+    rows += [[title, _cell(key, vanilla), _cell(key, adaptive)] for key, title in keys]
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows)

@@ -1,0 +1,137 @@
+"""AdaptiveLoader with plenty of shm: DataLoader behaviour, argument checks, resume."""
+
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler
+
+from adaptive_loader import AdaptiveLoader, BudgetBatchSampler
+from stress.workloads import SegmentationDataset, detection_collate
+
+COSTS = np.random.default_rng(0).integers(10, 1201, 90)
+
+
+def ids(loader):
+    return [list(batch[2]) for batch in loader]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_same_batches_as_the_plain_sampler_when_shm_is_plenty(workers):
+    dataset = SegmentationDataset(COSTS, side=4)
+    loader = AdaptiveLoader(dataset, costs=COSTS, max_cost=1500, max_batch_size=10, num_workers=workers,
+                            collate_fn=detection_collate, shuffle=True, seed=3)
+    plain = BudgetBatchSampler(COSTS, max_cost=1500, max_batch_size=10, shuffle=True, seed=3)
+    assert ids(loader) == list(plain)
+    assert loader.fallbacks == {}
+    assert len(loader) == len(plain)
+
+
+def test_epochs_reshuffle_and_each_delivers_everything():
+    dataset = SegmentationDataset(COSTS, side=4)
+    loader = AdaptiveLoader(dataset, costs=COSTS, max_cost=1500, num_workers=2, collate_fn=detection_collate,
+                            shuffle=True, persistent_workers=True)
+    first = ids(loader)
+    loader.set_epoch(1)
+    second = ids(loader)
+    assert first != second
+    for epoch in (first, second):
+        assert sorted(i for b in epoch for i in b) == list(range(len(COSTS)))
+
+
+def test_default_collate_pin_memory_and_worker_init_fn_pass_through(tmp_path):
+    seen_workers = []
+
+    def init(worker_id):
+        (tmp_path / f"w{worker_id}").write_text("ok")
+
+    dataset = [{"x": torch.full((3,), float(i)), "i": i} for i in range(20)]
+    loader = AdaptiveLoader(dataset, batch_size=4, num_workers=2, pin_memory=torch.cuda.is_available(),
+                            worker_init_fn=init, prefetch_factor=3)
+    batches = list(loader)
+    assert [b["x"].shape for b in batches] == [torch.Size([4, 3])] * 5
+    assert sorted(int(i) for b in batches for i in b["i"]) == list(range(20))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w0", "w1"]
+
+
+def test_wrap_keeps_the_dataloader_settings():
+    dataset = SegmentationDataset(COSTS, side=4)
+    dl = DataLoader(dataset, batch_size=7, shuffle=True, num_workers=2, collate_fn=detection_collate,
+                    prefetch_factor=3, drop_last=False)
+    loader = AdaptiveLoader.wrap(dl, costs=COSTS, max_cost=2000)
+    assert loader.sampler.max_batch_size == 7 and loader.sampler.shuffle and loader.max_cost == 2000
+    assert loader.num_workers == 2 and loader.prefetch_factor == 3 and loader.collate_fn is detection_collate
+    got = ids(loader)
+    assert sorted(i for b in got for i in b) == list(range(len(COSTS)))
+    assert all(len(b) <= 7 and COSTS[b].sum() <= 2000 for b in got)
+
+
+def test_the_seeds_trap_is_named():
+    """A batch sampler passed as sampler= makes DataLoader yield batches of one."""
+    dataset = SegmentationDataset(COSTS, side=4)
+    batch_sampler = BatchSampler(SequentialSampler(dataset), 10, False)
+    trap = DataLoader(dataset, sampler=batch_sampler, collate_fn=detection_collate)
+    with pytest.raises(ValueError, match="passed as sampler=.*batch_sampler="):
+        AdaptiveLoader.wrap(trap)
+    with pytest.raises(ValueError, match="passed as sampler="):
+        AdaptiveLoader(dataset, sampler=BudgetBatchSampler(COSTS, max_cost=10))
+
+
+@pytest.mark.parametrize("kwargs, exc, match", [
+    (dict(costs=[1, 2, 3]), ValueError, "costs has 3 entries but the dataset has 90"),
+    (dict(costs=COSTS, max_cost=-5), ValueError, "max_cost must be > 0"),
+    (dict(costs=COSTS, max_cost=float("nan")), ValueError, "max_cost must be > 0"),
+    (dict(costs=-COSTS), ValueError, r"costs\[0\] = -"),
+    (dict(shm_path="/no/such/shm"), ValueError, "shm_path '/no/such/shm' does not exist"),
+    (dict(safety=1.5), ValueError, "safety must be a number in"),
+    (dict(stall_timeout=0), ValueError, "stall_timeout must be a number > 0"),
+    (dict(num_workers=-1), ValueError, "num_workers"),
+    (dict(batch_size=4, max_batch_size=5), ValueError, "disagree"),
+    (dict(batch_sampler=[[0]]), ValueError, "batch_sampler= cannot be passed"),
+    (dict(in_order=False), ValueError, "in_order=False"),
+    (dict(telemetry=42), TypeError, "telemetry must be"),
+    (dict(telemetry="/no/such/dir/run.jsonl"), ValueError, "does not exist"),
+])
+def test_bad_arguments_fail_at_construction(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        AdaptiveLoader(SegmentationDataset(COSTS, side=4), **kwargs)
+
+
+def test_iterable_dataset_is_refused():
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            yield 1
+
+    with pytest.raises(TypeError, match="map-style"):
+        AdaptiveLoader(Stream())
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_state_dict_resumes_with_exactly_the_undelivered_samples(workers):
+    dataset = SegmentationDataset(COSTS, side=4)
+    make = lambda: AdaptiveLoader(dataset, costs=COSTS, max_cost=1500, num_workers=workers,
+                                  collate_fn=detection_collate, shuffle=True, seed=5)
+    first = make()
+    it = iter(first)
+    head = [list(next(it)[2]) for _ in range(6)]
+    state = pickle.loads(pickle.dumps(first.state_dict()))  # with batches still in flight
+    del it
+    second = make()
+    second.load_state_dict(state)
+    tail = ids(second)
+    delivered = [i for b in head + tail for i in b]
+    assert sorted(delivered) == list(range(len(COSTS)))
+
+
+def test_telemetry_records_every_batch(tmp_path):
+    records = []
+    path = tmp_path / "run.jsonl"
+    dataset = SegmentationDataset(COSTS, side=4)
+    loader = AdaptiveLoader(dataset, costs=COSTS, max_cost=1500, num_workers=2, collate_fn=detection_collate,
+                            telemetry=[records.append, str(path)])
+    n = len(ids(loader))
+    batches = [r for r in records if r["kind"] == "batch"]
+    assert len(batches) == n and sum(r["samples"] for r in batches) == len(COSTS)
+    assert all(r["transport"] == "shm" and r["bytes"] > 0 for r in batches)
+    assert len(path.read_text().splitlines()) == len(records)

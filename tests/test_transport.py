@@ -1,0 +1,393 @@
+"""Worker-side collate, measuring and transport of adaptive_loader.transport."""
+
+import errno
+import os
+import pickle
+import resource
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing
+from torch.utils.data import DataLoader, Dataset, default_collate, get_worker_info
+from torch.utils.data._utils import worker as torch_worker
+
+from adaptive_loader.measure import footprint
+from adaptive_loader.transport import (
+    INLINE, PIPE, SHM, BatchStats, Envelope, MeasuredCollate, WorkerSetup, _collate_without_shm,
+    _is_resource_error)
+
+needs_dev_shm = pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="no /dev/shm on this machine")
+
+
+def make_stats(**over):
+    values = dict(sample_bytes=[8, 8], sample_storages=[1, 1], batch_bytes=16, batch_storages=1, transport=PIPE,
+                  off_shm_reason="test", worker_id=0, worker_pid=os.getpid(), collate_seconds=0.0)
+    values.update(over)
+    return BatchStats(**values)
+
+
+def assert_same(a, b):
+    """Equal structure, types, dtypes and values (NaN-free data)."""
+    assert type(a) is type(b), (type(a), type(b))
+    if isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        assert torch.equal(a, b)
+    elif isinstance(a, np.ndarray):
+        assert a.dtype == b.dtype and np.array_equal(a, b)
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert_same(a[k], b[k])
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            assert_same(x, y)
+    else:
+        assert a == b
+
+
+def rich_sample(i):
+    g = torch.Generator().manual_seed(i)
+    return {
+        "bf16": torch.randn(3, 4, generator=g).to(torch.bfloat16),
+        "mask": torch.rand(5, generator=g) > 0.5,
+        "int8": torch.randint(-128, 127, (6,), dtype=torch.int8, generator=g),
+        "complex": torch.randn(2, dtype=torch.complex64, generator=g),
+        "nested": {"list": [torch.full((2,), float(i)), torch.arange(i + 1, i + 4)], "name": f"s{i}"},
+        "array": np.arange(i, i + 5, dtype=np.float32).reshape(5, 1),
+        "label": i,
+    }
+
+
+class RichDataset(Dataset):
+    def __len__(self):
+        return 6
+
+    def __getitem__(self, i):
+        return rich_sample(i)
+
+
+class FloatDataset(Dataset):
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, i):
+        return {"x": torch.arange(10, dtype=torch.float32) + i, "y": torch.tensor([i], dtype=torch.int64),
+                "name": f"item{i}"}
+
+
+# -- Envelope ---------------------------------------------------------------------------------------
+
+def test_envelope_open_unpickles_once():
+    batch = {"x": torch.arange(4), "names": ["a", "b"]}
+    env = Envelope(pickle.dumps(batch), make_stats(), pickled=True)
+    first = env.open()
+    assert_same(first, batch)
+    assert env.pickled is False
+    assert env.open() is first  # a second open does not unpickle again
+
+
+def test_envelope_open_of_an_unpickled_payload_returns_it():
+    batch = [torch.ones(2)]
+    env = Envelope(batch, make_stats(transport=SHM, off_shm_reason=None))
+    assert env.open() is batch
+
+
+def test_envelope_survives_pickling():
+    stats = make_stats()
+    env = pickle.loads(pickle.dumps(Envelope(pickle.dumps([torch.arange(3)]), stats, pickled=True)))
+    assert env.pickled is True
+    assert env.stats == stats
+    assert_same(env.open(), [torch.arange(3)])
+
+
+def test_envelope_pin_memory_round_trip_without_tensors():
+    batch = {"names": ["a", "b"], "n": 3}
+    stats = make_stats()
+    pinned = Envelope(pickle.dumps(batch), stats, pickled=True).pin_memory()
+    assert isinstance(pinned, Envelope)
+    assert pinned.pickled is False
+    assert pinned.stats is stats
+    assert pinned.open() == batch
+
+
+def test_envelope_pin_memory_round_trip_with_tensors():
+    batch = {"x": torch.arange(6, dtype=torch.float32), "y": [torch.ones(2, dtype=torch.bfloat16)]}
+    env = Envelope(pickle.dumps(batch), make_stats(), pickled=True)
+    try:
+        pinned = env.pin_memory()
+    except RuntimeError as exc:  # CPU-only torch builds have nothing to pin for
+        pytest.skip(f"pin_memory unavailable on this torch build: {exc}")
+    assert pinned.stats is env.stats
+    out = pinned.open()
+    assert out["x"].is_pinned() and out["y"][0].is_pinned()
+    assert_same({"x": out["x"].cpu(), "y": [out["y"][0].cpu()]}, batch)
+
+
+# -- MeasuredCollate outside a worker ---------------------------------------------------------------
+
+def test_measured_collate_outside_a_worker_is_inline():
+    samples = [FloatDataset()[i] for i in range(3)]
+    env = MeasuredCollate(default_collate, "/nonexistent/shm/path")(samples)  # shm never consulted inline
+    assert isinstance(env, Envelope)
+    assert env.pickled is False
+    s = env.stats
+    assert s.transport == INLINE
+    assert s.off_shm_reason is None
+    assert s.worker_id == -1
+    assert s.worker_pid == os.getpid()
+    assert s.sample_bytes == [10 * 4 + 8] * 3
+    assert s.sample_storages == [2] * 3
+    assert (s.batch_bytes, s.batch_storages) == (3 * 10 * 4 + 3 * 8, 2)
+    assert s.collate_seconds >= 0
+    assert_same(env.open(), default_collate(samples))
+
+
+def test_measured_collate_per_sample_bytes_vary_with_samples():
+    samples = [torch.zeros(n, dtype=torch.float64) for n in (1, 5, 0, 7)]
+    env = MeasuredCollate(lambda xs: xs, "/dev/shm")(samples)
+    assert env.stats.sample_bytes == [8, 40, 0, 56]
+    assert env.stats.batch_bytes == 8 * 13
+
+
+# -- MeasuredCollate in a (simulated) worker ---------------------------------------------------------
+
+class FakeWorkerInfo:
+    id = 3
+    num_workers = 4
+
+
+@pytest.fixture
+def fake_worker(monkeypatch):
+    monkeypatch.setattr(torch_worker, "_worker_info", FakeWorkerInfo())
+    assert get_worker_info() is not None
+
+
+@needs_dev_shm
+def test_measured_collate_in_a_worker_puts_the_batch_in_shm(fake_worker):
+    samples = [FloatDataset()[i] for i in range(4)]
+    env = MeasuredCollate(lambda xs: [s["x"].clone() for s in xs], "/dev/shm")(samples)
+    assert env.stats.transport == SHM
+    assert env.stats.worker_id == 3
+    assert env.pickled is False
+    assert all(t.is_shared() for t in env.open())
+
+
+@needs_dev_shm
+def test_measured_collate_sends_off_shm_when_it_would_not_fit(fake_worker):
+    samples = [FloatDataset()[i] for i in range(4)]
+    calls = []
+
+    def collate(xs):
+        calls.append(get_worker_info())
+        return default_collate(xs)
+
+    env = MeasuredCollate(collate, "/dev/shm", shm_keep_free=1 << 62)(samples)
+    assert env.stats.transport == PIPE
+    assert "shm has" in env.stats.off_shm_reason
+    assert calls == [None]  # collated once, with the worker hidden, so not into shm
+    assert env.pickled is True and isinstance(env.payload, bytes)
+    out = env.open()
+    assert not out["x"].is_shared()
+    assert_same(out, default_collate(samples))
+
+
+@needs_dev_shm
+@pytest.mark.parametrize("exc", [RuntimeError("unable to open shared memory object </torch_1_2> in read-write mode"),
+                                 OSError(errno.ENOSPC, "No space left on device")])
+def test_measured_collate_falls_back_to_the_pipe_on_a_resource_error(fake_worker, exc):
+    samples = [FloatDataset()[i] for i in range(2)]
+    calls = []
+
+    def collate(xs):
+        calls.append(get_worker_info())
+        if len(calls) == 1:
+            raise exc
+        return default_collate(xs)
+
+    env = MeasuredCollate(collate, "/dev/shm")(samples)
+    assert env.stats.transport == PIPE
+    assert env.stats.off_shm_reason.startswith("shm allocation failed")
+    assert calls[0] is not None and calls[1] is None
+    assert_same(env.open(), default_collate(samples))
+
+
+@needs_dev_shm
+def test_measured_collate_reraises_other_errors(fake_worker):
+    def collate(xs):
+        raise RuntimeError("stack expects each tensor to be equal size")
+
+    with pytest.raises(RuntimeError, match="equal size"):
+        MeasuredCollate(collate, "/dev/shm")([torch.zeros(1), torch.zeros(2)])
+
+
+# -- helpers ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("exc", [
+    OSError(errno.ENOSPC, "No space left on device"),
+    OSError(errno.ENOMEM, "Cannot allocate memory"),
+    OSError(errno.EMFILE, "Too many open files"),
+    OSError(errno.ENFILE, "Too many open files in system"),
+    RuntimeError("unable to open shared memory object </torch_123_456_0> in read-write mode: "
+                 "Too many open files (24)"),
+    RuntimeError("unable to write to file </torch_1_2_3>: No space left on device (28)"),
+    RuntimeError("unable to mmap 1024 bytes from file </torch_1>: Cannot allocate memory (12)"),
+    RuntimeError("DataLoader worker is out of shared memory"),
+    RuntimeError("falloc failed: error 28"),
+])
+def test_is_resource_error_true(exc):
+    assert _is_resource_error(exc)
+
+
+@pytest.mark.parametrize("exc", [
+    OSError(errno.ENOENT, "No such file or directory"),
+    OSError(errno.EACCES, "Permission denied"),
+    RuntimeError("stack expects each tensor to be equal size, but got [3] at entry 0 and [4] at entry 1"),
+    RuntimeError("expected scalar type Float but found Double"),
+    ValueError("bad value"),
+])
+def test_is_resource_error_false(exc):
+    assert not _is_resource_error(exc)
+
+
+def test_collate_without_shm_hides_and_restores_worker_info(monkeypatch):
+    info = FakeWorkerInfo()
+    monkeypatch.setattr(torch_worker, "_worker_info", info)
+    with _collate_without_shm():
+        assert get_worker_info() is None
+    assert get_worker_info() is info
+
+
+def test_collate_without_shm_restores_worker_info_after_an_error(monkeypatch):
+    info = FakeWorkerInfo()
+    monkeypatch.setattr(torch_worker, "_worker_info", info)
+    with pytest.raises(KeyError):
+        with _collate_without_shm():
+            raise KeyError("boom")
+    assert get_worker_info() is info
+
+
+def test_collate_without_shm_makes_default_collate_allocate_ordinary_memory(monkeypatch):
+    monkeypatch.setattr(torch_worker, "_worker_info", FakeWorkerInfo())
+    samples = [torch.ones(3), torch.zeros(3)]
+    assert default_collate(samples).is_shared()  # what a worker does by default
+    with _collate_without_shm():
+        assert not default_collate(samples).is_shared()
+
+
+@pytest.fixture
+def restore_sharing_strategy():
+    saved = torch.multiprocessing.get_sharing_strategy()
+    yield
+    torch.multiprocessing.set_sharing_strategy(saved)
+
+
+@pytest.mark.parametrize("strategy", sorted(torch.multiprocessing.get_all_sharing_strategies()))
+def test_worker_setup_sets_sharing_strategy_and_calls_user_fn(restore_sharing_strategy, strategy):
+    calls = []
+    WorkerSetup(calls.append, strategy, None)(5)
+    assert torch.multiprocessing.get_sharing_strategy() == strategy
+    assert calls == [5]
+
+
+def test_worker_setup_without_user_fn(restore_sharing_strategy):
+    WorkerSetup(None, "file_system", None)(0)
+    assert torch.multiprocessing.get_sharing_strategy() == "file_system"
+
+
+def test_worker_setup_sets_strategy_before_calling_user_fn(restore_sharing_strategy):
+    seen = []
+    WorkerSetup(lambda wid: seen.append(torch.multiprocessing.get_sharing_strategy()), "file_system", None)(1)
+    assert seen == ["file_system"]
+
+
+def test_worker_setup_raises_the_fd_soft_limit_within_the_hard_limit():
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 64:
+        pytest.skip("fd soft limit too low to lower it safely")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft - 1, hard))
+    try:
+        WorkerSetup(None, torch.multiprocessing.get_sharing_strategy(), soft)(0)
+        assert resource.getrlimit(resource.RLIMIT_NOFILE) == (soft, hard)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_worker_setup_leaves_the_fd_limit_when_the_target_is_out_of_reach():
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        pytest.skip("no finite hard limit")
+    WorkerSetup(None, torch.multiprocessing.get_sharing_strategy(), hard + 1)(0)  # above hard: no error
+    WorkerSetup(None, torch.multiprocessing.get_sharing_strategy(), max(1, soft - 1))(0)  # never lowers
+    assert resource.getrlimit(resource.RLIMIT_NOFILE) == (soft, hard)
+
+
+# -- through a real DataLoader ----------------------------------------------------------------------
+
+@needs_dev_shm
+@pytest.mark.timeout(120)
+def test_dataloader_worker_sends_batches_through_shm():
+    ds = FloatDataset()
+    loader = DataLoader(ds, batch_size=4, num_workers=1, collate_fn=MeasuredCollate(default_collate, "/dev/shm"),
+                        timeout=60)
+    envelopes = list(loader)
+    assert len(envelopes) == 2
+    for k, env in enumerate(envelopes):
+        assert isinstance(env, Envelope)
+        s = env.stats
+        assert s.transport == SHM
+        assert s.off_shm_reason is None
+        assert s.worker_id == 0
+        assert s.worker_pid != os.getpid()
+        assert s.sample_bytes == [10 * 4 + 8] * 4
+        assert s.sample_storages == [2] * 4
+        assert (s.batch_bytes, s.batch_storages) == (4 * (10 * 4 + 8), 2)
+        assert env.pickled is False
+        batch = env.open()
+        assert batch["x"].is_shared() and batch["y"].is_shared()
+        assert_same(batch, default_collate([ds[i] for i in range(4 * k, 4 * k + 4)]))
+
+
+@needs_dev_shm
+@pytest.mark.timeout(120)
+def test_dataloader_worker_sends_batches_through_the_pipe_when_shm_is_kept_free():
+    ds = RichDataset()
+    collate = MeasuredCollate(default_collate, "/dev/shm", shm_keep_free=1 << 62)
+    loader = DataLoader(ds, batch_size=3, num_workers=1, collate_fn=collate, timeout=60)
+    envelopes = list(loader)
+    assert len(envelopes) == 2
+    for k, env in enumerate(envelopes):
+        samples = [ds[i] for i in range(3 * k, 3 * k + 3)]
+        s = env.stats
+        assert s.transport == PIPE
+        assert "shm has" in s.off_shm_reason
+        assert s.worker_id == 0
+        assert s.worker_pid != os.getpid()
+        assert s.sample_bytes == [footprint(x)[0] for x in samples]
+        assert s.sample_storages == [footprint(x)[1] for x in samples] == [7] * 3
+        assert env.pickled is True
+        batch = env.open()
+        assert_same(batch, default_collate(samples))
+        assert batch["bf16"].dtype == torch.bfloat16
+        assert batch["mask"].dtype == torch.bool
+        assert batch["int8"].dtype == torch.int8
+        assert batch["complex"].dtype == torch.complex64
+        assert isinstance(batch["array"], torch.Tensor) and batch["array"].dtype == torch.float32
+        assert not any(t.is_shared() for t in (batch["bf16"], batch["mask"], batch["nested"]["list"][0]))
+        assert (s.batch_bytes, s.batch_storages) == footprint(batch)
+
+
+def _as_list(samples):
+    return list(samples)
+
+
+@needs_dev_shm
+@pytest.mark.timeout(120)
+def test_dataloader_pipe_keeps_numpy_arrays_and_odd_dtypes_identical():
+    ds = RichDataset()
+    loader = DataLoader(ds, batch_size=2, num_workers=1, timeout=60,
+                        collate_fn=MeasuredCollate(_as_list, "/dev/shm", shm_keep_free=1 << 62))
+    for k, env in enumerate(loader):
+        assert env.stats.transport == PIPE
+        assert_same(env.open(), [ds[2 * k], ds[2 * k + 1]])
