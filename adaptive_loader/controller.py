@@ -69,16 +69,16 @@ class CostModel:
     def _compute_fit(self) -> Tuple[float, float, float]:
         k = min(self._n, self.window)
         c, y = self._costs[:k], self._bytes[:k]
+        c_mean = c.mean()
         spread = c.max() - c.min()
-        if k >= self.min_samples and spread > 0.1 * max(c.max(), 1e-12):
-            slope, intercept = np.polyfit(c, y, 1)
-            slope, intercept = max(float(slope), 0.0), max(float(intercept), 0.0)
-        elif c.max() > 0:  # proportional, at the median ratio; the margin covers the rest
-            positive = c > 0
-            slope = float(np.median(y[positive] / c[positive]))
-            intercept = float(np.median(y[~positive])) if (~positive).any() else 0.0
+        if k >= self.min_samples and spread > 0.1 * max(c.max(), 1e-12):  # least squares, closed form
+            dc = c - c_mean
+            slope = max(0.0, float(dc @ (y - y.mean()) / (dc @ dc)))
+            intercept = max(0.0, float(y.mean() - slope * c_mean))
+        elif c_mean > 0:  # proportional at the mean ratio; the margin covers the rest
+            slope, intercept = float(y.sum() / c.sum()), 0.0
         else:
-            slope, intercept = 0.0, float(y.max())
+            slope, intercept = 0.0, float(y.mean())
         margin = max(0.0, float(np.max(y - (intercept + slope * c))))
         return intercept, slope, margin
 
