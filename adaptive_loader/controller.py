@@ -136,7 +136,7 @@ class Controller:
                  hysteresis: float = 0.2, model: Optional[CostModel] = None) -> None:
         self.user_max_cost = user_max_cost
         self.max_batch_size = max_batch_size
-        self.min_cost = min_cost
+        self.min_cost = max(min_cost, 1e-9)  # a budget stays positive even when every cost is 0
         self.num_workers = num_workers
         self.prefetch_factor = prefetch_factor
         self.safety = safety

@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import resource
+import tempfile
 import time
 import weakref
 from collections import deque
@@ -30,7 +31,7 @@ from .costs import as_cost_array
 from .measure import ShmProbe, _leaves, host_ram_available, read_fds, rss_of
 from .sampler import DEFAULT_WINDOW, BudgetBatchSampler
 from .telemetry import SinkSpec, Telemetry
-from .transport import PIPE, SHM, MeasuredCollate, WorkerSetup
+from .transport import FILE, SHM, MeasuredCollate, WorkerSetup
 
 __all__ = ["AdaptiveLoader", "LoaderStalled", "LoaderFailed"]
 
@@ -66,13 +67,17 @@ class AdaptiveLoader:
         max_batch_size: cap on samples per batch (``batch_size`` is accepted too).
         num_workers, collate_fn: as for DataLoader.
         shuffle, seed: shuffle with ``seed`` and the epoch (:meth:`set_epoch`).
-        telemetry: a JSONL path, a callable taking a record dict, or a list of them.
+        telemetry: where records go besides ``logging``: a JSONL path, a callable
+            taking a record dict, ``"dashboard"``, ``"tensorboard:DIR"``, or a list.
         shm_path: where the POSIX shm filesystem is mounted.
         safety: fraction of the usable shm that batches in flight may fill.
         stall_timeout: seconds without a batch before :class:`LoaderStalled`
             (DataLoader's ``timeout``, if given, is used instead).
         max_restarts: recoveries in a row without progress before :class:`LoaderFailed`.
         drop_last, window: passed to :class:`BudgetBatchSampler`.
+        spill_dir: a directory on real disk (not tmpfs) where a batch that cannot
+            go through shm is written for the main process to read (default: the
+            system temp directory).
         **dataloader_kwargs: anything else DataLoader takes (``pin_memory``,
             ``prefetch_factor``, ``worker_init_fn``, ``persistent_workers``,
             ``multiprocessing_context``, ``generator``, ...).
@@ -83,7 +88,8 @@ class AdaptiveLoader:
                  collate_fn: Optional[Callable[[List[Any]], Any]] = None, shuffle: bool = False, seed: int = 0,
                  telemetry: SinkSpec = None, shm_path: str = "/dev/shm", safety: float = 0.8,
                  stall_timeout: float = 300.0, max_restarts: int = 3, drop_last: bool = False,
-                 window: int = DEFAULT_WINDOW, **dataloader_kwargs: Any) -> None:
+                 window: int = DEFAULT_WINDOW, spill_dir: Optional[str] = None,
+                 **dataloader_kwargs: Any) -> None:
         if isinstance(dataset, IterableDataset) or not hasattr(dataset, "__len__"):
             raise TypeError("AdaptiveLoader needs a map-style dataset with __len__ and __getitem__")
         max_batch_size = _take_batch_size_alias(max_batch_size, dataloader_kwargs)
@@ -106,6 +112,7 @@ class AdaptiveLoader:
                                           num_samples=n)
         self.user_max_cost = self.sampler.max_cost
         self._shm = ShmProbe(shm_path)
+        self.spill_dir = _check_spill_dir(spill_dir if spill_dir is not None else tempfile.gettempdir())
         self.num_workers = num_workers
         self.prefetch_factor = dataloader_kwargs.pop("prefetch_factor", None)
         if num_workers > 0 and self.prefetch_factor is None:
@@ -117,7 +124,7 @@ class AdaptiveLoader:
         self.collate_fn = collate_fn
         self._user_worker_init = dataloader_kwargs.pop("worker_init_fn", None)
         self._dataloader_kwargs = dataloader_kwargs
-        self._telemetry = Telemetry(telemetry)
+        self._telemetry = Telemetry(telemetry, total_samples=n, safety=safety)
         positive = self.sampler.costs[self.sampler.costs > 0]
         self.controller = Controller(
             user_max_cost=self.user_max_cost, max_batch_size=self.sampler.max_batch_size,
@@ -126,12 +133,17 @@ class AdaptiveLoader:
         self.sharing_strategy = torch.multiprocessing.get_sharing_strategy()
         self._fd_soft_limit: Optional[int] = None
         self._dataloader: Optional[DataLoader] = None
+        self._collate: Optional[MeasuredCollate] = None
+        self._allocated: Optional[torch.Tensor] = None  # per-worker shm bytes, written by the workers
+        self._delivered: List[int] = []
         self._feed = _Feed(self.sampler)
         self._held = _HeldBatches()
         self._step = 0
         self._fallbacks: Dict[str, int] = {}
         self._fds = None  # last fd reading
         self._ram: Optional[int] = None
+        self._last_delivery: Optional[float] = None
+        self._rate: Optional[float] = None
 
     # -- construction from an existing DataLoader ------------------------------
     @classmethod
@@ -203,19 +215,27 @@ class AdaptiveLoader:
     # -- one epoch ---------------------------------------------------------------
     def _epoch(self) -> Iterator[Any]:
         epoch = self.sampler.epoch
+        self._last_delivery = self._rate = None
         self._feed.start(iter(self.sampler))
-        iterator = self._start_iterator()
+        iterator = None
         restarts = 0
         last_progress = time.monotonic()
+        finished = False
         try:
             while True:
                 wait_start = time.monotonic()
                 try:
-                    envelope = next(iterator)
+                    if iterator is None:
+                        iterator = self._start_iterator()
+                    envelope = _next_watched(iterator)
+                    batch = envelope.open()
                 except StopIteration:
+                    finished = True
                     break
                 except Exception as exc:  # classified: ours to recover from, or re-raised
                     kind = _classify(exc)
+                    if kind == "timeout" and iterator is None:
+                        kind = "workers_not_starting"  # e.g. persistent workers that did not answer a reset
                     if kind == "timeout":
                         if time.monotonic() - last_progress >= self.stall_timeout:
                             self._raise_stall(epoch, last_progress)
@@ -227,19 +247,23 @@ class AdaptiveLoader:
                         raise LoaderFailed(
                             f"{restarts - 1} recoveries in a row did not get a batch through; last error: {exc}. "
                             f"{self._resource_summary()}") from exc
-                    iterator = self._recover(iterator, kind, exc, epoch)
+                    self._recover(iterator, kind, exc, epoch)
+                    iterator, last_progress = None, time.monotonic()
                     continue
                 restarts = 0
-                last_progress = time.monotonic()
                 indices = self._feed.outstanding.popleft()
-                batch = envelope.open()
-                decision_needs_rebuild = self._after_batch(indices, envelope.stats, batch,
-                                                          time.monotonic() - wait_start, epoch)
-                if decision_needs_rebuild:
-                    iterator = self._rebuild(iterator)
+                if self._after_batch(indices, envelope.stats, batch, time.monotonic() - wait_start, epoch):
+                    self._rebuild(iterator)
+                    iterator = None
+                last_progress = time.monotonic()
                 yield batch
         finally:
-            self._stop(iterator)
+            if iterator is not None:
+                # an epoch left early may leave persistent workers mid-way: never reuse them
+                self._stop(iterator, even_persistent=not finished)
+            if not finished:
+                self._dataloader = None
+                self._remove_spill_files()
         self._telemetry.event("epoch_end", f"epoch {epoch} done after {self._step} batches in all",
                               step=self._step, epoch=epoch, fallbacks=self.fallbacks)
 
@@ -249,17 +273,19 @@ class AdaptiveLoader:
         costs = self.sampler.costs[indices]
         if stats.transport == SHM:
             self.controller.model.observe(costs, stats.sample_bytes)
-            if not self._dataloader_kwargs.get("pin_memory"):  # pinned batches are copied out of shm
+            if stats.worker_id >= 0:
+                self._delivered[stats.worker_id] += stats.batch_bytes
+            if not self._pinning():  # pinned batches are copied out of shm
                 self._held.track(batch, stats.batch_bytes)
-        elif stats.transport == PIPE:
+        elif stats.transport == FILE:
             self.controller.model.observe(costs, stats.sample_bytes)
             self._count("off_shm")
-            self._telemetry.event("off_shm", f"batch {self._step} ({len(indices)} samples) went through the "
-                                  f"worker's pipe: {stats.off_shm_reason}", step=self._step, epoch=epoch,
+            self._telemetry.event("off_shm", f"batch {self._step} ({len(indices)} samples) went through a "
+                                  f"spill file: {stats.off_shm_reason}", step=self._step, epoch=epoch,
                                   level=logging.WARNING, bytes=stats.batch_bytes)
         shm = self._shm.read()
         fds = self._read_fds_if_due(stats.batch_storages)
-        ours = self._held.bytes_alive() + self._predicted_outstanding_bytes()
+        ours = self._held.bytes_alive() + self._in_flight_bytes()
         decision = None if self.num_workers == 0 else self.controller.decide(Observation(
             shm_free=shm.free, shm_total=shm.total, ours_in_shm=ours,
             in_flight_slots=self.num_workers * (self.prefetch_factor or 0), held_batches=self._held.alive(),
@@ -271,11 +297,21 @@ class AdaptiveLoader:
             shm_total=shm.total, shm_ours=ours, fds_in_use=fds.in_use, fd_limit=fds.soft_limit,
             ram_available=self._ram_available(), worker_rss=self._worker_rss(stats.worker_pid),
             transport=stats.transport, worker=stats.worker_id, wait_s=wait_s,
-            samples_per_s=len(indices) / max(wait_s, 1e-9))
+            samples_per_s=self._throughput(len(indices)))
         return decision is not None and self._apply(decision, epoch)
 
-    def _predicted_outstanding_bytes(self) -> int:
-        """What the batches dispatched but not yet delivered are expected to weigh."""
+    def _pinning(self) -> bool:
+        """Whether batches really get pinned (torch turns pinning off without an accelerator)."""
+        iterator = getattr(self._dataloader, "_iterator", None)
+        if iterator is not None:
+            return bool(getattr(iterator, "_pin_memory", False))
+        return bool(self._dataloader_kwargs.get("pin_memory")) and torch.cuda.is_available()
+
+    def _in_flight_bytes(self) -> int:
+        """Shm taken by batches the workers made but the user has not got yet:
+        counted by the workers themselves, else predicted from the cost model."""
+        if self._allocated is not None:
+            return max(0, int(self._allocated.sum()) - sum(self._delivered))
         if not self._feed.outstanding:
             return 0
         samples = sum(len(batch) for batch in self._feed.outstanding)
@@ -313,9 +349,12 @@ class AdaptiveLoader:
         if self._dataloader is None:
             self._dataloader = self._make_dataloader()
         iterator = iter(self._dataloader)
-        if self.num_workers > 0:
-            _detach_sigchld_watch(iterator)
+        _detach_sigchld_watch(iterator)
         return iterator
+
+    def _remove_spill_files(self) -> None:
+        if self._collate is not None:
+            self._collate.remove_spill_files()
 
     def _make_dataloader(self) -> DataLoader:
         from torch.utils.data import default_collate
@@ -329,18 +368,24 @@ class AdaptiveLoader:
             kwargs.pop("persistent_workers", None)
             if self._user_worker_init is not None:
                 kwargs["worker_init_fn"] = self._user_worker_init
-        collate = MeasuredCollate(self.collate_fn or default_collate, self._shm.path)
+        self._allocated = _shared_counters(self.num_workers)
+        self._delivered = [0] * self.num_workers
+        self._collate = MeasuredCollate(self.collate_fn or default_collate, self._shm.path, self.spill_dir,
+                                        allocated=self._allocated)
         return DataLoader(self.dataset, batch_sampler=self._feed, num_workers=self.num_workers,
-                          collate_fn=collate, **kwargs)
+                          collate_fn=self._collate, **kwargs)
 
-    def _rebuild(self, iterator) -> Iterator[Any]:
-        """A new iterator (new settings) over the rest of the epoch; outstanding batches go back."""
-        self._stop(iterator, even_persistent=True)
+    def _rebuild(self, iterator) -> None:
+        """Drop the iterator (and its workers); outstanding batches go back to the epoch.
+        The next iterator is built, with the current settings, when the epoch asks for it."""
+        iterator = iterator or getattr(self._dataloader, "_iterator", None)
+        if iterator is not None:
+            self._stop(iterator, even_persistent=True)
+        self._remove_spill_files()
         self._feed.requeue_outstanding()
         self._dataloader = None
-        return self._start_iterator()
 
-    def _recover(self, iterator, kind: str, exc: BaseException, epoch: int) -> Iterator[Any]:
+    def _recover(self, iterator, kind: str, exc: BaseException, epoch: int) -> None:
         lost = sum(len(b) for b in self._feed.outstanding)
         self._count("recovery")
         self._event("recovery", f"{kind}: {exc}; rebuilding the iterator, {lost} undelivered samples go back "
@@ -348,7 +393,7 @@ class AdaptiveLoader:
                     requeued_samples=lost)
         if kind == "fds" and self.sharing_strategy != "file_system":
             self._switch_strategy("file_system", "the fds ran out while receiving a batch", epoch)
-        return self._rebuild(iterator)
+        self._rebuild(iterator)
 
     def _switch_strategy(self, strategy: str, why: str, epoch: int) -> None:
         torch.multiprocessing.set_sharing_strategy(strategy)
@@ -378,6 +423,16 @@ class AdaptiveLoader:
         return (f"shm {self._shm.path}: {shm.free / 2**20:.1f} MiB free of {shm.total / 2**20:.1f} MiB; "
                 f"fds {fds.in_use} open, limit {fds.soft_limit} (hard {fds.hard_limit}); "
                 f"sharing strategy {self.sharing_strategy}; max_cost {self.sampler.max_cost:g}.")
+
+    def _throughput(self, samples: int) -> Optional[float]:
+        """Samples per second between this delivery and the previous one, smoothed."""
+        now = time.monotonic()
+        previous, self._last_delivery = self._last_delivery, now
+        if previous is None:
+            return None
+        rate = samples / max(now - previous, 1e-9)
+        self._rate = rate if self._rate is None else 0.8 * self._rate + 0.2 * rate
+        return self._rate
 
     def _read_fds_if_due(self, storages_per_batch: int):
         """Listing /proc/self/fd costs ~0.2 ms: do it every 16 batches, or every
@@ -463,6 +518,8 @@ def _classify(exc: BaseException) -> Optional[str]:
     back as "Caught X in DataLoader worker process N" and is not ours to handle.
     """
     text = str(exc)
+    if text.startswith("Caught ") and "pin memory thread" in text and ("Connection" in text or "EOFError" in text):
+        return "worker_died"  # the pin thread opened a batch whose worker had died
     if text.startswith("Caught "):
         return None
     if isinstance(exc, RuntimeError) and text.startswith("DataLoader timed out after"):
@@ -476,13 +533,37 @@ def _classify(exc: BaseException) -> Optional[str]:
     return None
 
 
+def _shared_counters(n: int) -> Optional[torch.Tensor]:
+    """``n`` int64 slots in shm that workers can add to; None when there are no
+    workers or shm cannot even hold that (then in-flight bytes are predicted)."""
+    if n == 0:
+        return None
+    try:
+        return torch.zeros(n, dtype=torch.int64).share_memory_()
+    except RuntimeError:
+        return None
+
+
 def _detach_sigchld_watch(iterator) -> None:
-    """Stop torch's SIGCHLD handler from raising in *any* main-thread code when
-    a worker dies; the loader notices the death itself at its next poll and
-    recovers, instead of the error surfacing in the middle of a training step."""
+    """Torch's SIGCHLD handler raises in whatever main-thread code runs when a
+    worker dies, e.g. in the middle of a training step. Unregister the workers
+    here; :func:`_next_watched` registers them only while the loader waits."""
     if getattr(iterator, "_worker_pids_set", False):
         _torch_signal_handling._remove_worker_pids(id(iterator))
         iterator._worker_pids_set = False
+
+
+def _next_watched(iterator) -> Any:
+    """``next(iterator)`` with torch's SIGCHLD watch on: a worker dying now
+    interrupts even a read blocked on a half-sent message."""
+    workers = getattr(iterator, "_workers", None)
+    if not workers:
+        return next(iterator)
+    _torch_signal_handling._set_worker_pids(id(iterator), tuple(w.pid for w in workers))
+    try:
+        return next(iterator)
+    finally:
+        _torch_signal_handling._remove_worker_pids(id(iterator))
 
 
 def _take_batch_size_alias(max_batch_size: Optional[int], kwargs: Dict[str, Any]) -> Optional[int]:
@@ -511,6 +592,16 @@ def _refuse_batch_sampler_as_sampler(sampler: Any) -> None:
             f"a batch sampler ({type(sampler).__name__}) was passed as sampler=: DataLoader then treats each "
             f"list of indices as one sample and yields batches of one. Pass it as batch_sampler=, or give "
             f"AdaptiveLoader costs= and max_cost= instead")
+
+
+def _check_spill_dir(path: str) -> str:
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"spill_dir must be a path, got {type(path).__name__}")
+    path = os.fspath(path)
+    if not os.path.isdir(path) or not os.access(path, os.W_OK):
+        raise ValueError(f"spill_dir {path!r} is not a writable directory; batches that cannot go through "
+                         f"shm are written there")
+    return path
 
 
 def _check_fraction(name: str, value: float) -> None:

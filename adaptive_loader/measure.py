@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import resource
+from collections.abc import Mapping, Sequence, Set
 from dataclasses import dataclass
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
@@ -21,7 +22,7 @@ __all__ = ["footprint", "ShmProbe", "ShmState", "FdState", "read_fds", "host_ram
 def footprint(obj: Any) -> Tuple[int, int]:
     """Bytes and number of distinct storages of the tensors and arrays in ``obj``.
 
-    Walks dicts, lists, tuples and sets; counts each tensor storage once (views
+    Walks mappings, sequences and sets; counts each tensor storage once (views
     of one storage share it). Strings and other objects count as zero.
     """
     seen: set = set()
@@ -44,14 +45,15 @@ def footprint(obj: Any) -> Tuple[int, int]:
 
 
 def _leaves(obj: Any) -> Iterable[Any]:
+    """Tensors and arrays inside mappings, sequences and sets, depth first."""
     stack = [obj]
     while stack:
         item = stack.pop()
         if isinstance(item, (torch.Tensor, np.ndarray)):
             yield item
-        elif isinstance(item, dict):
+        elif isinstance(item, Mapping):
             stack.extend(item.values())
-        elif isinstance(item, (list, tuple, set, frozenset)):
+        elif isinstance(item, (Sequence, Set)) and not isinstance(item, (str, bytes, bytearray)):
             stack.extend(item)
 
 

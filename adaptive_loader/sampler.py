@@ -158,11 +158,11 @@ class BudgetBatchSampler(Sampler[List[int]]):
                 yield batch
 
     def requeue(self, indices: List[int]) -> None:
-        """Give indices that were yielded but never used back to this epoch."""
+        """Give indices that were yielded but never used back to the running epoch;
+        :meth:`iter_remaining` then yields them again."""
         if self._plan is None:
             raise RuntimeError("requeue() before any iteration")
         self._plan.requeue(np.asarray(indices, dtype=np.int64))
-        self._resume = True
 
     def __len__(self) -> int:
         if self._resume and self._plan is not None:  # the rest of a restored epoch

@@ -57,11 +57,41 @@ class JsonlSink:
         self._file.close()
 
 
-class Telemetry:
-    """Fans records out to logging and the user's sinks."""
+class TensorBoardSink:
+    """Batch fields as TensorBoard scalars (``torch.utils.tensorboard``), events as text."""
 
-    def __init__(self, spec: SinkSpec = None) -> None:
-        self.sinks: List[Callable[[Record], None]] = _make_sinks(spec)
+    SCALARS = ("samples", "cost", "bytes", "max_cost", "shm_free", "shm_ours", "fds_in_use", "wait_s",
+               "samples_per_s")
+
+    def __init__(self, log_dir: str) -> None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as exc:
+            raise ImportError(f"telemetry='tensorboard:{log_dir}' needs the tensorboard package "
+                              f"(pip install tensorboard): {exc}") from exc
+        self.writer = SummaryWriter(log_dir)
+
+    def __call__(self, record: Record) -> None:
+        if record["kind"] == "batch":
+            for key in self.SCALARS:
+                if record.get(key) is not None:
+                    self.writer.add_scalar(f"adaptive_loader/{key}", record[key], record["step"])
+        else:
+            self.writer.add_text(f"adaptive_loader/{record['event']}", record["message"], record["step"])
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class Telemetry:
+    """Fans records out to logging and the user's sinks.
+
+    ``spec`` is a JSONL path, a callable, ``"dashboard"`` (a live terminal
+    dashboard), ``"tensorboard:DIR"``, or a list of these.
+    """
+
+    def __init__(self, spec: SinkSpec = None, *, total_samples: Optional[int] = None, safety: float = 0.8) -> None:
+        self.sinks: List[Callable[[Record], None]] = _make_sinks(spec, total_samples, safety)
 
     def batch(self, **fields: Any) -> Record:
         record = {"schema": SCHEMA_VERSION, "kind": "batch", "time": time.time(), **fields}
@@ -86,17 +116,25 @@ class Telemetry:
 
     def close(self) -> None:
         for sink in self.sinks:
-            if isinstance(sink, JsonlSink):
-                sink.close()
+            close = getattr(sink, "close", None)
+            if isinstance(sink, (JsonlSink, TensorBoardSink)) and close is not None:
+                close()
 
 
-def _make_sinks(spec: SinkSpec) -> List[Callable[[Record], None]]:
+def _make_sinks(spec: SinkSpec, total_samples: Optional[int], safety: float) -> List[Callable[[Record], None]]:
     if spec is None:
         return []
+    if isinstance(spec, str) and spec == "dashboard":
+        from .dashboard import Dashboard
+
+        return [Dashboard(total_samples=total_samples, safety=safety)]
+    if isinstance(spec, str) and spec.startswith("tensorboard:"):
+        return [TensorBoardSink(spec.split(":", 1)[1])]
     if isinstance(spec, (str, os.PathLike)):
         return [JsonlSink(spec)]
     if callable(spec):
         return [spec]
     if isinstance(spec, (list, tuple)):
-        return [sink for item in spec for sink in _make_sinks(item)]
-    raise TypeError(f"telemetry must be a path, a callable, or a list of them, not {type(spec).__name__}")
+        return [sink for item in spec for sink in _make_sinks(item, total_samples, safety)]
+    raise TypeError(f"telemetry must be a path, a callable, 'dashboard', 'tensorboard:DIR', or a list of "
+                    f"them, not {type(spec).__name__}")

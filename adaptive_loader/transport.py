@@ -1,11 +1,13 @@
-"""Worker side: collate, measure, and put each batch on shm or, if it cannot fit, off it.
+"""Worker side: collate, measure, and ship each batch through shm or, if it cannot fit, a file.
 
-Vanilla DataLoader lets the worker's queue feeder thread copy a batch into
-fresh shm while pickling it; when ``/dev/shm`` is full that thread fails, the
-batch is dropped and the main process waits forever. Here the worker's main
-thread moves the batch into shm itself, so an allocation failure is caught
-where it happens and the batch travels off shm instead (pickled by value
-through the worker's pipe). The feeder then only passes handles.
+Vanilla DataLoader lets the worker's queue feeder thread pickle the batch,
+which copies it into fresh shm; when ``/dev/shm`` is full that thread fails,
+the batch is dropped and the main process waits forever. Here the worker's
+main thread pickles the batch itself (``ForkingPickler``: every storage goes
+to shm and only handles remain), so an allocation or fd failure is caught
+where it happens and the batch takes the other road: pickled by value into a
+spill file on real disk, whose path is all that crosses the pipe. The feeder
+thread only ever sends small messages.
 """
 
 from __future__ import annotations
@@ -16,7 +18,10 @@ import os
 import pickle
 import resource
 import time
+import uuid
 from dataclasses import dataclass
+from multiprocessing import resource_sharer
+from multiprocessing.reduction import ForkingPickler
 from typing import Any, Callable, Iterator, List, Optional
 
 import torch
@@ -25,12 +30,12 @@ from torch.utils.data import get_worker_info
 from torch.utils.data._utils import worker as _torch_worker
 from torch.utils.data._utils.pin_memory import pin_memory as _pin_memory
 
-from .measure import _leaves, footprint
+from .measure import footprint
 
-__all__ = ["BatchStats", "Envelope", "MeasuredCollate", "WorkerSetup"]
+__all__ = ["BatchStats", "Envelope", "MeasuredCollate", "WorkerSetup", "SHM", "FILE", "INLINE"]
 
-SHM = "shm"
-PIPE = "pipe"
+SHM = "shm"  # tensors in shm, handles through the pipe
+FILE = "file"  # pickled by value into a spill file on disk; its path through the pipe
 INLINE = "inline"  # num_workers=0: the batch never leaves the process
 
 _RESOURCE_ERRNOS = {errno.ENOSPC, errno.ENOMEM, errno.EMFILE, errno.ENFILE}
@@ -54,24 +59,30 @@ class BatchStats:
 
 
 class Envelope:
-    """A batch and its stats. A batch sent off shm is a pickle until :meth:`open`."""
+    """A batch in transit and its stats; :meth:`open` turns it back into the batch."""
 
-    __slots__ = ("payload", "stats", "pickled")
+    __slots__ = ("payload", "stats", "_opened")
 
-    def __init__(self, payload: Any, stats: BatchStats, pickled: bool = False) -> None:
-        self.payload = payload
+    def __init__(self, payload: Any, stats: BatchStats, opened: bool = False) -> None:
+        self.payload = payload  # INLINE: the batch; SHM: pickled handles; FILE: the spill file's path
         self.stats = stats
-        self.pickled = pickled
+        self._opened = opened or stats.transport == INLINE
 
     def open(self) -> Any:
-        if self.pickled:
-            self.payload = pickle.loads(self.payload)
-            self.pickled = False
+        if not self._opened:
+            if self.stats.transport == SHM:
+                self.payload = pickle.loads(self.payload)  # rebuilds tensors on the shared storages
+            else:
+                with open(self.payload, "rb") as f:
+                    batch = pickle.load(f)
+                os.unlink(self.payload)
+                self.payload = batch
+            self._opened = True
         return self.payload
 
     def pin_memory(self, device: Optional[str] = None) -> "Envelope":
         """Called by DataLoader's pin-memory thread."""
-        return Envelope(_pin_memory(self.open(), device), self.stats)
+        return Envelope(_pin_memory(self.open(), device), self.stats, opened=True)
 
 
 class MeasuredCollate:
@@ -80,41 +91,68 @@ class MeasuredCollate:
     Args:
         collate_fn: the user's collate function.
         shm_path: where shm is mounted, to check free space before a batch goes there.
+        spill_dir: a directory on real disk for batches that cannot go through shm.
         shm_keep_free: bytes of shm never to fill from here (room for others).
+        allocated: optional shared int64 tensor, one slot per worker; each worker
+            adds the bytes it puts in shm to its own slot, so the main process
+            knows what its batches in flight really occupy.
     """
 
-    def __init__(self, collate_fn: Callable[[List[Any]], Any], shm_path: str, shm_keep_free: int = 0) -> None:
+    def __init__(self, collate_fn: Callable[[List[Any]], Any], shm_path: str, spill_dir: str,
+                 shm_keep_free: int = 0, allocated: Optional[torch.Tensor] = None) -> None:
         self.collate_fn = collate_fn
         self.shm_path = shm_path
+        self.spill_dir = spill_dir
         self.shm_keep_free = shm_keep_free
+        self.allocated = allocated
+        self.spill_prefix = f"adaptive-loader-{os.getpid()}-{uuid.uuid4().hex[:8]}-"
 
     def __call__(self, samples: List[Any]) -> Envelope:
         start = time.perf_counter()
         sizes = [footprint(s) for s in samples]
-        sample_bytes = [b for b, _ in sizes]
         info = get_worker_info()
         if info is None:  # num_workers=0: no shm involved
             batch = self.collate_fn(samples)
             return Envelope(batch, self._stats(sizes, batch, INLINE, None, -1, start))
-        needed = sum(sample_bytes)
+        needed = sum(b for b, _ in sizes)
         free = self._shm_free()
         if needed > free - self.shm_keep_free:
-            reason = f"batch needs {needed} B, shm has {free} B free"
-            return self._off_shm(samples, sizes, reason, info.id, start)
+            return self._to_file(samples, sizes, f"batch needs {needed} B, shm has {free} B free", info.id, start)
+        fds_short = _fds_short(sum(s for _, s in sizes))
+        if fds_short:
+            return self._to_file(samples, sizes, fds_short, info.id, start)
+        unsent_before = _unsent_fd_keys()
         try:
             batch = self.collate_fn(samples)
-            _share(batch)
+            handles = ForkingPickler.dumps(batch, pickle.HIGHEST_PROTOCOL)  # moves every storage to shm, here
         except (RuntimeError, OSError) as exc:
             if not _is_resource_error(exc):
                 raise
-            return self._off_shm(samples, sizes, f"shm allocation failed: {exc}", info.id, start)
-        return Envelope(batch, self._stats(sizes, batch, SHM, None, info.id, start))
+            _close_unsent_fds(unsent_before)
+            return self._to_file(samples, sizes, f"shm or fds ran out: {exc}", info.id, start)
+        stats = self._stats(sizes, batch, SHM, None, info.id, start)
+        if self.allocated is not None:
+            self.allocated[info.id] += stats.batch_bytes  # this worker's slot only: no lock needed
+        return Envelope(bytes(handles), stats)
 
-    def _off_shm(self, samples, sizes, reason, worker_id, start) -> Envelope:
+    def _to_file(self, samples, sizes, reason, worker_id, start) -> Envelope:
         with _collate_without_shm():
             batch = self.collate_fn(samples)
-        stats = self._stats(sizes, batch, PIPE, reason, worker_id, start)
-        return Envelope(pickle.dumps(batch, protocol=pickle.HIGHEST_PROTOCOL), stats, pickled=True)
+        path = os.path.join(self.spill_dir, f"{self.spill_prefix}{uuid.uuid4().hex}.pkl")
+        with open(path, "wb") as f:
+            pickle.dump(batch, f, pickle.HIGHEST_PROTOCOL)  # by value: tensors as bytes, no shm
+        return Envelope(path, self._stats(sizes, batch, FILE, reason, worker_id, start))
+
+    def remove_spill_files(self) -> int:
+        """Delete spill files of this loader that nobody will read (after workers died)."""
+        removed = 0
+        with contextlib.suppress(OSError):
+            for name in os.listdir(self.spill_dir):
+                if name.startswith(self.spill_prefix):
+                    with contextlib.suppress(OSError):
+                        os.unlink(os.path.join(self.spill_dir, name))
+                        removed += 1
+        return removed
 
     def _shm_free(self) -> int:
         st = os.statvfs(self.shm_path)
@@ -130,11 +168,41 @@ class MeasuredCollate:
             collate_seconds=time.perf_counter() - start)
 
 
-def _share(batch: Any) -> None:
-    """Move every CPU tensor of the batch into shm now, in this thread."""
-    for leaf in _leaves(batch):
-        if isinstance(leaf, torch.Tensor) and leaf.device.type == "cpu" and not leaf.is_shared():
-            leaf.share_memory_()
+def _fds_short(storages: int) -> Optional[str]:
+    """Why this worker cannot pass ``storages`` fds now (file_descriptor strategy), or None.
+
+    Each storage costs the worker two fds until the main process has taken it:
+    its own and the duplicate waiting in multiprocessing's resource sharer.
+    """
+    if storages < 32 or torch.multiprocessing.get_sharing_strategy() != "file_descriptor":
+        return None
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        in_use = len(os.listdir("/proc/self/fd"))
+    except OSError:
+        return None
+    if in_use + 2 * storages + 16 <= soft:
+        return None
+    return f"batch needs ~{2 * storages} fds, the worker has {in_use} of {soft} open"
+
+
+def _unsent_fd_keys() -> set:
+    sharer = getattr(resource_sharer, "_resource_sharer", None)
+    return set(getattr(sharer, "_cache", {}))
+
+
+def _close_unsent_fds(keep: set) -> None:
+    """Close fd duplicates that a failed pickling left in the resource sharer:
+    nobody will ever ask for them, and they would use up the worker's fds."""
+    sharer = getattr(resource_sharer, "_resource_sharer", None)
+    cache = getattr(sharer, "_cache", None)
+    if cache is None:
+        return
+    with sharer._lock:
+        for key in [k for k in cache if k not in keep]:
+            _, close = cache.pop(key)
+            with contextlib.suppress(OSError):
+                close()
 
 
 @contextlib.contextmanager

@@ -1,0 +1,104 @@
+"""Recovery, stalls and epochs after a fallback, with real processes and real SIGKILLs."""
+
+import collections
+import os
+import signal
+import time
+
+import pytest
+import torch
+
+from adaptive_loader import AdaptiveLoader, LoaderFailed, LoaderStalled
+from stress.workloads import kill_one_worker
+
+
+class Indexed(torch.utils.data.Dataset):
+    def __init__(self, n=40):
+        self.n = n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        return {"x": torch.full((64,), float(i)), "i": i}
+
+
+def delivered(batches):
+    return sorted(int(i) for b in batches for i in b["i"])
+
+
+def test_worker_killed_then_next_epoch_is_complete():
+    loader = AdaptiveLoader(Indexed(), batch_size=4, num_workers=2, shuffle=True)
+    first = []
+    for step, batch in enumerate(loader):
+        first.append(batch)
+        if step == 2:
+            kill_one_worker()
+    assert delivered(first) == list(range(40))
+    assert loader.fallbacks.get("recovery") == 1
+    loader.set_epoch(1)
+    assert delivered(list(loader)) == list(range(40))
+    assert delivered(list(loader)) == list(range(40))  # same epoch again, without set_epoch
+
+
+def test_persistent_workers_survive_an_epoch_left_early():
+    loader = AdaptiveLoader(Indexed(), batch_size=4, num_workers=2, persistent_workers=True)
+    for step, _ in enumerate(loader):
+        if step == 1:
+            break
+    for _ in range(2):
+        assert delivered(list(loader)) == list(range(40))
+
+
+class Forever(Indexed):
+    def __getitem__(self, i):
+        if i == 5:
+            time.sleep(3600)
+        return super().__getitem__(i)
+
+
+def test_a_stall_becomes_a_clear_error():
+    loader = AdaptiveLoader(Forever(), batch_size=1, num_workers=1, stall_timeout=2)
+    start = time.monotonic()
+    with pytest.raises(LoaderStalled, match=r"no batch for \d+ s.*shm /dev/shm: .* MiB free.*fds \d+ open"):
+        list(loader)
+    assert time.monotonic() - start < 30
+
+
+class Suicidal(Indexed):
+    def __getitem__(self, i):
+        if i == 3:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return super().__getitem__(i)
+
+
+def test_repeated_worker_deaths_end_in_a_clear_error():
+    loader = AdaptiveLoader(Suicidal(), batch_size=2, num_workers=1, max_restarts=2)
+    with pytest.raises(LoaderFailed, match="2 recoveries in a row did not get a batch through"):
+        list(loader)
+
+
+def test_user_errors_from_the_dataset_propagate_unchanged():
+    class Broken(Indexed):
+        def __getitem__(self, i):
+            raise KeyError(f"no sample {i}")
+
+    with pytest.raises(KeyError, match="no sample"):
+        list(AdaptiveLoader(Broken(), batch_size=2, num_workers=1))
+
+
+class Box(collections.UserDict):
+    """A batch type that is no dict: shm sharing must still reach its tensors."""
+
+
+def test_batches_in_custom_containers_travel_intact():
+    def collate(samples):
+        return Box(x=torch.stack([s["x"] for s in samples]), i=[s["i"] for s in samples])
+
+    records = []
+    loader = AdaptiveLoader(Indexed(), batch_size=4, num_workers=2, collate_fn=collate, telemetry=records.append)
+    batches = list(loader)
+    assert all(isinstance(b, Box) for b in batches)
+    assert sorted(i for b in batches for i in b["i"]) == list(range(40))
+    assert all(float(b["x"][k, 0]) == b["i"][k] for b in batches for k in range(len(b["i"])))
+    assert all(r["bytes"] == 4 * 64 * 4 for r in records if r["kind"] == "batch")
