@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import threading
 import time
-from typing import List, Optional
+from typing import Iterator, List, Optional
 
 from rich.console import Console
 
@@ -36,41 +38,48 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 def watch_file(path: str, *, total: Optional[int] = None, once: bool = False, safety: float = 0.8,
-               console: Optional[Console] = None, poll: float = 0.25) -> int:
-    """Follow ``path`` like ``tail -f`` and draw the dashboard until the epoch ends (or Ctrl-C)."""
+               console: Optional[Console] = None, stop: Optional[threading.Event] = None,
+               poll: float = 0.25) -> int:
+    """Follow ``path`` like ``tail -f`` and draw the dashboard until the epoch
+    ends, ``stop`` is set, or Ctrl-C. ``once``: draw what the file holds and exit."""
     dashboard = Dashboard(total_samples=total, safety=safety, console=console)
     try:
-        with open(path, encoding="utf-8") as f:
-            if once:
-                for line in f:
-                    _feed(dashboard, line)
-                dashboard.console.print(dashboard.render())
-                return 0
-            with dashboard:
-                pending = ""
-                while True:
-                    chunk = f.readline()
-                    if not chunk:
-                        time.sleep(poll)
-                        continue
-                    pending += chunk
-                    if not pending.endswith("\n"):
-                        continue  # a line still being written
-                    if _feed(dashboard, pending) == "epoch_end":
-                        return 0
-                    pending = ""
+        if once:
+            for record in _records(path, follow=False):
+                dashboard.fold(record)
+            dashboard.console.print(dashboard.render())
+            return 0
+        with dashboard:
+            for record in _records(path, follow=True, stop=stop, poll=poll):
+                dashboard.fold(record)
+                if record.get("event") == "epoch_end":
+                    break
+        return 0
     except KeyboardInterrupt:
         return 0
 
 
-def _feed(dashboard: Dashboard, line: str) -> Optional[str]:
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError:
-        return None
-    with dashboard._lock:
-        dashboard.state.add(record)
-    return record.get("event")
+def _records(path: str, *, follow: bool, stop: Optional[threading.Event] = None,
+             poll: float = 0.25) -> Iterator[dict]:
+    """Records of a JSONL file; with ``follow``, also those appended later."""
+    while follow and not os.path.exists(path):
+        if stop is not None and stop.is_set():
+            return
+        time.sleep(poll)
+    with open(path, encoding="utf-8") as f:
+        pending = ""
+        while True:
+            pending += f.readline()
+            if pending.endswith("\n"):
+                try:
+                    yield json.loads(pending)
+                except json.JSONDecodeError:
+                    pass
+                pending = ""
+            elif not follow or (stop is not None and stop.is_set()):
+                return
+            else:
+                time.sleep(poll)  # at the end, or a line still being written
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ applies the :class:`Decision` it returns.
 from __future__ import annotations
 
 import math
+import resource
 from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
 
@@ -21,7 +22,7 @@ class CostModel:
 
     Over the most recent ``window`` samples it fits a line (least squares once
     it has ``min_samples`` samples whose costs vary; before that, bytes
-    proportional to cost at the median ratio) and keeps the largest residual
+    proportional to cost at the mean ratio) and keeps the largest residual
     as a margin. :meth:`sample_bytes` adds the margin, so it bounds every
     sample seen from above; :meth:`expected_bytes` is the central estimate.
     """
@@ -42,10 +43,10 @@ class CostModel:
         """Record samples: their costs and measured bytes."""
         costs = np.asarray(costs, dtype=np.float64)
         nbytes = np.asarray(nbytes, dtype=np.float64)
-        for c, b in zip(costs[-self.window:], nbytes[-self.window:]):
-            slot = self._n % self.window
-            self._costs[slot], self._bytes[slot] = c, b
-            self._n += 1
+        first = self._n + len(costs) - min(len(costs), self.window)  # only the newest fit in the window
+        for n, (c, b) in enumerate(zip(costs[-self.window:], nbytes[-self.window:]), start=first):
+            self._costs[n % self.window], self._bytes[n % self.window] = c, b
+        self._n += len(costs)
         self._fit = None
 
     def coefficients(self) -> Optional[Tuple[float, float, float]]:
@@ -128,7 +129,9 @@ class Controller:
         num_workers, prefetch_factor: the loader's pipeline depth now.
         safety: fraction of the usable shm that batches may fill.
         fd_headroom: fraction of the fd soft limit that may be in use.
-        hysteresis: relative change below which the budget stays put.
+        hysteresis: the budget drops when the target falls below
+            ``(1 - hysteresis / 2)`` of it and rises when the target exceeds
+            ``(1 + hysteresis)`` of it; in between it stays put.
     """
 
     def __init__(self, *, user_max_cost: float, max_batch_size: Optional[int], min_cost: float,
@@ -198,7 +201,7 @@ class Controller:
         if self.model.coefficients() is None or self.num_workers == 0:
             return None, None
         smallest = self.model.sample_bytes(self.min_cost)
-        if smallest <= 0:
+        if smallest < 1:  # nothing to fit, or an estimate below one byte
             return None, None
         fitting_slots = int(usable // smallest) - max(1, held)
         if fitting_slots >= self.num_workers * self.prefetch_factor:
@@ -217,13 +220,15 @@ class Controller:
 
     # -- file descriptors -----------------------------------------------------
     def _fd_plan(self, obs: Observation, reasons: List[str]):
+        if obs.fd_soft_limit == resource.RLIM_INFINITY:
+            return None, None
         incoming = obs.storages_per_batch * (self.num_workers * self.prefetch_factor + 1)
         projected = obs.fds_in_use + incoming
         if projected <= self.fd_headroom * obs.fd_soft_limit or self.strategy_switched:
             return None, None
-        if obs.fd_soft_limit < obs.fd_hard_limit:
+        if obs.fd_hard_limit == resource.RLIM_INFINITY or obs.fd_soft_limit < obs.fd_hard_limit:
             wanted = int(max(2 * obs.fd_soft_limit, projected / self.fd_headroom * 2))
-            new_limit = min(obs.fd_hard_limit, wanted)
+            new_limit = wanted if obs.fd_hard_limit == resource.RLIM_INFINITY else min(obs.fd_hard_limit, wanted)
             reasons.append(f"raise fd soft limit {obs.fd_soft_limit} -> {new_limit}: "
                            f"{obs.fds_in_use} open + ~{incoming:.0f} incoming")
             return new_limit, None

@@ -79,6 +79,12 @@ class RunState:
         if record["event"] != "epoch_end":
             self.events.append(f"step {record['step']}: {record['event']}: {record['message']}")
 
+    def snapshot(self) -> "RunState":
+        """A copy to draw from while records keep arriving."""
+        copy = object.__new__(RunState)
+        copy.__dict__.update({k: (v.copy() if hasattr(v, "copy") else v) for k, v in self.__dict__.items()})
+        return copy
+
     @property
     def waited_fraction(self) -> Optional[float]:
         """Share of the recent wall time the consumer spent waiting for batches."""
@@ -99,9 +105,13 @@ class Dashboard:
         self._lock = threading.Lock()
         self._live = None
 
-    def __call__(self, record: Dict[str, Any]) -> None:
+    def fold(self, record: Dict[str, Any]) -> None:
+        """Add a record to the state without starting or stopping anything."""
         with self._lock:
             self.state.add(record)
+
+    def __call__(self, record: Dict[str, Any]) -> None:
+        self.fold(record)
         if self._live is None and record.get("kind") == "batch":
             self.start()
         elif record.get("event") == "epoch_end":
@@ -129,12 +139,13 @@ class Dashboard:
         self.stop()
 
     def _locked_render(self):
-        with self._lock:
-            return self.render()
+        with self._lock:  # copy under the lock, draw outside it: the sink never waits for drawing
+            state = self.state.snapshot()
+        return self.render(state)
 
-    def render(self):
-        """The dashboard as a rich renderable (call under no lock of yours)."""
-        s = self.state
+    def render(self, state: Optional[RunState] = None):
+        """The dashboard as a rich renderable."""
+        s = state or self.state
         last = s.last
         title = f"adaptive_loader  epoch {s.epoch}  step {last['step'] if last else 0}"
         if last is None:
@@ -142,8 +153,8 @@ class Dashboard:
         grid = Table.grid(padding=(0, 1))
         grid.add_column(style="bold", no_wrap=True)
         grid.add_column()
-        grid.add_row("progress", self._progress())
-        grid.add_row("/dev/shm", self._shm_gauge())
+        grid.add_row("progress", _progress(s))
+        grid.add_row("/dev/shm", _shm_gauge(s))
         grid.add_row("budget", f"{sparkline(s.budget)}  max_cost {_num(last['max_cost'])}")
         grid.add_row("batch cost", f"{sparkline(s.cost)}  {_num(last['cost'])}  ({last['samples']} samples)")
         grid.add_row("batch bytes", f"{sparkline(s.nbytes)}  {_mib(last['bytes'])}")
@@ -159,30 +170,32 @@ class Dashboard:
             parts.append(Text("\n".join(e[:160] for e in s.events), style="dim"))
         return Panel(Group(*parts), title=title, border_style="cyan")
 
-    def _progress(self) -> str:
-        s = self.state
-        if not s.total_samples:
-            return f"{s.delivered} samples"
-        done = min(1.0, s.delivered / s.total_samples)
-        bar = "█" * int(done * 30) + "░" * (30 - int(done * 30))
-        rate = s.last.get("samples_per_s") if s.last else None
-        eta = "" if not rate else f"  ETA {(s.total_samples - s.delivered) / rate:.0f} s"
-        return f"{bar} {s.delivered}/{s.total_samples} ({done:.0%}){eta}"
 
-    def _shm_gauge(self) -> Text:
-        last, width = self.state.last, 40
-        total = max(last["shm_total"], 1)
-        used = last["shm_total"] - last["shm_free"]
-        ours = min(last["shm_ours"], used)
-        cells_ours = int(ours / total * width)
-        cells_others = int((used - ours) / total * width)
-        safety_at = int(self.state.safety * width)
-        bar = ["█"] * cells_ours + ["▓"] * cells_others
-        bar += ["░"] * (width - len(bar))
-        bar[min(safety_at, width - 1)] = "|"
-        text = Text("".join(bar[:width]), style="green" if used < self.state.safety * total else "red")
-        text.append(f" {_mib(used)} / {_mib(total)} used ({_mib(ours)} ours), safety line {self.state.safety:.0%}")
-        return text
+
+def _progress(s: RunState) -> str:
+    if not s.total_samples:
+        return f"{s.delivered} samples"
+    done = min(1.0, s.delivered / s.total_samples)
+    bar = "█" * int(done * 30) + "░" * (30 - int(done * 30))
+    rate = s.last.get("samples_per_s") if s.last else None
+    eta = "" if not rate else f"  ETA {(s.total_samples - s.delivered) / rate:.0f} s"
+    return f"{bar} {s.delivered}/{s.total_samples} ({done:.0%}){eta}"
+
+
+def _shm_gauge(s: RunState) -> Text:
+    """Used shm as a bar: this loader's part, others' part, and the safety line."""
+    last, width = s.last, 40
+    total = max(last["shm_total"], 1)
+    used = last["shm_total"] - last["shm_free"]
+    ours = min(last["shm_ours"], used)
+    cells_ours = int(ours / total * width)
+    cells_others = int((used - ours) / total * width)
+    bar = ["█"] * cells_ours + ["▓"] * cells_others
+    bar += ["░"] * (width - len(bar))
+    bar[min(int(s.safety * width), width - 1)] = "|"
+    text = Text("".join(bar[:width]), style="green" if used < s.safety * total else "red")
+    text.append(f" {_mib(used)} / {_mib(total)} used ({_mib(ours)} ours), safety line {s.safety:.0%}")
+    return text
 
 
 def _mib(n: Optional[float]) -> str:

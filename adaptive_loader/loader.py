@@ -117,6 +117,7 @@ class AdaptiveLoader:
         self.prefetch_factor = dataloader_kwargs.pop("prefetch_factor", None)
         if num_workers > 0 and self.prefetch_factor is None:
             self.prefetch_factor = 2
+        self._pipeline_asked = (num_workers, self.prefetch_factor)
         user_timeout = dataloader_kwargs.pop("timeout", 0)
         self.stall_timeout = float(user_timeout) if user_timeout else float(stall_timeout)
         self.max_restarts = max_restarts
@@ -216,6 +217,7 @@ class AdaptiveLoader:
     def _epoch(self) -> Iterator[Any]:
         epoch = self.sampler.epoch
         self._last_delivery = self._rate = None
+        self._restore_pipeline()
         self._feed.start(iter(self.sampler))
         iterator = None
         restarts = 0
@@ -370,10 +372,20 @@ class AdaptiveLoader:
                 kwargs["worker_init_fn"] = self._user_worker_init
         self._allocated = _shared_counters(self.num_workers)
         self._delivered = [0] * self.num_workers
+        # the workers themselves never fill shm past the safety line: above it a batch goes to a file
+        keep_free = int((1 - self.safety) * self._shm.read().total)
         self._collate = MeasuredCollate(self.collate_fn or default_collate, self._shm.path, self.spill_dir,
-                                        allocated=self._allocated)
+                                        shm_keep_free=keep_free, allocated=self._allocated)
         return DataLoader(self.dataset, batch_sampler=self._feed, num_workers=self.num_workers,
                           collate_fn=self._collate, **kwargs)
+
+    def _restore_pipeline(self) -> None:
+        """Each epoch starts with the workers and prefetch the user asked for;
+        the controller shrinks them again if shm is still short."""
+        if (self.num_workers, self.prefetch_factor) != self._pipeline_asked:
+            self.num_workers, self.prefetch_factor = self._pipeline_asked
+            self.controller.num_workers, self.controller.prefetch_factor = self.num_workers, self.prefetch_factor or 1
+            self._dataloader = None
 
     def _rebuild(self, iterator) -> None:
         """Drop the iterator (and its workers); outstanding batches go back to the epoch.

@@ -19,42 +19,55 @@ import torch
 __all__ = ["footprint", "ShmProbe", "ShmState", "FdState", "read_fds", "host_ram_available", "rss_of"]
 
 
-def footprint(obj: Any) -> Tuple[int, int]:
+def footprint(obj: Any, *, own_bytes: bool = False) -> Tuple[int, int]:
     """Bytes and number of distinct storages of the tensors and arrays in ``obj``.
 
-    Walks mappings, sequences and sets; counts each tensor storage once (views
-    of one storage share it). Strings and other objects count as zero.
+    Walks mappings, lists, tuples, sets and other sequences (not strings,
+    bytes, memoryviews or ranges; each container once). A tensor counts its
+    whole storage once, however many views of it appear: that is what sharing
+    it moves to shm. With ``own_bytes`` a tensor counts only the bytes it
+    spans (a row of a dataset-wide tensor weighs one row): the better guess of
+    what it adds to a batch once collated. A numpy array counts its own bytes,
+    since it is pickled by value. Everything else counts as zero.
     """
     seen: set = set()
+    storages: set = set()
     total = 0
-    count = 0
     for leaf in _leaves(obj):
         if isinstance(leaf, torch.Tensor):
             storage = leaf.untyped_storage()
-            key = (storage.data_ptr(), storage.nbytes())
-            nbytes = storage.nbytes()
+            storage_key = (storage.data_ptr(), storage.nbytes())
+            storages.add(storage_key)
+            if own_bytes:
+                key, nbytes = (leaf.data_ptr(), leaf.nbytes), leaf.nbytes
+            else:
+                key, nbytes = storage_key, storage.nbytes()
         else:
-            key = (leaf.__array_interface__["data"][0], leaf.nbytes)
+            key = (leaf.__array_interface__["data"][0], leaf.nbytes)  # the same key as a tensor on its buffer
             nbytes = leaf.nbytes
-        if key in seen:
-            continue
-        seen.add(key)
-        total += nbytes
-        count += 1
-    return total, count
+            storages.add(key)
+        if key not in seen:
+            seen.add(key)
+            total += nbytes
+    return total, len(storages)
+
+
+_NOT_CONTAINERS = (str, bytes, bytearray, memoryview, range)
 
 
 def _leaves(obj: Any) -> Iterable[Any]:
     """Tensors and arrays inside mappings, sequences and sets, depth first."""
     stack = [obj]
+    visited: set = set()
     while stack:
         item = stack.pop()
         if isinstance(item, (torch.Tensor, np.ndarray)):
             yield item
-        elif isinstance(item, Mapping):
-            stack.extend(item.values())
-        elif isinstance(item, (Sequence, Set)) and not isinstance(item, (str, bytes, bytearray)):
-            stack.extend(item)
+        elif isinstance(item, (Mapping, Sequence, Set)) and not isinstance(item, _NOT_CONTAINERS):
+            if id(item) in visited:  # shared or self-containing containers
+                continue
+            visited.add(id(item))
+            stack.extend(item.values() if isinstance(item, Mapping) else item)
 
 
 @dataclass(frozen=True)

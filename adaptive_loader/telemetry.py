@@ -15,7 +15,8 @@ import threading
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
-__all__ = ["SCHEMA_VERSION", "BATCH_FIELDS", "EVENT_FIELDS", "EVENT_KINDS", "Telemetry", "JsonlSink"]
+__all__ = ["SCHEMA_VERSION", "BATCH_FIELDS", "EVENT_FIELDS", "EVENT_KINDS", "FIELD_TYPES", "Telemetry",
+           "JsonlSink", "TensorBoardSink", "validate_record"]
 
 logger = logging.getLogger("adaptive_loader")
 
@@ -33,7 +34,38 @@ EVENT_FIELDS = ("schema", "kind", "time", "step", "epoch", "event", "level", "me
 EVENT_KINDS = ("budget", "off_shm", "fewer_in_flight", "fd_limit", "sharing_strategy", "recovery",
                "stall", "warning", "epoch_end")
 
+#: The type of each field; a tuple means "one of".
+FIELD_TYPES: Dict[str, Any] = {
+    "schema": int, "kind": str, "time": float, "step": int, "epoch": int, "samples": int, "cost": (int, float),
+    "bytes": int, "storages": int, "max_cost": (int, float, type(None)), "shm_free": int, "shm_total": int,
+    "shm_ours": int, "fds_in_use": int, "fd_limit": int, "ram_available": (int, type(None)),
+    "worker_rss": (int, type(None)), "transport": str, "worker": int, "wait_s": float,
+    "samples_per_s": (float, type(None)), "event": str, "level": str, "message": str, "data": dict,
+}
+TRANSPORTS = ("shm", "file", "inline")
+
 Record = Dict[str, Any]
+
+
+def validate_record(record: Record) -> None:
+    """Raise ``ValueError`` naming the first way ``record`` departs from the schema."""
+    kind = record.get("kind")
+    fields = {"batch": BATCH_FIELDS, "event": EVENT_FIELDS}.get(kind)
+    if fields is None:
+        raise ValueError(f"kind must be 'batch' or 'event', got {kind!r}")
+    if record.get("schema") != SCHEMA_VERSION:
+        raise ValueError(f"schema must be {SCHEMA_VERSION}, got {record.get('schema')!r}")
+    if set(record) != set(fields):
+        raise ValueError(f"{kind} record keys differ: missing {sorted(set(fields) - set(record))}, "
+                         f"extra {sorted(set(record) - set(fields))}")
+    for key in fields:
+        expected = FIELD_TYPES[key]
+        if isinstance(record[key], bool) or not isinstance(record[key], expected):
+            raise ValueError(f"{key} = {record[key]!r} is not {expected}")
+    if kind == "batch" and record["transport"] not in TRANSPORTS:
+        raise ValueError(f"transport {record['transport']!r} not in {TRANSPORTS}")
+    if kind == "event" and record["event"] not in EVENT_KINDS:
+        raise ValueError(f"event {record['event']!r} not in {EVENT_KINDS}")
 SinkSpec = Union[None, str, "os.PathLike[str]", Callable[[Record], None], Sequence[Any]]
 
 

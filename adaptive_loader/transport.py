@@ -109,7 +109,7 @@ class MeasuredCollate:
 
     def __call__(self, samples: List[Any]) -> Envelope:
         start = time.perf_counter()
-        sizes = [footprint(s) for s in samples]
+        sizes = [footprint(s, own_bytes=True) for s in samples]
         info = get_worker_info()
         if info is None:  # num_workers=0: no shm involved
             batch = self.collate_fn(samples)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import threading
 from typing import Any, Dict, List
 
 from .harness import run_case
@@ -29,6 +31,7 @@ def main(argv: List[str] = None) -> int:
         p.add_argument("--hang-after", type=float, default=20.0, help="seconds without a batch that count as a hang")
         p.add_argument("--quick", action="store_true", help="fewer samples (CI)")
         p.add_argument("--json", metavar="FILE", help="write the results as JSON")
+    demo.add_argument("--out", default="stress-results", help="folder for the telemetry and report image")
     args = parser.parse_args(argv)
 
     if args.command == "list":
@@ -54,15 +57,52 @@ def main(argv: List[str] = None) -> int:
 def _demo(args, shm: int) -> int:
     print(f"The seed's instance-segmentation workload in a private {shm / 2**20:.0f} MiB /dev/shm "
           f"(a common container default), {args.workers} workers.\n")
+    os.makedirs(args.out, exist_ok=True)
+    telemetry = os.path.join(args.out, "demo-adaptive.jsonl")
+    if os.path.exists(telemetry):
+        os.unlink(telemetry)
     vanilla = _run_with_progress("seed", "vanilla", shm, args)
-    adaptive = _run_with_progress("seed", "adaptive", shm, args)
+    adaptive = _run_with_dashboard("seed", shm, args, telemetry)
     print()
     print(side_by_side(vanilla, adaptive))
     for result in (vanilla, adaptive):
         if result["error"]:
             print(f"\n{result['loader']}: {result['error'][:400]}")
+    _write_report(telemetry, os.path.join(args.out, "demo-report.png"))
     _write_json(args.json, [vanilla, adaptive])
     return 0 if _adaptive_ok(adaptive) else 1
+
+
+def _run_with_dashboard(name: str, shm: int, args, telemetry: str) -> Dict[str, Any]:
+    """The adaptive run, with the live dashboard following its telemetry file."""
+    from adaptive_loader.cli import watch_file
+
+    stop = threading.Event()
+    total = len(get(name).build(shm, args.workers, args.quick).dataset)
+    watcher = threading.Thread(target=watch_file, args=(telemetry,),
+                               kwargs=dict(total=total, stop=stop, poll=0.1), daemon=True)
+    watcher.start()
+    try:
+        result = run_case(name, "adaptive", shm_bytes=shm, workers=args.workers, quick=args.quick,
+                          hang_after=args.hang_after, telemetry=telemetry)
+    finally:
+        stop.set()
+        watcher.join(timeout=10)
+    print(f"\n{name} / adaptive {result['outcome']:5} {result['delivered']}/{result['expected']} samples "
+          f"in {result['seconds']:.1f} s; telemetry in {telemetry}")
+    return result
+
+
+def _write_report(telemetry: str, output: str) -> None:
+    try:
+        from adaptive_loader.report import write_report
+
+        write_report(telemetry, output)
+        print(f"\nreport: {output}  (adaptive-loader report {telemetry} -o {output})")
+    except ImportError as exc:
+        print(f"\nno report image ({exc}); pip install matplotlib")
+    except (OSError, ValueError) as exc:
+        print(f"\nno report image: {exc}")
 
 
 def _run_with_progress(name: str, loader: str, shm: int, args) -> Dict[str, Any]:

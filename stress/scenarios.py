@@ -41,7 +41,7 @@ class Scenario:
 
 
 def _seed(shm: int, workers: int, quick: bool) -> Setup:
-    n = 120 if quick else 240
+    n = 120 if quick else 1200
     costs = np.random.default_rng(0).integers(10, 1201, n)
     # a vanilla batch of 10 images (~6,000 masks) takes ~shm/3.5: a few in flight overflow it
     side = max(8, int(math.sqrt(shm / 3.5 / 6050)))

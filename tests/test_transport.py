@@ -9,19 +9,21 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing
-from torch.utils.data import DataLoader, Dataset, default_collate, get_worker_info
+from multiprocessing.reduction import ForkingPickler
+
+from torch.utils.data import DataLoader, Dataset, TensorDataset, default_collate, get_worker_info
 from torch.utils.data._utils import worker as torch_worker
 
 from adaptive_loader.measure import footprint
 from adaptive_loader.transport import (
-    INLINE, PIPE, SHM, BatchStats, Envelope, MeasuredCollate, WorkerSetup, _collate_without_shm,
+    FILE, INLINE, SHM, BatchStats, Envelope, MeasuredCollate, WorkerSetup, _collate_without_shm,
     _is_resource_error)
 
 needs_dev_shm = pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="no /dev/shm on this machine")
 
 
 def make_stats(**over):
-    values = dict(sample_bytes=[8, 8], sample_storages=[1, 1], batch_bytes=16, batch_storages=1, transport=PIPE,
+    values = dict(sample_bytes=[8, 8], sample_storages=[1, 1], batch_bytes=16, batch_storages=1, transport=FILE,
                   off_shm_reason="test", worker_id=0, worker_pid=os.getpid(), collate_seconds=0.0)
     values.update(over)
     return BatchStats(**values)
@@ -79,42 +81,58 @@ class FloatDataset(Dataset):
 
 # -- Envelope ---------------------------------------------------------------------------------------
 
-def test_envelope_open_unpickles_once():
-    batch = {"x": torch.arange(4), "names": ["a", "b"]}
-    env = Envelope(pickle.dumps(batch), make_stats(), pickled=True)
-    first = env.open()
-    assert_same(first, batch)
-    assert env.pickled is False
-    assert env.open() is first  # a second open does not unpickle again
-
-
-def test_envelope_open_of_an_unpickled_payload_returns_it():
+def test_envelope_inline_is_the_batch():
     batch = [torch.ones(2)]
-    env = Envelope(batch, make_stats(transport=SHM, off_shm_reason=None))
+    env = Envelope(batch, make_stats(transport=INLINE, off_shm_reason=None))
     assert env.open() is batch
 
 
-def test_envelope_survives_pickling():
-    stats = make_stats()
-    env = pickle.loads(pickle.dumps(Envelope(pickle.dumps([torch.arange(3)]), stats, pickled=True)))
-    assert env.pickled is True
+def test_envelope_shm_opens_handles_once():
+    batch = {"x": torch.arange(4.0), "names": ["a", "b"]}
+    handles = bytes(ForkingPickler.dumps(batch, pickle.HIGHEST_PROTOCOL))
+    env = Envelope(handles, make_stats(transport=SHM, off_shm_reason=None))
+    first = env.open()
+    assert_same(first, batch)
+    assert first["x"].is_shared()
+    assert env.open() is first  # a second open does not unpickle again
+
+
+def test_envelope_file_opens_and_removes_the_spill_file(tmp_path):
+    batch = {"x": torch.arange(4), "names": ["a", "b"]}
+    path = tmp_path / "batch.pkl"
+    path.write_bytes(pickle.dumps(batch))
+    env = Envelope(str(path), make_stats(transport=FILE))
+    first = env.open()
+    assert_same(first, batch)
+    assert not path.exists()
+    assert env.open() is first
+
+
+def test_envelope_survives_pickling(tmp_path):
+    stats = make_stats(transport=FILE)
+    path = tmp_path / "batch.pkl"
+    path.write_bytes(pickle.dumps([torch.arange(3)]))
+    env = pickle.loads(pickle.dumps(Envelope(str(path), stats)))
     assert env.stats == stats
     assert_same(env.open(), [torch.arange(3)])
 
 
-def test_envelope_pin_memory_round_trip_without_tensors():
+def test_envelope_pin_memory_round_trip_without_tensors(tmp_path):
     batch = {"names": ["a", "b"], "n": 3}
-    stats = make_stats()
-    pinned = Envelope(pickle.dumps(batch), stats, pickled=True).pin_memory()
+    path = tmp_path / "batch.pkl"
+    path.write_bytes(pickle.dumps(batch))
+    stats = make_stats(transport=FILE)
+    pinned = Envelope(str(path), stats).pin_memory()
     assert isinstance(pinned, Envelope)
-    assert pinned.pickled is False
     assert pinned.stats is stats
     assert pinned.open() == batch
+    assert pinned.open() is pinned.open()
+    assert not path.exists()
 
 
 def test_envelope_pin_memory_round_trip_with_tensors():
     batch = {"x": torch.arange(6, dtype=torch.float32), "y": [torch.ones(2, dtype=torch.bfloat16)]}
-    env = Envelope(pickle.dumps(batch), make_stats(), pickled=True)
+    env = Envelope(bytes(ForkingPickler.dumps(batch, pickle.HIGHEST_PROTOCOL)), make_stats(transport=SHM))
     try:
         pinned = env.pin_memory()
     except RuntimeError as exc:  # CPU-only torch builds have nothing to pin for
@@ -127,11 +145,10 @@ def test_envelope_pin_memory_round_trip_with_tensors():
 
 # -- MeasuredCollate outside a worker ---------------------------------------------------------------
 
-def test_measured_collate_outside_a_worker_is_inline():
+def test_measured_collate_outside_a_worker_is_inline(tmp_path):
     samples = [FloatDataset()[i] for i in range(3)]
-    env = MeasuredCollate(default_collate, "/nonexistent/shm/path")(samples)  # shm never consulted inline
+    env = MeasuredCollate(default_collate, "/nonexistent/shm/path", str(tmp_path))(samples)  # no shm inline
     assert isinstance(env, Envelope)
-    assert env.pickled is False
     s = env.stats
     assert s.transport == INLINE
     assert s.off_shm_reason is None
@@ -142,13 +159,22 @@ def test_measured_collate_outside_a_worker_is_inline():
     assert (s.batch_bytes, s.batch_storages) == (3 * 10 * 4 + 3 * 8, 2)
     assert s.collate_seconds >= 0
     assert_same(env.open(), default_collate(samples))
+    assert list(tmp_path.iterdir()) == []
 
 
-def test_measured_collate_per_sample_bytes_vary_with_samples():
+def test_measured_collate_per_sample_bytes_vary_with_samples(tmp_path):
     samples = [torch.zeros(n, dtype=torch.float64) for n in (1, 5, 0, 7)]
-    env = MeasuredCollate(lambda xs: xs, "/dev/shm")(samples)
+    env = MeasuredCollate(lambda xs: xs, "/dev/shm", str(tmp_path))(samples)
     assert env.stats.sample_bytes == [8, 40, 0, 56]
     assert env.stats.batch_bytes == 8 * 13
+
+
+def test_measured_collate_sample_bytes_of_rows_of_a_dataset_tensor(tmp_path):
+    data = torch.zeros(10_000, 10)  # 400 kB; one row is 40 B
+    samples = [TensorDataset(data)[i] for i in range(4)]
+    env = MeasuredCollate(default_collate, "/dev/shm", str(tmp_path))(samples)
+    assert env.stats.batch_bytes == 4 * 40
+    assert sum(env.stats.sample_bytes) == env.stats.batch_bytes
 
 
 # -- MeasuredCollate in a (simulated) worker ---------------------------------------------------------
@@ -165,17 +191,21 @@ def fake_worker(monkeypatch):
 
 
 @needs_dev_shm
-def test_measured_collate_in_a_worker_puts_the_batch_in_shm(fake_worker):
+def test_measured_collate_in_a_worker_puts_the_batch_in_shm(fake_worker, tmp_path):
     samples = [FloatDataset()[i] for i in range(4)]
-    env = MeasuredCollate(lambda xs: [s["x"].clone() for s in xs], "/dev/shm")(samples)
+    env = MeasuredCollate(lambda xs: [s["x"].clone() for s in xs], "/dev/shm", str(tmp_path))(samples)
     assert env.stats.transport == SHM
+    assert env.stats.off_shm_reason is None
     assert env.stats.worker_id == 3
-    assert env.pickled is False
-    assert all(t.is_shared() for t in env.open())
+    assert (env.stats.batch_bytes, env.stats.batch_storages) == (4 * 40, 4)
+    out = env.open()
+    assert all(t.is_shared() for t in out)
+    assert_same(out, [s["x"] for s in samples])
+    assert list(tmp_path.iterdir()) == []  # nothing spilled
 
 
 @needs_dev_shm
-def test_measured_collate_sends_off_shm_when_it_would_not_fit(fake_worker):
+def test_measured_collate_spills_to_a_file_when_it_would_not_fit(fake_worker, tmp_path):
     samples = [FloatDataset()[i] for i in range(4)]
     calls = []
 
@@ -183,12 +213,13 @@ def test_measured_collate_sends_off_shm_when_it_would_not_fit(fake_worker):
         calls.append(get_worker_info())
         return default_collate(xs)
 
-    env = MeasuredCollate(collate, "/dev/shm", shm_keep_free=1 << 62)(samples)
-    assert env.stats.transport == PIPE
+    env = MeasuredCollate(collate, "/dev/shm", str(tmp_path), shm_keep_free=1 << 62)(samples)
+    assert env.stats.transport == FILE
     assert "shm has" in env.stats.off_shm_reason
     assert calls == [None]  # collated once, with the worker hidden, so not into shm
-    assert env.pickled is True and isinstance(env.payload, bytes)
+    [spilled] = list(tmp_path.iterdir())
     out = env.open()
+    assert not spilled.exists()
     assert not out["x"].is_shared()
     assert_same(out, default_collate(samples))
 
@@ -196,7 +227,7 @@ def test_measured_collate_sends_off_shm_when_it_would_not_fit(fake_worker):
 @needs_dev_shm
 @pytest.mark.parametrize("exc", [RuntimeError("unable to open shared memory object </torch_1_2> in read-write mode"),
                                  OSError(errno.ENOSPC, "No space left on device")])
-def test_measured_collate_falls_back_to_the_pipe_on_a_resource_error(fake_worker, exc):
+def test_measured_collate_falls_back_to_a_file_on_a_resource_error(fake_worker, tmp_path, exc):
     samples = [FloatDataset()[i] for i in range(2)]
     calls = []
 
@@ -206,20 +237,50 @@ def test_measured_collate_falls_back_to_the_pipe_on_a_resource_error(fake_worker
             raise exc
         return default_collate(xs)
 
-    env = MeasuredCollate(collate, "/dev/shm")(samples)
-    assert env.stats.transport == PIPE
-    assert env.stats.off_shm_reason.startswith("shm allocation failed")
+    env = MeasuredCollate(collate, "/dev/shm", str(tmp_path))(samples)
+    assert env.stats.transport == FILE
+    assert str(exc) in env.stats.off_shm_reason
     assert calls[0] is not None and calls[1] is None
     assert_same(env.open(), default_collate(samples))
 
 
 @needs_dev_shm
-def test_measured_collate_reraises_other_errors(fake_worker):
+def test_measured_collate_counts_shm_bytes_in_its_worker_slot(fake_worker, tmp_path):
+    allocated = torch.zeros(FakeWorkerInfo.num_workers, dtype=torch.int64)
+    samples = [FloatDataset()[i] for i in range(4)]
+    env1 = MeasuredCollate(default_collate, "/dev/shm", str(tmp_path), allocated=allocated)(samples)
+    env2 = MeasuredCollate(default_collate, "/dev/shm", str(tmp_path), allocated=allocated)(samples[:2])
+    assert (env1.stats.transport, env2.stats.transport) == (SHM, SHM)
+    expected = [0] * FakeWorkerInfo.num_workers
+    expected[FakeWorkerInfo.id] = env1.stats.batch_bytes + env2.stats.batch_bytes
+    assert allocated.tolist() == expected
+    # a batch spilled to a file occupies none of it
+    MeasuredCollate(default_collate, "/dev/shm", str(tmp_path), shm_keep_free=1 << 62,
+                    allocated=allocated)(samples).open()
+    assert allocated.tolist() == expected
+
+
+@needs_dev_shm
+def test_measured_collate_reraises_other_errors(fake_worker, tmp_path):
     def collate(xs):
         raise RuntimeError("stack expects each tensor to be equal size")
 
     with pytest.raises(RuntimeError, match="equal size"):
-        MeasuredCollate(collate, "/dev/shm")([torch.zeros(1), torch.zeros(2)])
+        MeasuredCollate(collate, "/dev/shm", str(tmp_path))([torch.zeros(1), torch.zeros(2)])
+
+
+@needs_dev_shm
+def test_remove_spill_files_removes_only_its_own(fake_worker, tmp_path):
+    mine = MeasuredCollate(default_collate, "/dev/shm", str(tmp_path), shm_keep_free=1 << 62)
+    other = MeasuredCollate(default_collate, "/dev/shm", str(tmp_path), shm_keep_free=1 << 62)
+    samples = [FloatDataset()[i] for i in range(2)]
+    mine(samples), mine(samples)
+    theirs = other(samples)
+    (tmp_path / "unrelated.pkl").write_bytes(b"x")
+    assert len(list(tmp_path.iterdir())) == 4
+    assert mine.remove_spill_files() == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([os.path.basename(theirs.payload), "unrelated.pkl"])
+    assert_same(theirs.open(), default_collate(samples))
 
 
 # -- helpers ----------------------------------------------------------------------------------------
@@ -324,16 +385,18 @@ def test_worker_setup_leaves_the_fd_limit_when_the_target_is_out_of_reach():
 
 
 # -- through a real DataLoader ----------------------------------------------------------------------
+# Each envelope is opened as it arrives, while its worker still lives: shm handles may be fds the
+# worker passes on request.
 
 @needs_dev_shm
 @pytest.mark.timeout(120)
-def test_dataloader_worker_sends_batches_through_shm():
+def test_dataloader_worker_sends_batches_through_shm(tmp_path):
     ds = FloatDataset()
-    loader = DataLoader(ds, batch_size=4, num_workers=1, collate_fn=MeasuredCollate(default_collate, "/dev/shm"),
-                        timeout=60)
-    envelopes = list(loader)
-    assert len(envelopes) == 2
-    for k, env in enumerate(envelopes):
+    loader = DataLoader(ds, batch_size=4, num_workers=1, timeout=60,
+                        collate_fn=MeasuredCollate(default_collate, "/dev/shm", str(tmp_path)))
+    seen = 0
+    for k, env in enumerate(loader):
+        seen += 1
         assert isinstance(env, Envelope)
         s = env.stats
         assert s.transport == SHM
@@ -343,30 +406,31 @@ def test_dataloader_worker_sends_batches_through_shm():
         assert s.sample_bytes == [10 * 4 + 8] * 4
         assert s.sample_storages == [2] * 4
         assert (s.batch_bytes, s.batch_storages) == (4 * (10 * 4 + 8), 2)
-        assert env.pickled is False
         batch = env.open()
         assert batch["x"].is_shared() and batch["y"].is_shared()
         assert_same(batch, default_collate([ds[i] for i in range(4 * k, 4 * k + 4)]))
+    assert seen == 2
+    assert list(tmp_path.iterdir()) == []
 
 
 @needs_dev_shm
 @pytest.mark.timeout(120)
-def test_dataloader_worker_sends_batches_through_the_pipe_when_shm_is_kept_free():
+def test_dataloader_worker_spills_batches_to_files_when_shm_is_kept_free(tmp_path):
     ds = RichDataset()
-    collate = MeasuredCollate(default_collate, "/dev/shm", shm_keep_free=1 << 62)
+    collate = MeasuredCollate(default_collate, "/dev/shm", str(tmp_path), shm_keep_free=1 << 62)
     loader = DataLoader(ds, batch_size=3, num_workers=1, collate_fn=collate, timeout=60)
-    envelopes = list(loader)
-    assert len(envelopes) == 2
-    for k, env in enumerate(envelopes):
+    seen = 0
+    for k, env in enumerate(loader):
+        seen += 1
         samples = [ds[i] for i in range(3 * k, 3 * k + 3)]
         s = env.stats
-        assert s.transport == PIPE
+        assert s.transport == FILE
         assert "shm has" in s.off_shm_reason
         assert s.worker_id == 0
         assert s.worker_pid != os.getpid()
         assert s.sample_bytes == [footprint(x)[0] for x in samples]
         assert s.sample_storages == [footprint(x)[1] for x in samples] == [7] * 3
-        assert env.pickled is True
+        assert os.path.dirname(env.payload) == str(tmp_path)
         batch = env.open()
         assert_same(batch, default_collate(samples))
         assert batch["bf16"].dtype == torch.bfloat16
@@ -376,6 +440,8 @@ def test_dataloader_worker_sends_batches_through_the_pipe_when_shm_is_kept_free(
         assert isinstance(batch["array"], torch.Tensor) and batch["array"].dtype == torch.float32
         assert not any(t.is_shared() for t in (batch["bf16"], batch["mask"], batch["nested"]["list"][0]))
         assert (s.batch_bytes, s.batch_storages) == footprint(batch)
+    assert seen == 2
+    assert list(tmp_path.iterdir()) == []  # every spill file removed once opened
 
 
 def _as_list(samples):
@@ -384,10 +450,13 @@ def _as_list(samples):
 
 @needs_dev_shm
 @pytest.mark.timeout(120)
-def test_dataloader_pipe_keeps_numpy_arrays_and_odd_dtypes_identical():
+def test_dataloader_spill_keeps_numpy_arrays_and_odd_dtypes_identical(tmp_path):
     ds = RichDataset()
     loader = DataLoader(ds, batch_size=2, num_workers=1, timeout=60,
-                        collate_fn=MeasuredCollate(_as_list, "/dev/shm", shm_keep_free=1 << 62))
+                        collate_fn=MeasuredCollate(_as_list, "/dev/shm", str(tmp_path), shm_keep_free=1 << 62))
+    seen = 0
     for k, env in enumerate(loader):
-        assert env.stats.transport == PIPE
+        seen += 1
+        assert env.stats.transport == FILE
         assert_same(env.open(), [ds[2 * k], ds[2 * k + 1]])
+    assert seen == 3

@@ -1,0 +1,527 @@
+"""The budget controller of adaptive_loader.controller, with plain numbers."""
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import assume, given, settings, strategies as st
+
+from adaptive_loader.controller import Controller, CostModel, Decision, Observation
+
+MiB = 2**20
+GiB = 2**30
+REL = 1e-9
+
+
+# -- helpers ----------------------------------------------------------------------------------------
+
+def linear_model(a=0.0, b=float(MiB), lo=1.0, hi=100.0, n=64, min_samples=16):
+    """A model that has seen ``n`` samples of exactly ``a + b * cost`` bytes."""
+    model = CostModel(min_samples=min_samples)
+    costs = np.linspace(lo, hi, n)
+    model.observe(costs, a + b * costs)
+    return model
+
+
+def make_controller(model=None, *, user_max=1000.0, max_batch_size=None, min_cost=1.0, num_workers=2,
+                    prefetch_factor=2, **kwargs):
+    return Controller(user_max_cost=user_max, max_batch_size=max_batch_size, min_cost=min_cost,
+                      num_workers=num_workers, prefetch_factor=prefetch_factor, model=model, **kwargs)
+
+
+def observe(controller, free, *, ours=0, held=0, fds=16, soft=1 << 20, hard=1 << 20, storages=1.0,
+            local_world_size=1):
+    obs = Observation(shm_free=int(free), shm_total=int(max(free, 1) * 4), ours_in_shm=int(ours),
+                      in_flight_slots=controller.num_workers * controller.prefetch_factor, held_batches=held,
+                      fds_in_use=fds, fd_soft_limit=soft, fd_hard_limit=hard, storages_per_batch=storages,
+                      local_world_size=local_world_size)
+    return controller.decide(obs)
+
+
+def worst_batch_bytes(controller, max_cost):
+    """Bytes of the heaviest batch the controller's own model allows under ``max_cost``."""
+    a, b, m = controller.model.coefficients()
+    count = max_cost / controller.min_cost if controller.min_cost > 0 else math.inf
+    if controller.max_batch_size is not None:
+        count = min(count, controller.max_batch_size)
+    return count * (a + m) + b * max_cost
+
+
+def slots(controller, held=0):
+    return controller.num_workers * controller.prefetch_factor + max(1, held)
+
+
+# -- CostModel --------------------------------------------------------------------------------------
+
+def test_cost_model_before_any_sample():
+    model = CostModel()
+    assert model.seen == 0
+    assert model.coefficients() is None
+
+
+def test_cost_model_counts_samples_seen():
+    model = CostModel(window=8)
+    model.observe([1, 2, 3], [10, 20, 30])
+    model.observe(np.array([4.0]), np.array([40]))
+    assert model.seen == 4
+    model.observe(range(5), range(5))
+    assert model.seen == 9
+
+
+def test_cost_model_seen_counts_a_call_longer_than_the_window():
+    model = CostModel(window=8)
+    model.observe(range(20), range(20))
+    assert model.seen == 20
+
+
+@pytest.mark.parametrize("a, b", [(0.0, 1000.0), (4096.0, 12.5), (1e6, 0.0), (123.0, 1.0)])
+def test_cost_model_learns_intercept_and_slope(a, b):
+    model = linear_model(a=a, b=b, lo=5, hi=500, n=40)
+    intercept, slope, margin = model.coefficients()
+    assert intercept == pytest.approx(a, rel=1e-6, abs=1e-3)
+    assert slope == pytest.approx(b, rel=1e-6, abs=1e-6)
+    assert 0 <= margin <= 1e-6 * (a + b * 500) + 1e-6
+    for cost in (5, 50, 250, 500, 1000):
+        assert model.sample_bytes(cost) == pytest.approx(a + b * cost, rel=1e-6, abs=1e-3)
+
+
+def test_cost_model_expected_bytes_is_central():
+    model = linear_model(a=100.0, b=10.0, lo=1, hi=50, n=32)
+    assert model.expected_bytes(4, 60.0) == pytest.approx(4 * 100 + 10 * 60, rel=1e-6)
+    assert model.expected_bytes(0, 0.0) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_cost_model_margin_covers_noise():
+    rng = np.random.default_rng(0)
+    costs = rng.uniform(1, 100, 200)
+    nbytes = 1000 + 50 * costs + rng.uniform(0, 500, 200)
+    model = CostModel()
+    model.observe(costs, nbytes)
+    a, b, m = model.coefficients()
+    assert b == pytest.approx(50, rel=0.05)
+    assert m > 0
+    assert all(model.sample_bytes(c) >= y * (1 - REL) for c, y in zip(costs, nbytes))
+    # and not wildly above: within twice the noise band of the sample it over-estimates most
+    assert max(model.sample_bytes(c) - y for c, y in zip(costs, nbytes)) <= 2 * 500
+
+
+def test_cost_model_is_conservative_before_min_samples():
+    """Few samples: the estimate does not under-shoot the true bytes over the costs seen and above."""
+    a, b = 1000.0, 10.0
+    costs = np.array([10.0, 40.0, 70.0, 100.0])
+    model = CostModel(min_samples=16)
+    model.observe(costs, a + b * costs)
+    assert model.seen < model.min_samples
+    for cost in np.linspace(10, 1000, 100):
+        assert model.sample_bytes(cost) >= (a + b * cost) * (1 - REL)
+    # and it over-estimates compared with what it learns once it has enough samples
+    learned = linear_model(a=a, b=b, lo=10, hi=100, n=32)
+    assert model.sample_bytes(100) > learned.sample_bytes(100)
+
+
+def test_cost_model_costs_that_barely_vary():
+    model = CostModel(min_samples=4)
+    costs = np.full(50, 10.0) + np.linspace(0, 0.5, 50)  # spread below 10%
+    nbytes = np.linspace(1000, 3000, 50)
+    model.observe(costs, nbytes)
+    assert all(model.sample_bytes(c) >= y * (1 - REL) for c, y in zip(costs, nbytes))
+
+
+def test_cost_model_all_costs_zero():
+    model = CostModel(min_samples=2)
+    model.observe([0, 0, 0], [10, 300, 20])
+    assert model.sample_bytes(0) >= 300
+    assert model.sample_bytes(5) >= 300
+
+
+def test_cost_model_forgets_samples_older_than_its_window():
+    model = CostModel(window=8, min_samples=4)
+    costs = np.linspace(1, 8, 8)
+    model.observe(costs, 1e6 * costs)
+    assert model.sample_bytes(8) >= 8e6 * (1 - REL)
+    model.observe(costs, 10 * costs)  # the window now holds only the light samples
+    assert model.seen == 16
+    assert model.sample_bytes(8) == pytest.approx(80, rel=1e-6)
+
+
+def test_cost_model_observe_more_than_a_window_at_once():
+    model = CostModel(window=4, min_samples=2)
+    costs = np.arange(1, 11, dtype=float)
+    nbytes = np.where(costs <= 6, 1e9, 7.0 * costs)  # only the last 4 are light
+    model.observe(costs, nbytes)
+    assert model.sample_bytes(10) == pytest.approx(70, rel=1e-6)
+
+
+sample_lists = st.lists(
+    st.tuples(st.one_of(st.just(0.0), st.floats(1e-3, 1e4)), st.floats(0, 1e9)), min_size=1, max_size=80)
+
+
+@settings(max_examples=200, deadline=None)
+@given(samples=sample_lists, min_samples=st.integers(1, 40), chunks=st.integers(1, 5))
+def test_cost_model_sample_bytes_bounds_every_sample_in_its_window(samples, min_samples, chunks):
+    model = CostModel(window=128, min_samples=min_samples)
+    costs = np.array([c for c, _ in samples])
+    nbytes = np.array([y for _, y in samples])
+    for part_c, part_y in zip(np.array_split(costs, chunks), np.array_split(nbytes, chunks)):
+        model.observe(part_c, part_y)
+    a, b, m = model.coefficients()
+    assert a >= 0 and b >= 0 and m >= 0
+    scale = nbytes.max() + a + b * costs.max()
+    for c, y in samples:
+        assert model.sample_bytes(c) >= y - 1e-9 * scale - 1e-6
+
+
+@settings(max_examples=100, deadline=None)
+@given(samples=sample_lists, window=st.integers(1, 20))
+def test_cost_model_bounds_the_most_recent_window(samples, window):
+    model = CostModel(window=window, min_samples=4)
+    for c, y in samples:
+        model.observe([c], [y])
+    recent = samples[-window:]
+    scale = max(y for _, y in samples) + sum(model.coefficients()[:2]) * 1e4
+    for c, y in recent:
+        assert model.sample_bytes(c) >= y - 1e-9 * scale - 1e-6
+
+
+# -- Controller: budget -----------------------------------------------------------------------------
+
+def test_controller_starts_at_the_user_cap():
+    c = make_controller(linear_model(), user_max=750.0)
+    assert c.max_cost == 750.0
+
+
+def test_decision_type_and_defaults():
+    c = make_controller(linear_model())
+    d = observe(c, 100 * GiB)
+    assert isinstance(d, Decision)
+    assert (d.prefetch_factor, d.num_workers, d.fd_soft_limit, d.sharing_strategy) == (None,) * 4
+    assert d.reasons == []
+
+
+def test_without_measurements_the_budget_is_the_user_cap():
+    c = make_controller(CostModel(), user_max=500.0)
+    d = observe(c, 1 * MiB)  # almost no shm, but nothing measured yet
+    assert d.max_cost == 500.0
+    assert (d.prefetch_factor, d.num_workers) == (None, None)
+
+
+def test_plenty_of_shm_keeps_the_user_cap():
+    c = make_controller(linear_model(), user_max=1000.0)
+    d = observe(c, 1 << 50)
+    assert d.max_cost == 1000.0
+    assert d.reasons == []
+
+
+def test_budget_is_what_fits_per_slot():
+    # 1 MiB per unit of cost; 2 workers x 2 prefetch + 1 held slot = 5 slots
+    c = make_controller(linear_model(), user_max=1000.0)
+    d = observe(c, 1000 * MiB)
+    assert d.per_batch_bytes == pytest.approx(0.8 * 1000 * MiB / 5)
+    assert d.max_cost == pytest.approx(160, rel=1e-6)
+    assert worst_batch_bytes(c, d.max_cost) * 5 <= 0.8 * 1000 * MiB * (1 + REL)
+
+
+def test_budget_accounts_for_per_sample_bytes_and_min_cost():
+    # 10 MiB per sample whatever its cost, plus 1 MiB per cost; samples cost at least 2
+    c = make_controller(linear_model(a=10 * MiB, b=MiB, lo=2, hi=50), min_cost=2.0, user_max=1000.0)
+    d = observe(c, 1000 * MiB)
+    # per batch 160 MiB; n <= X / 2 samples: X * (10 / 2 + 1) MiB <= 160 MiB
+    assert d.max_cost == pytest.approx(160 / 6, rel=1e-6)
+    assert worst_batch_bytes(c, d.max_cost) <= d.per_batch_bytes * (1 + REL)
+
+
+def test_max_batch_size_allows_a_larger_budget():
+    model = linear_model(a=10 * MiB, b=MiB, lo=2, hi=50)
+    free = 1000 * MiB
+    plain = observe(make_controller(model, min_cost=2.0), free)
+    capped = observe(make_controller(model, min_cost=2.0, max_batch_size=4), free)
+    # at most 4 samples: 4 * 10 MiB + X * 1 MiB <= 160 MiB
+    assert capped.max_cost == pytest.approx(120, rel=1e-6)
+    assert capped.max_cost > plain.max_cost
+
+
+def test_budget_never_below_min_cost():
+    c = make_controller(linear_model(lo=5, hi=100), min_cost=5.0, num_workers=1, prefetch_factor=1)
+    d = observe(c, 0)
+    assert d.max_cost == 5.0
+    assert d.per_batch_bytes == 0
+
+
+def test_budget_never_above_the_user_cap_even_with_min_cost_above_the_fit():
+    c = make_controller(linear_model(b=1.0), user_max=10.0)
+    assert observe(c, 1 << 50).max_cost == 10.0
+
+
+def test_shrinks_under_external_pressure_and_grows_back():
+    c = make_controller(linear_model(), user_max=1000.0)
+    assert observe(c, 100 * GiB).max_cost == 1000.0
+    # someone else fills shm: 1000 MiB left
+    decisions = [observe(c, 1000 * MiB) for _ in range(2)]
+    assert c.max_cost <= 160 * (1 + 1e-6)
+    assert worst_batch_bytes(c, c.max_cost) * slots(c) <= 1000 * MiB
+    assert any(r.startswith("lower max_cost") for d in decisions for r in d.reasons)
+    # and frees it again
+    decisions = [observe(c, 100 * GiB) for _ in range(2)]
+    assert c.max_cost == 1000.0
+    assert any(r.startswith("raise max_cost") for d in decisions for r in d.reasons)
+
+
+def test_slow_squeeze_never_overfills():
+    """Free shm shrinking by 4% per batch: each step is inside the hysteresis, the sum is not."""
+    c = make_controller(linear_model(), user_max=1000.0)
+    free = 2000.0 * MiB
+    budgets = []
+    for _ in range(60):
+        d = observe(c, free)
+        budgets.append(d.max_cost)
+        assert worst_batch_bytes(c, d.max_cost) * slots(c) <= free * (1 + REL)
+        free *= 0.96
+    assert budgets[-1] < budgets[0] / 5
+    assert budgets == sorted(budgets, reverse=True)
+
+
+def test_hysteresis_ignores_small_changes():
+    c = make_controller(linear_model(), user_max=1000.0)
+    base = observe(c, 1000 * MiB).max_cost
+    assert base == pytest.approx(160, rel=1e-6)
+    for free in (1050, 960, 1080, 1000, 1150):  # -4% .. +15%
+        d = observe(c, free * MiB)
+        assert d.max_cost == base
+        assert d.reasons == []
+    d = observe(c, 1300 * MiB)  # +30%: a clear rise
+    assert d.max_cost == pytest.approx(208, rel=1e-6)
+    assert len(d.reasons) == 1 and "raise max_cost" in d.reasons[0]
+    d = observe(c, 700 * MiB)  # -46%
+    assert d.max_cost == pytest.approx(112, rel=1e-6)
+    assert len(d.reasons) == 1 and "lower max_cost" in d.reasons[0]
+
+
+def test_returns_to_the_user_cap_exactly():
+    c = make_controller(linear_model(), user_max=170.0)
+    assert observe(c, 500 * MiB).max_cost == pytest.approx(80, rel=1e-6)
+    assert observe(c, 1000 * MiB).max_cost == pytest.approx(160, rel=1e-6)
+    d = observe(c, 1100 * MiB)  # what fits is above the cap: back to the cap, though within the hysteresis
+    assert d.max_cost == 170.0
+    assert any("raise max_cost" in r for r in d.reasons)
+
+
+def test_reasons_are_human_readable():
+    c = make_controller(linear_model(), user_max=1000.0)
+    d = observe(c, 1000 * MiB)
+    [reason] = d.reasons
+    assert isinstance(reason, str)
+    assert "max_cost" in reason and "1000" in reason and "160" in reason and "MiB" in reason
+
+
+# -- Controller: shm share --------------------------------------------------------------------------
+
+def test_per_batch_bytes_times_slots_is_the_safe_share():
+    for held in (0, 1, 3):
+        for safety in (0.5, 0.8):
+            c = make_controller(linear_model(), safety=safety, num_workers=3, prefetch_factor=2)
+            d = observe(c, 4 * GiB, ours=512 * MiB, held=held)
+            assert d.per_batch_bytes * slots(c, held) == pytest.approx(safety * (4 * GiB + 512 * MiB))
+
+
+def test_held_batches_take_slots():
+    free = 4 * GiB
+    none_held = observe(make_controller(linear_model()), free, held=0).per_batch_bytes
+    three_held = observe(make_controller(linear_model()), free, held=3).per_batch_bytes
+    assert none_held == pytest.approx(0.8 * free / 5)
+    assert three_held == pytest.approx(0.8 * free / 7)
+
+
+def test_our_own_batches_in_shm_count_as_usable():
+    free, ours = 1 * GiB, 3 * GiB
+    d = observe(make_controller(linear_model()), free, ours=ours)
+    assert d.per_batch_bytes == pytest.approx(0.8 * (free + ours) / 5)
+
+
+def test_local_world_size_halves_the_free_share():
+    free = 2000 * MiB
+    alone = make_controller(linear_model())
+    shared = make_controller(linear_model())
+    d1 = observe(alone, free, local_world_size=1)
+    d2 = observe(shared, free, local_world_size=2)
+    assert d2.per_batch_bytes == pytest.approx(d1.per_batch_bytes / 2)
+    assert d2.max_cost == pytest.approx(d1.max_cost / 2, rel=1e-6)
+    assert worst_batch_bytes(shared, d2.max_cost) * slots(shared) <= free / 2
+
+
+def test_local_world_size_divides_only_the_free_space():
+    free, ours = 2 * GiB, 1 * GiB
+    d = observe(make_controller(linear_model()), free, ours=ours, local_world_size=4)
+    assert d.per_batch_bytes == pytest.approx(0.8 * (free / 4 + ours) / 5)
+
+
+# -- Controller: fewer in flight --------------------------------------------------------------------
+
+def heavy_model():
+    """About 101 MiB for a sample of cost 1."""
+    return linear_model(a=100 * MiB, b=MiB, lo=1, hi=100)
+
+
+def test_no_fewer_in_flight_when_one_sample_per_slot_fits():
+    c = make_controller(heavy_model(), num_workers=4, prefetch_factor=2)
+    d = observe(c, 10 * GiB)
+    assert (d.prefetch_factor, d.num_workers) == (None, None)
+    assert (c.num_workers, c.prefetch_factor) == (4, 2)
+
+
+def test_fewer_in_flight_lowers_prefetch_first():
+    c = make_controller(heavy_model(), num_workers=4, prefetch_factor=2)
+    smallest = c.model.sample_bytes(c.min_cost)
+    usable = 650 * MiB  # room for 6 one-sample batches: 1 held + 5 in flight < 4 x 2
+    d = observe(c, usable / 0.8)
+    assert d.prefetch_factor == 1
+    assert d.num_workers is None  # unchanged
+    assert (c.num_workers, c.prefetch_factor) == (4, 1)
+    assert slots(c) * smallest <= usable
+    assert d.per_batch_bytes >= smallest
+    assert d.max_cost >= c.min_cost
+    assert any(r.startswith("fewer batches in flight") and "4x2 -> 4x1" in r for r in d.reasons)
+
+
+def test_fewer_in_flight_lowers_workers_when_prefetch_1_is_not_enough():
+    c = make_controller(heavy_model(), num_workers=4, prefetch_factor=2)
+    smallest = c.model.sample_bytes(c.min_cost)
+    usable = 350 * MiB  # room for 3: 1 held + 2 in flight
+    d = observe(c, usable / 0.8)
+    assert (d.prefetch_factor, d.num_workers) == (1, 2)
+    assert (c.num_workers, c.prefetch_factor) == (2, 1)
+    assert slots(c) * smallest <= usable
+    assert any("fewer batches in flight" in r for r in d.reasons)
+
+
+def test_fewer_in_flight_counts_held_batches():
+    c = make_controller(heavy_model(), num_workers=4, prefetch_factor=2)
+    smallest = c.model.sample_bytes(c.min_cost)
+    usable = 1000 * MiB  # room for 9 one-sample batches, 4 of them held by the user
+    d = observe(c, usable / 0.8, held=4)
+    assert d.prefetch_factor == 1
+    assert slots(c, held=4) * smallest <= usable
+
+
+def test_fewer_in_flight_stops_at_one_by_one():
+    c = make_controller(heavy_model(), num_workers=1, prefetch_factor=1)
+    d = observe(c, 50 * MiB)  # not even one sample fits
+    assert (d.prefetch_factor, d.num_workers) == (None, None)
+    assert (c.num_workers, c.prefetch_factor) == (1, 1)
+    assert d.max_cost == c.min_cost
+    assert not any("fewer batches" in r for r in d.reasons)
+
+
+def test_fewer_in_flight_down_to_one_worker_when_nothing_fits():
+    c = make_controller(heavy_model(), num_workers=4, prefetch_factor=3)
+    d = observe(c, 0)
+    assert (c.num_workers, c.prefetch_factor) == (1, 1)
+    assert (d.prefetch_factor, d.num_workers) == (1, 1)
+    assert d.max_cost == c.min_cost
+
+
+# -- Controller: file descriptors -------------------------------------------------------------------
+
+def test_fds_well_below_the_limit_leave_it_alone():
+    c = make_controller(linear_model())
+    d = observe(c, 100 * GiB, fds=100, soft=1024, hard=4096, storages=10)
+    assert (d.fd_soft_limit, d.sharing_strategy) == (None, None)
+
+
+def test_fd_threshold_is_80_percent_of_the_soft_limit_counting_batches_in_flight():
+    # 2 workers x 2 prefetch + 1 = 5 batches of 1 storage each are on their way
+    at = observe(make_controller(linear_model()), 100 * GiB, fds=795, soft=1000, hard=4096, storages=1)
+    above = observe(make_controller(linear_model()), 100 * GiB, fds=796, soft=1000, hard=4096, storages=1)
+    assert at.fd_soft_limit is None
+    assert above.fd_soft_limit is not None
+
+
+def test_fd_soft_limit_is_raised_toward_the_hard_limit():
+    c = make_controller(linear_model())
+    d = observe(c, 100 * GiB, fds=900, soft=1024, hard=1 << 20, storages=1)
+    assert 1024 < d.fd_soft_limit <= 1 << 20
+    assert d.fd_soft_limit * 0.8 >= 900 + 5  # the projected fds fit under the new headroom
+    assert d.sharing_strategy is None
+    assert any("fd soft limit" in r and "1024" in r for r in d.reasons)
+
+
+def test_fd_soft_limit_counts_storages_per_batch():
+    c = make_controller(linear_model())
+    d = observe(c, 100 * GiB, fds=100, soft=1024, hard=1 << 20, storages=200)  # ~1000 fds incoming
+    assert d.fd_soft_limit is not None
+    assert d.fd_soft_limit * 0.8 >= 100 + 200 * 5
+
+
+def test_fd_soft_limit_is_capped_at_the_hard_limit():
+    c = make_controller(linear_model())
+    d = observe(c, 100 * GiB, fds=1000, soft=1024, hard=1100, storages=1)
+    assert d.fd_soft_limit == 1100
+    assert d.sharing_strategy is None
+
+
+def test_fd_switches_to_file_system_when_soft_equals_hard():
+    c = make_controller(linear_model())
+    d = observe(c, 100 * GiB, fds=1000, soft=1024, hard=1024, storages=1)
+    assert d.fd_soft_limit is None
+    assert d.sharing_strategy == "file_system"
+    assert any("file_system" in r for r in d.reasons)
+    # once switched, it does not ask again
+    again = observe(c, 100 * GiB, fds=1020, soft=1024, hard=1024, storages=1)
+    assert (again.fd_soft_limit, again.sharing_strategy) == (None, None)
+    assert again.reasons == []
+
+
+# -- Controller: invariants -------------------------------------------------------------------------
+
+observations = st.lists(
+    st.tuples(st.integers(0, 64 * GiB),  # shm free
+              st.integers(0, 4 * GiB),  # ours in shm
+              st.integers(0, 5),  # held batches
+              st.integers(1, 4)),  # local world size
+    min_size=1, max_size=12)
+
+
+@settings(max_examples=200, deadline=None)
+@given(a=st.one_of(st.just(0.0), st.floats(1, 50 * MiB)), b=st.one_of(st.just(0.0), st.floats(1, 4 * MiB)), noise=st.floats(0, 1), min_cost=st.floats(0.1, 10),
+       user_factor=st.floats(1, 1000), max_batch_size=st.one_of(st.none(), st.integers(1, 64)),
+       num_workers=st.integers(1, 8), prefetch_factor=st.integers(1, 4), seed=st.integers(0, 2**16),
+       obs_list=observations)
+def test_controller_invariants(a, b, noise, min_cost, user_factor, max_batch_size, num_workers, prefetch_factor,
+                               seed, obs_list):
+    rng = np.random.default_rng(seed)
+    costs = rng.uniform(min_cost, 50 * min_cost, 32)
+    nbytes = (a + b * costs) * (1 + noise * rng.uniform(0, 1, 32))
+    model = CostModel()
+    model.observe(costs, nbytes)
+    user_max = min_cost * user_factor
+    c = make_controller(model, user_max=user_max, max_batch_size=max_batch_size, min_cost=min_cost,
+                        num_workers=num_workers, prefetch_factor=prefetch_factor)
+    h = c.hysteresis
+    for free, ours, held, lws in obs_list:
+        before = (c.max_cost, c.num_workers, c.prefetch_factor)
+        d = observe(c, free, ours=ours, held=held, local_world_size=lws)
+        raw = free / lws + ours
+        # never above the user's cap, never below one sample
+        assert min_cost <= d.max_cost <= user_max
+        assert d.max_cost == c.max_cost
+        # the pipeline only shrinks, and the decision says how
+        assert c.num_workers <= before[1] and c.prefetch_factor <= before[2]
+        assert d.num_workers in (None, c.num_workers) and d.prefetch_factor in (None, c.prefetch_factor)
+        assert (d.num_workers is None) == (c.num_workers == before[1])
+        assert (d.prefetch_factor is None) == (c.prefetch_factor == before[2])
+        # the per-batch share times the slots is the safe share of the usable shm
+        assert d.per_batch_bytes * slots(c, held) == pytest.approx(c.safety * raw, rel=1e-9, abs=1e-6)
+        smallest = model.sample_bytes(min_cost)
+        if d.per_batch_bytes >= smallest:
+            # the heaviest batch the budget allows fits its share, up to the hysteresis on a small drop
+            worst = worst_batch_bytes(c, d.max_cost)
+            assert worst <= d.per_batch_bytes / (1 - h / 2) * (1 + 1e-9) + 1e-6
+            assert worst * slots(c, held) <= raw * (1 + 1e-9) + 1e-6
+        else:
+            # even one sample per slot does not fit: as few in flight as it goes
+            assert (c.num_workers, c.prefetch_factor) == (1, 1)
+            assert d.max_cost == min_cost or d.max_cost <= min_cost / (1 - h / 2) * (1 + 1e-9)
+        # every change comes with a reason
+        changed = (d.max_cost != before[0], d.num_workers is not None or d.prefetch_factor is not None,
+                   d.fd_soft_limit is not None or d.sharing_strategy is not None)
+        assert bool(d.reasons) == any(changed)
+        assert all(isinstance(r, str) and r for r in d.reasons)
