@@ -101,7 +101,7 @@ class Observation:
     fds_in_use: int
     fd_soft_limit: int
     fd_hard_limit: int
-    storages_per_batch: float
+    fds_per_batch: float  # shm handles one batch brings to the main process
     local_world_size: int = 1
 
 
@@ -222,7 +222,7 @@ class Controller:
     def _fd_plan(self, obs: Observation, reasons: List[str]):
         if obs.fd_soft_limit == resource.RLIM_INFINITY:
             return None, None
-        incoming = obs.storages_per_batch * (self.num_workers * self.prefetch_factor + 1)
+        incoming = obs.fds_per_batch * (self.num_workers * self.prefetch_factor + 1)
         projected = obs.fds_in_use + incoming
         if projected <= self.fd_headroom * obs.fd_soft_limit or self.strategy_switched:
             return None, None

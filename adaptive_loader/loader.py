@@ -286,13 +286,13 @@ class AdaptiveLoader:
                                   f"spill file: {stats.off_shm_reason}", step=self._step, epoch=epoch,
                                   level=logging.WARNING, bytes=stats.batch_bytes)
         shm = self._shm.read()
-        fds = self._read_fds_if_due(stats.batch_storages)
+        fds = self._read_fds_if_due(stats.handles)
         ours = self._held.bytes_alive() + self._in_flight_bytes()
         decision = None if self.num_workers == 0 else self.controller.decide(Observation(
             shm_free=shm.free, shm_total=shm.total, ours_in_shm=ours,
             in_flight_slots=self.num_workers * (self.prefetch_factor or 0), held_batches=self._held.alive(),
             fds_in_use=fds.in_use, fd_soft_limit=fds.soft_limit, fd_hard_limit=fds.hard_limit,
-            storages_per_batch=stats.batch_storages, local_world_size=_local_world_size()))
+            fds_per_batch=stats.handles, local_world_size=_local_world_size()))
         self._telemetry.batch(
             step=self._step, epoch=epoch, samples=len(indices), cost=float(costs.sum()), bytes=stats.batch_bytes,
             storages=stats.batch_storages, max_cost=_finite_or_none(self.sampler.max_cost), shm_free=shm.free,
@@ -446,10 +446,10 @@ class AdaptiveLoader:
         self._rate = rate if self._rate is None else 0.8 * self._rate + 0.2 * rate
         return self._rate
 
-    def _read_fds_if_due(self, storages_per_batch: int):
+    def _read_fds_if_due(self, fds_per_batch: int):
         """Listing /proc/self/fd costs ~0.2 ms: do it every 16 batches, or every
-        batch once a batch's storages are a noticeable part of the fd limit."""
-        pressing = self._fds is not None and storages_per_batch * 8 > self._fds.soft_limit
+        batch once a batch's fds are a noticeable part of the fd limit."""
+        pressing = self._fds is not None and fds_per_batch * 8 > self._fds.soft_limit
         if self._fds is None or pressing or self._step % 16 == 0:
             self._fds = read_fds()
         return self._fds

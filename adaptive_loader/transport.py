@@ -1,19 +1,23 @@
 """Worker side: collate, measure, and ship each batch through shm or, if it cannot fit, a file.
 
 Vanilla DataLoader lets the worker's queue feeder thread pickle the batch,
-which copies it into fresh shm; when ``/dev/shm`` is full that thread fails,
-the batch is dropped and the main process waits forever. Here the worker's
-main thread pickles the batch itself (``ForkingPickler``: every storage goes
-to shm and only handles remain), so an allocation or fd failure is caught
-where it happens and the batch takes the other road: pickled by value into a
-spill file on real disk, whose path is all that crosses the pipe. The feeder
-thread only ever sends small messages.
+which copies each tensor into its own fresh shm file; when ``/dev/shm`` is
+full that thread fails, the batch is dropped and the main process waits
+forever. Here the worker's main thread pickles the batch itself, copying all
+its ordinary tensors into *one* new shm block (one allocation, one fd for the
+main process to fetch, instead of one per tensor) and keeping only their
+places in the pickle. An allocation or fd failure is caught where it happens
+and the batch takes the other road: pickled by value into a spill file on
+real disk, whose path is all that crosses the pipe. The feeder thread only
+ever sends small messages.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import io
+import math
 import os
 import pickle
 import resource
@@ -22,7 +26,7 @@ import uuid
 from dataclasses import dataclass
 from multiprocessing import resource_sharer
 from multiprocessing.reduction import ForkingPickler
-from typing import Any, Callable, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.multiprocessing
@@ -38,6 +42,8 @@ SHM = "shm"  # tensors in shm, handles through the pipe
 FILE = "file"  # pickled by value into a spill file on disk; its path through the pipe
 INLINE = "inline"  # num_workers=0: the batch never leaves the process
 
+_ALIGN = 64  # bytes; every tensor in a shm block starts on such a boundary
+
 _RESOURCE_ERRNOS = {errno.ENOSPC, errno.ENOMEM, errno.EMFILE, errno.ENFILE}
 _RESOURCE_MESSAGES = ("shared memory", "No space left", "Too many open files", "unable to write to file",
                       "unable to mmap", "unable to open shared memory", "error 28", "error 24")
@@ -51,6 +57,7 @@ class BatchStats:
     sample_storages: List[int]
     batch_bytes: int
     batch_storages: int
+    handles: int  # shm handles the batch carries: fds the main process receives (file_descriptor strategy)
     transport: str
     off_shm_reason: Optional[str]
     worker_id: int
@@ -71,7 +78,7 @@ class Envelope:
     def open(self) -> Any:
         if not self._opened:
             if self.stats.transport == SHM:
-                self.payload = pickle.loads(self.payload)  # rebuilds tensors on the shared storages
+                self.payload = unpack_batch(self.payload)
             else:
                 with open(self.payload, "rb") as f:
                     batch = pickle.load(f)
@@ -118,22 +125,19 @@ class MeasuredCollate:
         free = self._shm_free()
         if needed > free - self.shm_keep_free:
             return self._to_file(samples, sizes, f"batch needs {needed} B, shm has {free} B free", info.id, start)
-        fds_short = _fds_short(sum(s for _, s in sizes))
-        if fds_short:
-            return self._to_file(samples, sizes, fds_short, info.id, start)
         unsent_before = _unsent_fd_keys()
         try:
             batch = self.collate_fn(samples)
-            handles = ForkingPickler.dumps(batch, pickle.HIGHEST_PROTOCOL)  # moves every storage to shm, here
+            payload, handles = pack_batch(batch)
         except (RuntimeError, OSError) as exc:
             if not _is_resource_error(exc):
                 raise
             _close_unsent_fds(unsent_before)
             return self._to_file(samples, sizes, f"shm or fds ran out: {exc}", info.id, start)
-        stats = self._stats(sizes, batch, SHM, None, info.id, start)
+        stats = self._stats(sizes, batch, SHM, None, info.id, start, handles)
         if self.allocated is not None:
             self.allocated[info.id] += stats.batch_bytes  # this worker's slot only: no lock needed
-        return Envelope(bytes(handles), stats)
+        return Envelope(payload, stats)
 
     def _to_file(self, samples, sizes, reason, worker_id, start) -> Envelope:
         with _collate_without_shm():
@@ -159,31 +163,79 @@ class MeasuredCollate:
         return st.f_bavail * st.f_frsize
 
     @staticmethod
-    def _stats(sizes, batch, transport, reason, worker_id, start) -> BatchStats:
+    def _stats(sizes, batch, transport, reason, worker_id, start, handles=0) -> BatchStats:
         batch_bytes, batch_storages = footprint(batch)
         return BatchStats(
             sample_bytes=[b for b, _ in sizes], sample_storages=[s for _, s in sizes],
-            batch_bytes=batch_bytes, batch_storages=batch_storages, transport=transport,
+            batch_bytes=batch_bytes, batch_storages=batch_storages, handles=handles, transport=transport,
             off_shm_reason=reason, worker_id=worker_id, worker_pid=os.getpid(),
             collate_seconds=time.perf_counter() - start)
 
 
-def _fds_short(storages: int) -> Optional[str]:
-    """Why this worker cannot pass ``storages`` fds now (file_descriptor strategy), or None.
+class _PackingPickler(ForkingPickler):
+    """Pickles a batch but keeps its ordinary CPU tensors out, as numbered places."""
 
-    Each storage costs the worker two fds until the main process has taken it:
-    its own and the duplicate waiting in multiprocessing's resource sharer.
-    """
-    if storages < 32 or torch.multiprocessing.get_sharing_strategy() != "file_descriptor":
-        return None
-    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    try:
-        in_use = len(os.listdir("/proc/self/fd"))
-    except OSError:
-        return None
-    if in_use + 2 * storages + 16 <= soft:
-        return None
-    return f"batch needs ~{2 * storages} fds, the worker has {in_use} of {soft} open"
+    def __init__(self, file: io.BytesIO) -> None:
+        super().__init__(file, pickle.HIGHEST_PROTOCOL)
+        self.tensors: List[torch.Tensor] = []
+        self.shared_storages: set = set()  # of tensors already in shm, which travel as they are
+        self._number: Dict[int, int] = {}
+
+    def persistent_id(self, obj: Any) -> Optional[int]:
+        if not _packable(obj):
+            if isinstance(obj, torch.Tensor) and obj.is_shared():
+                self.shared_storages.add(obj.untyped_storage().data_ptr())
+            return None
+        if id(obj) not in self._number:
+            self._number[id(obj)] = len(self.tensors)
+            self.tensors.append(obj)
+        return self._number[id(obj)]
+
+
+class _PlacingUnpickler(pickle.Unpickler):
+    def __init__(self, file: io.BytesIO, tensors: List[torch.Tensor]) -> None:
+        super().__init__(file)
+        self.tensors = tensors
+
+    def persistent_load(self, pid: int) -> torch.Tensor:
+        return self.tensors[pid]
+
+
+def _packable(obj: Any) -> bool:
+    """Plain CPU tensors not in shm yet (collate's stacked output already is: it goes as it is)."""
+    return (type(obj) is torch.Tensor and obj.device.type == "cpu" and obj.layout == torch.strided
+            and not obj.requires_grad and not obj.is_quantized and not obj.is_shared())
+
+
+def pack_batch(batch: Any) -> Tuple[bytes, int]:
+    """The batch pickled for the main process, its plain tensors copied into one new
+    shm block; and how many shm handles (fds) it carries."""
+    inner = io.BytesIO()
+    pickler = _PackingPickler(inner)
+    pickler.dump(batch)
+    layout, size = [], 0
+    for tensor in pickler.tensors:
+        layout.append((size, tensor.dtype, tuple(tensor.shape)))
+        size += -(-tensor.nbytes // _ALIGN) * _ALIGN
+    block = None
+    if pickler.tensors:
+        block = torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(max(size, 1)))
+        for tensor, place in zip(pickler.tensors, layout):
+            _region(block, *place).copy_(tensor)
+    handles = len(pickler.shared_storages) + (block is not None)
+    return bytes(ForkingPickler.dumps((inner.getvalue(), block, layout), pickle.HIGHEST_PROTOCOL)), handles
+
+
+def unpack_batch(data: bytes) -> Any:
+    """The batch again, its tensors views into the shared block."""
+    inner, block, layout = pickle.loads(data)
+    tensors = [_region(block, *place) for place in layout]
+    return _PlacingUnpickler(io.BytesIO(inner), tensors).load()
+
+
+def _region(block: torch.Tensor, offset: int, dtype: torch.dtype, shape: tuple) -> torch.Tensor:
+    nbytes = math.prod(shape) * dtype.itemsize
+    return block[offset : offset + nbytes].view(dtype).view(shape)
 
 
 def _unsent_fd_keys() -> set:

@@ -72,8 +72,8 @@ def _many_tensors(shm: int, workers: int, quick: bool) -> Setup:
     ds = w.ManyTensorsDataset(n=40 if quick else 80, tensors=300)
     return Setup(
         dataset=ds, check=w.ManyTensorsDataset.check, keep_batches=True,
-        vanilla=dict(batch_size=4, num_workers=workers, collate_fn=w.list_collate),
-        adaptive=dict(max_batch_size=4, num_workers=workers, collate_fn=w.list_collate))
+        vanilla=dict(batch_size=4, num_workers=workers),
+        adaptive=dict(max_batch_size=4, num_workers=workers))
 
 
 class _ShmHog:
@@ -146,8 +146,9 @@ SCENARIOS: Dict[str, Scenario] = {s.name: s for s in [
              "vanilla crashes with ENOSPC; adaptive shrinks the batch", _volumes),
     Scenario("giant-sample", "one sample larger than all of /dev/shm: adaptive sends that batch through the "
              "worker's pipe instead", _giant),
-    Scenario("many-tensors", "300 small tensors per sample, ulimit -n 1024, batches kept alive: fds run out; "
-             "adaptive raises the limit or moves to the file_system strategy", _many_tensors, nofile=1024),
+    Scenario("many-tensors", "300 small tensors per sample (300 shm files per batch with default collate), "
+             "ulimit -n 1024, batches kept alive: fds run out; adaptive raises the limit or moves to the "
+             "file_system strategy", _many_tensors, nofile=1024),
     Scenario("shm-hog", "another process takes 75% of /dev/shm mid-epoch and frees it later: adaptive "
              "follows the free space down and back up", _shm_hog),
     Scenario("worker-kill", "a worker is SIGKILLed mid-epoch: adaptive rebuilds the iterator over the "

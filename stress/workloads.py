@@ -13,16 +13,12 @@ import torch
 from torch.utils.data import Dataset
 
 __all__ = ["SegmentationDataset", "VolumeDataset", "GiantSampleDataset", "ManyTensorsDataset", "MixedDataset",
-           "detection_collate", "list_collate", "ids_of_tuple_batch", "ids_of_dict_batch", "ids_of_list_batch"]
+           "detection_collate", "kill_one_worker"]
 
 
 def detection_collate(batch: List[Any]) -> tuple:
     """The seed's collate: a tuple of per-field tuples."""
     return tuple(zip(*batch))
-
-
-def list_collate(batch: List[Any]) -> List[Any]:
-    return list(batch)
 
 
 class SegmentationDataset(Dataset):
@@ -104,7 +100,8 @@ class GiantSampleDataset(Dataset):
 
 
 class ManyTensorsDataset(Dataset):
-    """Each sample is ``tensors`` small tensors: one shm file (and fd) each."""
+    """Each sample is ``tensors`` small tensors; default collate stacks each field
+    into its own shm file, so a batch brings that many fds to the main process."""
 
     def __init__(self, n: int, tensors: int = 300, numel: int = 64) -> None:
         self.n, self.tensors, self.numel = n, tensors, numel
@@ -113,15 +110,16 @@ class ManyTensorsDataset(Dataset):
         return self.n
 
     def __getitem__(self, i: int):
-        return {"index": i, "parts": [torch.full((self.numel,), float(i)) for _ in range(self.tensors)]}
+        sample = {f"part{k:03d}": torch.full((self.numel,), float(i)) for k in range(self.tensors)}
+        sample["index"] = i
+        return sample
 
     @staticmethod
     def check(batch) -> List[int]:
-        ids = []
-        for sample in batch:
-            i = sample["index"]
-            assert all(float(p[0]) == i for p in sample["parts"]), f"sample {i} corrupted"
-            ids.append(i)
+        ids = batch["index"].tolist()
+        for key, value in batch.items():
+            if key != "index":
+                assert value[:, 0].tolist() == [float(i) for i in ids], f"{key} corrupted"
         return ids
 
 
@@ -155,18 +153,6 @@ class MixedDataset(Dataset):
             assert float(batch["meta"]["exact"][row, 3]) == i
             assert int(batch["parts"][0][row, 2]) == i and batch["parts"][1][row, 1, 1] == complex(i, -i)
         return ids
-
-
-def ids_of_tuple_batch(batch) -> List[int]:
-    return list(batch[-1])
-
-
-def ids_of_dict_batch(batch) -> List[int]:
-    return batch["index"].tolist()
-
-
-def ids_of_list_batch(batch) -> List[int]:
-    return [sample["index"] for sample in batch]
 
 
 def kill_one_worker() -> int:

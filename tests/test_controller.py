@@ -33,7 +33,7 @@ def observe(controller, free, *, ours=0, held=0, fds=16, soft=1 << 20, hard=1 <<
             local_world_size=1):
     obs = Observation(shm_free=int(free), shm_total=int(max(free, 1) * 4), ours_in_shm=int(ours),
                       in_flight_slots=controller.num_workers * controller.prefetch_factor, held_batches=held,
-                      fds_in_use=fds, fd_soft_limit=soft, fd_hard_limit=hard, storages_per_batch=storages,
+                      fds_in_use=fds, fd_soft_limit=soft, fd_hard_limit=hard, fds_per_batch=storages,
                       local_world_size=local_world_size)
     return controller.decide(obs)
 
@@ -444,7 +444,7 @@ def test_fd_soft_limit_is_raised_toward_the_hard_limit():
     assert any("fd soft limit" in r and "1024" in r for r in d.reasons)
 
 
-def test_fd_soft_limit_counts_storages_per_batch():
+def test_fd_soft_limit_counts_fds_per_batch():
     c = make_controller(linear_model())
     d = observe(c, 100 * GiB, fds=100, soft=1024, hard=1 << 20, storages=200)  # ~1000 fds incoming
     assert d.fd_soft_limit is not None

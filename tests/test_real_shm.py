@@ -12,9 +12,10 @@ AVAILABLE, WHY = sandbox_available()
 pytestmark = pytest.mark.skipif(not AVAILABLE, reason=f"no private /dev/shm can be made here: {WHY}")
 
 SHM = 48 * 2**20
-#: What vanilla DataLoader does in each scenario (measured on torch 2.13).
-VANILLA_FAILS = {"seed": "hang", "volumes": "crash", "giant-sample": "crash", "many-tensors": "hang",
-                 "shm-hog": "hang", "worker-kill": "crash", "mixed": "crash"}
+#: What vanilla DataLoader does in each scenario (measured on torch 2.13). Where the feeder thread
+#: or collate may be first to hit ENOSPC, which one wins (hang or crash) varies from run to run.
+VANILLA_FAILS = {"seed": {"hang"}, "volumes": {"crash"}, "giant-sample": {"crash"}, "many-tensors": {"hang", "crash"},
+                 "shm-hog": {"hang", "crash"}, "worker-kill": {"crash"}, "mixed": {"hang", "crash"}}
 
 
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
@@ -29,7 +30,7 @@ def test_adaptive_delivers_everything_exactly_once(scenario):
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
 def test_vanilla_dataloader_fails_there(scenario):
     result = run_case(scenario, "vanilla", shm_bytes=SHM, quick=True, hang_after=8)
-    assert result["outcome"] == VANILLA_FAILS[scenario], result
+    assert result["outcome"] in VANILLA_FAILS[scenario], result
     assert result["missing"] > 0
 
 

@@ -16,6 +16,7 @@ from torch.utils.data._utils import worker as torch_worker
 
 from adaptive_loader.measure import footprint
 from adaptive_loader.transport import (
+    pack_batch, unpack_batch,
     FILE, INLINE, SHM, BatchStats, Envelope, MeasuredCollate, WorkerSetup, _collate_without_shm,
     _is_resource_error)
 
@@ -23,7 +24,7 @@ needs_dev_shm = pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="no /de
 
 
 def make_stats(**over):
-    values = dict(sample_bytes=[8, 8], sample_storages=[1, 1], batch_bytes=16, batch_storages=1, transport=FILE,
+    values = dict(sample_bytes=[8, 8], sample_storages=[1, 1], batch_bytes=16, batch_storages=1, handles=0, transport=FILE,
                   off_shm_reason="test", worker_id=0, worker_pid=os.getpid(), collate_seconds=0.0)
     values.update(over)
     return BatchStats(**values)
@@ -89,7 +90,7 @@ def test_envelope_inline_is_the_batch():
 
 def test_envelope_shm_opens_handles_once():
     batch = {"x": torch.arange(4.0), "names": ["a", "b"]}
-    handles = bytes(ForkingPickler.dumps(batch, pickle.HIGHEST_PROTOCOL))
+    handles = pack_batch(batch)[0]
     env = Envelope(handles, make_stats(transport=SHM, off_shm_reason=None))
     first = env.open()
     assert_same(first, batch)
@@ -132,7 +133,7 @@ def test_envelope_pin_memory_round_trip_without_tensors(tmp_path):
 
 def test_envelope_pin_memory_round_trip_with_tensors():
     batch = {"x": torch.arange(6, dtype=torch.float32), "y": [torch.ones(2, dtype=torch.bfloat16)]}
-    env = Envelope(bytes(ForkingPickler.dumps(batch, pickle.HIGHEST_PROTOCOL)), make_stats(transport=SHM))
+    env = Envelope(pack_batch(batch)[0], make_stats(transport=SHM))
     try:
         pinned = env.pin_memory()
     except RuntimeError as exc:  # CPU-only torch builds have nothing to pin for
@@ -460,3 +461,43 @@ def test_dataloader_spill_keeps_numpy_arrays_and_odd_dtypes_identical(tmp_path):
         assert env.stats.transport == FILE
         assert_same(env.open(), [ds[2 * k], ds[2 * k + 1]])
     assert seen == 3
+
+
+def _tuple_collate(samples):
+    return tuple(zip(*samples))
+
+
+class _Detections(torch.utils.data.Dataset):
+    def __len__(self):
+        return 12
+
+    def __getitem__(self, i):
+        return torch.full((3, 4), float(i)), {"masks": torch.full((i + 1, 2, 2), i, dtype=torch.uint8)}, i
+
+
+@needs_dev_shm
+def test_a_batch_of_many_tensors_travels_in_one_shm_block(tmp_path):
+    """The seed's tuple collate leaves 2 tensors per sample: one fd per batch, not one per tensor."""
+    collate = MeasuredCollate(_tuple_collate, "/dev/shm", str(tmp_path))
+    loader = torch.utils.data.DataLoader(_Detections(), batch_size=4, num_workers=1, collate_fn=collate)
+    for envelope in loader:
+        assert envelope.stats.transport == SHM and envelope.stats.handles == 1
+        images, targets, ids = envelope.open()
+        storages = {t.untyped_storage().data_ptr() for t in images + tuple(x["masks"] for x in targets)}
+        assert len(storages) == 1 and images[0].is_shared()
+        for image, target, i in zip(images, targets, ids):
+            assert torch.equal(image, torch.full((3, 4), float(i)))
+            assert torch.equal(target["masks"], torch.full((i + 1, 2, 2), i, dtype=torch.uint8))
+
+
+def test_pack_batch_keeps_special_tensors_as_they_are():
+    leaf = torch.ones(3, requires_grad=True)
+    shared = torch.arange(4).share_memory_()
+    view = torch.arange(10.0)[2:5]
+    conj = torch.tensor([1 + 2j]).conj()
+    batch = unpack_batch(pack_batch([leaf, shared, view, conj, view])[0])
+    assert batch[0].requires_grad and torch.equal(batch[0], leaf)
+    assert torch.equal(batch[1], shared)
+    assert torch.equal(batch[2], view) and batch[2].shape == (3,)
+    assert torch.equal(batch[3], torch.tensor([1 - 2j]))
+    assert batch[2].data_ptr() == batch[4].data_ptr()  # the same tensor twice stays one region

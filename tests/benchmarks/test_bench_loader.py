@@ -54,3 +54,22 @@ def test_seed_workload_tuple_collate(benchmark, make):
 def test_volumes_default_collate(benchmark, make):
     benchmark.group = "1 MiB volumes, default collate, plenty of shm"
     assert benchmark.pedantic(lambda: epoch(make()), rounds=5, warmup_rounds=1) > 0
+
+
+def adaptive_seed_dashboard():
+    import io
+
+    from rich.console import Console
+
+    from adaptive_loader.dashboard import Dashboard
+
+    console = Console(file=io.StringIO(), width=120, force_terminal=True)  # drawn for real, to memory
+    return AdaptiveLoader(SEG, costs=COSTS, max_cost=3000, max_batch_size=10, num_workers=2,
+                          collate_fn=detection_collate, shuffle=True,
+                          telemetry=Dashboard(total_samples=N, console=console, refresh_per_second=10))
+
+
+@pytest.mark.parametrize("make", [adaptive_seed, adaptive_seed_dashboard], ids=["no-telemetry", "dashboard"])
+def test_dashboard_cost(benchmark, make):
+    benchmark.group = "seed workload: live dashboard on/off"
+    assert benchmark.pedantic(lambda: epoch(make()), rounds=7, warmup_rounds=1) > 0
