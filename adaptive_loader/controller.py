@@ -27,13 +27,15 @@ class CostModel:
     sample seen from above; :meth:`expected_bytes` is the central estimate.
     """
 
-    def __init__(self, window: int = 512, min_samples: int = 16) -> None:
+    def __init__(self, window: int = 512, min_samples: int = 16, refit_every: int = 64) -> None:
         self.window = window
         self.min_samples = min_samples
+        self.refit_every = refit_every  # once the window is full; refitting is ~40 us
         self._costs = np.zeros(window)
         self._bytes = np.zeros(window)
         self._n = 0  # samples seen in all
         self._fit: Optional[Tuple[float, float, float]] = None
+        self._fitted_at = 0
 
     @property
     def seen(self) -> int:
@@ -43,11 +45,17 @@ class CostModel:
         """Record samples: their costs and measured bytes."""
         costs = np.asarray(costs, dtype=np.float64)
         nbytes = np.asarray(nbytes, dtype=np.float64)
-        first = self._n + len(costs) - min(len(costs), self.window)  # only the newest fit in the window
-        for n, (c, b) in enumerate(zip(costs[-self.window:], nbytes[-self.window:]), start=first):
-            self._costs[n % self.window], self._bytes[n % self.window] = c, b
+        kept = min(len(costs), self.window)  # only the newest fit in the window
+        slots = (self._n + len(costs) - kept + np.arange(kept)) % self.window
+        self._costs[slots], self._bytes[slots] = costs[len(costs) - kept:], nbytes[len(costs) - kept:]
         self._n += len(costs)
-        self._fit = None
+        if self._fit is None or self._n - self._fitted_at >= min(self.refit_every, self.window) \
+                or self._n <= self.min_samples:
+            self._fit = None  # refit lazily
+        elif len(costs):  # between refits, widen the margin so the bound still covers every sample
+            a, b, m = self._fit
+            m = max(m, float(np.max(nbytes - (a + b * costs))))
+            self._fit = (a, b, m)
 
     def coefficients(self) -> Optional[Tuple[float, float, float]]:
         """``(intercept, slope, margin)`` bytes, or ``None`` before any sample."""
@@ -55,6 +63,7 @@ class CostModel:
             return None
         if self._fit is None:
             self._fit = self._compute_fit()
+            self._fitted_at = self._n
         return self._fit
 
     def sample_bytes(self, cost: float) -> float:

@@ -132,6 +132,7 @@ class AdaptiveLoader:
             min_cost=float(positive.min()) if len(positive) else 0.0, num_workers=num_workers,
             prefetch_factor=self.prefetch_factor or 1, safety=safety)
         self.sharing_strategy = torch.multiprocessing.get_sharing_strategy()
+        self._local_world_size = _local_world_size()
         self._fd_soft_limit: Optional[int] = None
         self._dataloader: Optional[DataLoader] = None
         self._collate: Optional[MeasuredCollate] = None
@@ -292,14 +293,16 @@ class AdaptiveLoader:
             shm_free=shm.free, shm_total=shm.total, ours_in_shm=ours,
             in_flight_slots=self.num_workers * (self.prefetch_factor or 0), held_batches=self._held.alive(),
             fds_in_use=fds.in_use, fd_soft_limit=fds.soft_limit, fd_hard_limit=fds.hard_limit,
-            fds_per_batch=stats.handles, local_world_size=_local_world_size()))
-        self._telemetry.batch(
-            step=self._step, epoch=epoch, samples=len(indices), cost=float(costs.sum()), bytes=stats.batch_bytes,
-            storages=stats.batch_storages, max_cost=_finite_or_none(self.sampler.max_cost), shm_free=shm.free,
-            shm_total=shm.total, shm_ours=ours, fds_in_use=fds.in_use, fd_limit=fds.soft_limit,
-            ram_available=self._ram_available(), worker_rss=self._worker_rss(stats.worker_pid),
-            transport=stats.transport, worker=stats.worker_id, wait_s=wait_s,
-            samples_per_s=self._throughput(len(indices)))
+            fds_per_batch=stats.handles, local_world_size=self._local_world_size))
+        rate = self._throughput(len(indices))
+        if self._telemetry.wants_batches:  # RAM, worker RSS and the record are for telemetry alone
+            self._telemetry.batch(
+                step=self._step, epoch=epoch, samples=len(indices), cost=float(costs.sum()),
+                bytes=stats.batch_bytes,
+                storages=stats.batch_storages, max_cost=_finite_or_none(self.sampler.max_cost), shm_free=shm.free,
+                shm_total=shm.total, shm_ours=ours, fds_in_use=fds.in_use, fd_limit=fds.soft_limit,
+                ram_available=self._ram_available(), worker_rss=self._worker_rss(stats.worker_pid),
+                transport=stats.transport, worker=stats.worker_id, wait_s=wait_s, samples_per_s=rate)
         return decision is not None and self._apply(decision, epoch)
 
     def _pinning(self) -> bool:
@@ -313,7 +316,7 @@ class AdaptiveLoader:
         """Shm taken by batches the workers made but the user has not got yet:
         counted by the workers themselves, else predicted from the cost model."""
         if self._allocated is not None:
-            return max(0, int(self._allocated.sum()) - sum(self._delivered))
+            return max(0, sum(self._allocated.tolist()) - sum(self._delivered))
         if not self._feed.outstanding:
             return 0
         samples = sum(len(batch) for batch in self._feed.outstanding)
@@ -505,6 +508,7 @@ class _HeldBatches:
 
     def __init__(self) -> None:
         self._bytes: Dict[int, int] = {}
+        self._refs: Dict[int, weakref.ref] = {}
         self._next_id = 0
 
     def track(self, batch: Any, nbytes: int) -> None:
@@ -514,7 +518,11 @@ class _HeldBatches:
         key = self._next_id
         self._next_id += 1
         self._bytes[key] = nbytes
-        weakref.finalize(anchor, self._bytes.pop, key, None)
+        self._refs[key] = weakref.ref(anchor, lambda _, key=key: self._release(key))
+
+    def _release(self, key: int) -> None:
+        self._bytes.pop(key, None)
+        self._refs.pop(key, None)
 
     def alive(self) -> int:
         return len(self._bytes)

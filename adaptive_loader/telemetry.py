@@ -125,6 +125,11 @@ class Telemetry:
     def __init__(self, spec: SinkSpec = None, *, total_samples: Optional[int] = None, safety: float = 0.8) -> None:
         self.sinks: List[Callable[[Record], None]] = _make_sinks(spec, total_samples, safety)
 
+    @property
+    def wants_batches(self) -> bool:
+        """Whether a batch record goes anywhere (sinks, or logging at DEBUG)."""
+        return bool(self.sinks) or logger.isEnabledFor(logging.DEBUG)
+
     def batch(self, **fields: Any) -> Record:
         record = {"schema": SCHEMA_VERSION, "kind": "batch", "time": time.time(), **fields}
         if logger.isEnabledFor(logging.DEBUG):

@@ -32,11 +32,11 @@ def adaptive_seed():
                           collate_fn=detection_collate, shuffle=True)
 
 
-VOLUMES = VolumeDataset(400, shape=(1, 64, 64, 64))  # 1 MiB each, default collate
+VOLUMES = VolumeDataset(1000, shape=(1, 64, 64, 64))  # 1 MiB each, default collate
 
 
 def vanilla_volumes():
-    return DataLoader(VOLUMES, batch_sampler=BudgetBatchSampler(None, num_samples=400, max_batch_size=8,
+    return DataLoader(VOLUMES, batch_sampler=BudgetBatchSampler(None, num_samples=len(VOLUMES), max_batch_size=8,
                                                                 shuffle=True), num_workers=2)
 
 
@@ -53,7 +53,7 @@ def test_seed_workload_tuple_collate(benchmark, make):
 @pytest.mark.parametrize("make", [vanilla_volumes, adaptive_volumes], ids=["vanilla", "adaptive"])
 def test_volumes_default_collate(benchmark, make):
     benchmark.group = "1 MiB volumes, default collate, plenty of shm"
-    assert benchmark.pedantic(lambda: epoch(make()), rounds=5, warmup_rounds=1) > 0
+    assert benchmark.pedantic(lambda: epoch(make()), rounds=9, warmup_rounds=1) > 0
 
 
 def adaptive_seed_dashboard():
@@ -66,7 +66,7 @@ def adaptive_seed_dashboard():
     console = Console(file=io.StringIO(), width=120, force_terminal=True)  # drawn for real, to memory
     return AdaptiveLoader(SEG, costs=COSTS, max_cost=3000, max_batch_size=10, num_workers=2,
                           collate_fn=detection_collate, shuffle=True,
-                          telemetry=Dashboard(total_samples=N, console=console, refresh_per_second=10))
+                          telemetry=Dashboard(total_samples=N, console=console))  # default 4 redraws/s
 
 
 @pytest.mark.parametrize("make", [adaptive_seed, adaptive_seed_dashboard], ids=["no-telemetry", "dashboard"])
