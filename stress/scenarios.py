@@ -53,7 +53,7 @@ def _seed(shm: int, workers: int, quick: bool) -> Setup:
 
 
 def _volumes(shm: int, workers: int, quick: bool) -> Setup:
-    side = max(8, int(round((shm / 40 / 4) ** (1 / 3))))  # a batch of 16 is ~0.4 shm
+    side = max(8, int(round((shm / 24 / 4) ** (1 / 3))))  # a batch of 16 is ~2/3 of shm: two overflow it
     return Setup(
         dataset=w.VolumeDataset(48 if quick else 128, shape=(1, side, side, side)), check=w.VolumeDataset.check,
         vanilla=dict(batch_size=16, num_workers=workers),
