@@ -145,6 +145,8 @@ class AdaptiveLoader:
         self._fds = None  # last fd reading
         self._ram: Optional[int] = None
         self._last_delivery: Optional[float] = None
+        self._largest_batch = 0  # bytes
+        self._last_target = 0.0  # the controller's last per-batch bytes
         self._rate: Optional[float] = None
 
     # -- construction from an existing DataLoader ------------------------------
@@ -286,15 +288,22 @@ class AdaptiveLoader:
             self._telemetry.event("off_shm", f"batch {self._step} ({len(indices)} samples) went through a "
                                   f"spill file: {stats.off_shm_reason}", step=self._step, epoch=epoch,
                                   level=logging.WARNING, bytes=stats.batch_bytes)
+        self._largest_batch = max(self._largest_batch, stats.batch_bytes)
+        rate = self._throughput(len(indices))
+        decide = self.num_workers > 0 and self._decision_due(stats)
+        if not (decide or self._telemetry.wants_batches):
+            return False
         shm = self._shm.read()
         fds = self._read_fds_if_due(stats.handles)
         ours = self._held.bytes_alive() + self._in_flight_bytes()
-        decision = None if self.num_workers == 0 else self.controller.decide(Observation(
-            shm_free=shm.free, shm_total=shm.total, ours_in_shm=ours,
-            in_flight_slots=self.num_workers * (self.prefetch_factor or 0), held_batches=self._held.alive(),
-            fds_in_use=fds.in_use, fd_soft_limit=fds.soft_limit, fd_hard_limit=fds.hard_limit,
-            fds_per_batch=stats.handles, local_world_size=self._local_world_size))
-        rate = self._throughput(len(indices))
+        decision = None
+        if decide:
+            decision = self.controller.decide(Observation(
+                shm_free=shm.free, shm_total=shm.total, ours_in_shm=ours,
+                in_flight_slots=self.num_workers * (self.prefetch_factor or 0), held_batches=self._held.alive(),
+                fds_in_use=fds.in_use, fd_soft_limit=fds.soft_limit, fd_hard_limit=fds.hard_limit,
+                fds_per_batch=stats.handles, local_world_size=self._local_world_size))
+            self._last_target = decision.per_batch_bytes
         if self._telemetry.wants_batches:  # RAM, worker RSS and the record are for telemetry alone
             self._telemetry.batch(
                 step=self._step, epoch=epoch, samples=len(indices), cost=float(costs.sum()),
@@ -304,6 +313,15 @@ class AdaptiveLoader:
                 ram_available=self._ram_available(), worker_rss=self._worker_rss(stats.worker_pid),
                 transport=stats.transport, worker=stats.worker_id, wait_s=wait_s, samples_per_s=rate)
         return decision is not None and self._apply(decision, epoch)
+
+    def _decision_due(self, stats) -> bool:
+        """While shm is tight, decide after every batch; with ample room (the last target at
+        least twice the largest batch seen, the fds far from their limit) every 8th batch is
+        enough: the decision would not change, and the workers' own free-space check guards
+        the batches in between."""
+        ample = (self._last_target >= 2 * self._largest_batch and stats.transport == SHM
+                 and (self._fds is None or stats.handles * 64 < self._fds.soft_limit))
+        return not ample or self._step % 8 == 0
 
     def _pinning(self) -> bool:
         """Whether batches really get pinned (torch turns pinning off without an accelerator)."""

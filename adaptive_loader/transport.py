@@ -113,6 +113,8 @@ class MeasuredCollate:
         self.shm_keep_free = shm_keep_free
         self.allocated = allocated
         self.spill_prefix = f"adaptive-loader-{os.getpid()}-{uuid.uuid4().hex[:8]}-"
+        self._batches_made = 0
+        self._fds_in_use: Optional[int] = None
 
     def __call__(self, samples: List[Any]) -> Envelope:
         start = time.perf_counter()
@@ -128,7 +130,13 @@ class MeasuredCollate:
         unsent_before = _unsent_fd_keys()
         try:
             batch = self.collate_fn(samples)
-            payload, handles = pack_batch(batch)
+            shared = _all_in_shm(batch)
+            if shared is not None and self._fd_headroom(shared):
+                # Collate already put every tensor in shm: the feeder thread only passes their fds,
+                # nothing it could fail on. Let it pickle, in parallel with the next batch.
+                payload, handles, opened = batch, shared, True
+            else:
+                (payload, handles), opened = pack_batch(batch), False
         except (RuntimeError, OSError) as exc:
             if not _is_resource_error(exc):
                 raise
@@ -137,7 +145,18 @@ class MeasuredCollate:
         stats = self._stats(sizes, batch, SHM, None, info.id, start, handles)
         if self.allocated is not None:
             self.allocated[info.id] += stats.batch_bytes  # this worker's slot only: no lock needed
-        return Envelope(payload, stats)
+        return Envelope(payload, stats, opened=opened)
+
+    def _fd_headroom(self, handles: int) -> bool:
+        """Room for this batch's fds with a wide margin (the fd count is re-read every 16 batches)."""
+        self._batches_made += 1
+        if self._fds_in_use is None or self._batches_made % 16 == 0:
+            try:
+                self._fds_in_use = len(os.listdir("/proc/self/fd"))
+            except OSError:
+                return False
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        return self._fds_in_use + 8 * handles < soft // 2
 
     def _to_file(self, samples, sizes, reason, worker_id, start) -> Envelope:
         with _collate_without_shm():
@@ -199,6 +218,27 @@ class _PlacingUnpickler(pickle.Unpickler):
 
     def persistent_load(self, pid: int) -> torch.Tensor:
         return self.tensors[pid]
+
+
+_PLAIN = (str, bytes, int, float, complex, bool, type(None))
+
+
+def _all_in_shm(batch: Any) -> Optional[int]:
+    """Distinct storages of ``batch`` if it is plain containers, scalars and tensors already
+    in shm and nothing else (so pickling it cannot allocate); else None."""
+    storages: set = set()
+    stack = [batch]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, torch.Tensor):
+            if type(item) is not torch.Tensor or not item.is_shared():
+                return None
+            storages.add(item.untyped_storage().data_ptr())
+        elif type(item) in (dict, list, tuple) or (isinstance(item, tuple) and hasattr(item, "_fields")):
+            stack.extend(item.values() if isinstance(item, dict) else item)
+        elif not isinstance(item, _PLAIN):
+            return None
+    return len(storages)
 
 
 def _packable(obj: Any) -> bool:
