@@ -26,12 +26,13 @@ _HISTORY = 60
 
 
 def sparkline(values, width: int = _HISTORY) -> str:
-    """Unicode bars of the last ``width`` values (``None`` drawn as a space)."""
+    """Unicode bars of the last ``width`` values (``None`` drawn as a space), scaled from
+    zero (or the lowest value, if negative) to the highest, so a steady series looks steady."""
     values = list(values)[-width:]
     known = [v for v in values if v is not None]
     if not known:
         return ""
-    low, high = min(known), max(known)
+    low, high = min(0, min(known)), max(known)
     span = (high - low) or 1.0
     return "".join(" " if v is None else _BLOCKS[int((v - low) / span * (len(_BLOCKS) - 1))] for v in values)
 

@@ -101,7 +101,8 @@ def test_dashboard_as_a_live_sink_and_sparkline():
     dataset = [{"x": i} for i in range(40)]
     assert len(list(AdaptiveLoader(dataset, batch_size=4, num_workers=1, telemetry=dashboard))) == 10
     assert "40/40 (100%)" in console.export_text()
-    assert sparkline([1, 2, 3, None]) == "▁▄█ " and sparkline([]) == ""
+    assert sparkline([0, 1, 2, 3, None]) == "▁▃▅█ " and sparkline([]) == ""
+    assert sparkline([5, 5, 5]) == "███"  # scaled from zero: steady looks steady
 
 
 def test_tensorboard_sink(tmp_path):
