@@ -121,12 +121,21 @@ def host_ram_available() -> int:
     return int(psutil.virtual_memory().available)
 
 
+_PROCESSES: Dict[int, psutil.Process] = {}  # opening a Process reads /proc: keep them
+
+
 def rss_of(pids: List[int]) -> Dict[int, Optional[int]]:
     """Resident set size of each pid (``None`` for one that is gone)."""
     out: Dict[int, Optional[int]] = {}
     for pid in pids:
         try:
-            out[pid] = int(psutil.Process(pid).memory_info().rss)
+            process = _PROCESSES.get(pid)
+            if process is None:
+                process = _PROCESSES[pid] = psutil.Process(pid)
+            out[pid] = int(process.memory_info().rss)
         except (psutil.NoSuchProcess, psutil.AccessDenied):
+            _PROCESSES.pop(pid, None)
             out[pid] = None
+    if len(_PROCESSES) > 256:
+        _PROCESSES.clear()
     return out
