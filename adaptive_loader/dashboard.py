@@ -98,7 +98,7 @@ class Dashboard:
     """Live dashboard sink. Use as a context manager, or let it start on the
     first record and stop at the end of the epoch."""
 
-    def __init__(self, total_samples: Optional[int] = None, safety: float = 0.8, refresh_per_second: float = 4,
+    def __init__(self, total_samples: Optional[int] = None, safety: float = 0.8, refresh_per_second: float = 2,
                  console: Optional[Console] = None) -> None:
         self.state = RunState(total_samples, safety)
         self.console = console or Console(stderr=True)

@@ -9,7 +9,6 @@ reports the median epoch time; "ratio" is vanilla time / adaptive time (>1: adap
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import sys
 import time
@@ -59,15 +58,6 @@ def cases():
     yield "1 MiB volumes, default collate", 1000, *same(vol, None, None, 8)
     yield "4 MiB floats, default collate", 400, *same(floats, None, None, 8)
     yield "4 MiB floats, list collate", 400, *same(floats, None, None, 8, list_collate)
-    from rich.console import Console
-
-    from adaptive_loader.dashboard import Dashboard
-
-    _, plain = same(seg, costs, 3000, 10, detection_collate)
-    dash = lambda: AdaptiveLoader(  # noqa: E731
-        seg, costs=costs, max_cost=3000, max_batch_size=10, num_workers=2, collate_fn=detection_collate,
-        shuffle=True, telemetry=Dashboard(total_samples=600, console=Console(file=io.StringIO(), force_terminal=True)))
-    yield "seed workload: adaptive without / with live dashboard", 600, plain, dash
 
 
 def epoch_seconds(make) -> float:
@@ -103,8 +93,7 @@ def main() -> None:
             times[1].append(epoch_seconds(second))
         a, b = np.median(times[0]), np.median(times[1])
         print(f"{name:54} {a:8.3f} {b:8.3f} {a / b:7.3f}", flush=True)
-    print("\nfirst = vanilla DataLoader (or adaptive without dashboard), second = AdaptiveLoader; "
-          "ratio = first / second")
+    print("\nfirst = vanilla DataLoader, second = AdaptiveLoader; ratio = first / second")
 
 
 if __name__ == "__main__":
