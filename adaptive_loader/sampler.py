@@ -36,6 +36,10 @@ class BudgetBatchSampler(Sampler[List[int]]):
             ``max_cost``).
         window: how many samples the planner looks ahead to pack tightly.
         num_samples: dataset length when ``costs`` is ``None``.
+        num_replicas, rank: for distributed training (default: from an initialized
+            ``torch.distributed``, else one replica). Every rank plans the same
+            batches and takes every ``num_replicas``-th one, so each rank yields
+            the same number of batches and together they cover every index once.
 
     Every index comes exactly once per epoch (``drop_last`` aside). A sample
     whose own cost exceeds ``max_cost`` gets a batch of its own, with one
@@ -54,6 +58,8 @@ class BudgetBatchSampler(Sampler[List[int]]):
         drop_last: bool = False,
         window: int = DEFAULT_WINDOW,
         num_samples: Optional[int] = None,
+        num_replicas: Optional[int] = None,
+        rank: Optional[int] = None,
     ) -> None:
         cost_array = as_cost_array(costs, expected_len=num_samples)
         if cost_array is None:
@@ -78,6 +84,10 @@ class BudgetBatchSampler(Sampler[List[int]]):
         self.window = _check_int("window", window, minimum=1)
         self.epoch = 0
         self._uniform = bool(len(cost_array) == 0 or np.all(cost_array == cost_array[0]))
+        self.num_replicas, self.rank = _replicas_and_rank(num_replicas, rank)
+        if 1 < self.num_replicas > len(cost_array):
+            raise ValueError(f"{len(cost_array)} samples cannot give each of {self.num_replicas} ranks a batch")
+        self._schedule: List[tuple] = []  # (global batch, max_cost, max_batch_size), sorted
         self.warn_oversized = True
         self._plan: Optional[_EpochPlan] = None
         self._resume = False
@@ -97,11 +107,7 @@ class BudgetBatchSampler(Sampler[List[int]]):
             self._max_cost = math.inf
             self._budget = (self._max_cost, self._max_batch_size)
             return
-        if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-            raise TypeError(f"max_cost must be a number, got {type(value).__name__}")
-        if not value > 0 or math.isnan(value):
-            raise ValueError(f"max_cost must be > 0, got {value!r}")
-        self._max_cost = float(value)
+        self._max_cost = _check_max_cost(value)
         self._budget = (self._max_cost, self._max_batch_size)
 
     @property
@@ -141,21 +147,65 @@ class BudgetBatchSampler(Sampler[List[int]]):
             self._plan = self._new_plan()
         plan = self._plan
         warned = False
+        replicas, rank = self.num_replicas, self.rank
         while True:
+            self._apply_schedule(plan.global_taken)
             budget = self._budget
-            if not plan.ready(budget, self.drop_last):
+            if not plan.ready(budget, self.drop_last, replicas):
                 return
+            if len(plan.evened_out):
+                warnings.warn(f"{len(plan.evened_out)} single-sample batches dropped at the end of epoch "
+                              f"{self.epoch} so that {replicas} ranks get as many batches: indices "
+                              f"{self._plan.order[plan.evened_out].tolist()}", stacklevel=2)
+                plan.evened_out = plan.evened_out[:0]
             indices, bounds, n_batches = plan.chunk_idx, plan.bounds, plan.chunk_batches
             k = plan.next_k
-            while k < n_batches and budget is self._budget:  # the setters make a new tuple
+            stop = n_batches if not self._schedule else min(n_batches, self._schedule[0][0] - plan.chunk_first)
+            while k < stop and budget is self._budget:  # the setters make a new tuple
                 batch = indices[bounds[k] : bounds[k + 1]]
                 k += 1
                 plan.next_k = k
+                if replicas > 1 and (plan.chunk_first + k - 1) % replicas != rank:
+                    continue  # another rank's batch
                 if len(batch) == 1 and not warned and self._costs[batch[0]] > self._max_cost:
                     warned = True
                     if self.warn_oversized:
                         self._warn_oversized(batch[0])
                 yield batch
+
+    def schedule_budget(self, at_batch: int, max_cost: Optional[float],
+                        max_batch_size: Optional[int]) -> None:
+        """Change the budget from global batch ``at_batch`` of this epoch on.
+
+        Batches are counted over all ranks. In distributed training every rank
+        must schedule the same change at the same batch (``AdaptiveLoader``
+        agrees on both with a collective); setting ``max_cost`` directly changes
+        the budget at whatever batch each rank happens to plan next.
+        """
+        _check_int("at_batch", at_batch, minimum=self.global_position)
+        if max_cost is not None:
+            _check_max_cost(max_cost)
+        if max_batch_size is not None:
+            _check_int("max_batch_size", max_batch_size, minimum=1)
+        if max_cost is None and max_batch_size is None:
+            raise ValueError("give max_cost, max_batch_size or both: otherwise a batch has no bound")
+        self._schedule.append((at_batch, max_cost, max_batch_size))
+        self._schedule.sort(key=lambda entry: entry[0])
+
+    @property
+    def global_position(self) -> int:
+        """Batches of the current epoch planned and handed out so far, over all ranks."""
+        return 0 if self._plan is None else self._plan.global_taken
+
+    def _apply_schedule(self, position: int) -> None:
+        while self._schedule and self._schedule[0][0] <= position:
+            _, max_cost, max_batch_size = self._schedule.pop(0)
+            if max_cost is None:
+                self.max_batch_size = max_batch_size
+                self.max_cost = None
+            else:
+                self.max_cost = max_cost
+                self.max_batch_size = max_batch_size
 
     def requeue(self, indices: List[int]) -> None:
         """Give indices that were yielded but never used back to the running epoch;
@@ -166,11 +216,13 @@ class BudgetBatchSampler(Sampler[List[int]]):
 
     def __len__(self) -> int:
         if self._resume and self._plan is not None:  # the rest of a restored epoch
-            return self._plan.copy().count_remaining(self._max_cost, self._max_batch_size, self.drop_last)
+            return self._plan.copy().count_remaining(self._max_cost, self._max_batch_size, self.drop_last,
+                                                     self.num_replicas, self.rank)
         key = (self.epoch, self._max_cost, self._max_batch_size, self.drop_last, self.window,
                self.shuffle, self.seed)
         if self._len_cache is None or self._len_cache[0] != key:
-            count = self._new_plan().count_remaining(self._max_cost, self._max_batch_size, self.drop_last)
+            count = self._new_plan().count_remaining(self._max_cost, self._max_batch_size, self.drop_last,
+                                                     self.num_replicas, self.rank)
             self._len_cache = (key, count)
         return self._len_cache[1]
 
@@ -189,10 +241,14 @@ class BudgetBatchSampler(Sampler[List[int]]):
             "num_samples": len(self._costs),
             "consumed": _pack_bits(np.zeros(len(self._costs), bool)),
             "chunk": None,
+            "global_taken": 0,
+            "num_replicas": self.num_replicas,
+            "rank": self.rank,
         }
         if self._plan is not None and self._plan.epoch == self.epoch:
             state["consumed"] = _pack_bits(self._plan.consumed_by_index())
             state["chunk"] = self._plan.chunk_state()
+            state["global_taken"] = self._plan.global_taken
         return state
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
@@ -204,11 +260,16 @@ class BudgetBatchSampler(Sampler[List[int]]):
                 f"state is for {state['num_samples']} samples, this sampler has {len(self._costs)}")
         self.epoch, self.seed, self.shuffle = int(state["epoch"]), int(state["seed"]), bool(state["shuffle"])
         consumed = _unpack_bits(state["consumed"], len(self._costs))
+        if (state.get("num_replicas", 1), state.get("rank", 0)) != (self.num_replicas, self.rank):
+            raise ValueError(f"state is for rank {state.get('rank', 0)} of {state.get('num_replicas', 1)}, this "
+                             f"sampler is rank {self.rank} of {self.num_replicas}")
         self._plan = self._new_plan(consumed_by_index=consumed)
+        self._plan.chunk_first = int(state.get("global_taken", 0))
         chunk = state.get("chunk")
         if chunk is not None:
             replay = self._new_plan(consumed_by_index=_unpack_bits(chunk["start"], len(self._costs)))
-            if replay.replay_chunk(chunk, self.drop_last) and np.array_equal(replay.consumed_by_index(), consumed):
+            if replay.replay_chunk(chunk, self.drop_last, self.num_replicas) \
+                    and np.array_equal(replay.consumed_by_index(), consumed):
                 self._plan = replay
         self._resume = True
 
@@ -255,6 +316,7 @@ class _EpochPlan:
             self.consumed = consumed_by_index[order].copy()
         self.cursor = 0  # positions below it have been pulled into the pool
         self.pool = np.empty(0, np.int64)
+        self.chunk_first = self.next_k = 0
         self._clear_chunk()
 
     def copy(self) -> "_EpochPlan":
@@ -276,11 +338,13 @@ class _EpochPlan:
         start = self.consumed_by_index()
         start[self.order[self.chunk_pos[: self.bounds[self.next_k]]]] = False
         start[self.order[self.dropped]] = False
-        return {"start": _pack_bits(start), "yielded": self.next_k, "budget": self.chunk_budget}
+        return {"start": _pack_bits(start), "yielded": self.next_k, "budget": self.chunk_budget,
+                "first": self.chunk_first}
 
-    def replay_chunk(self, chunk: Dict[str, Any], drop_last: bool) -> bool:
+    def replay_chunk(self, chunk: Dict[str, Any], drop_last: bool, replicas: int) -> bool:
         """Plan the chunk again from its start and skip what was yielded."""
-        self._plan_chunk(*chunk["budget"], drop_last)
+        self.chunk_first = chunk["first"]
+        self._plan_chunk(*chunk["budget"], drop_last, replicas)
         if chunk["yielded"] > self.chunk_batches:
             return False
         self.next_k = chunk["yielded"]
@@ -294,29 +358,35 @@ class _EpochPlan:
         self._clear_chunk()
         self.pool = np.flatnonzero(~self.consumed[: self.cursor])
 
-    def ready(self, budget: tuple, drop_last: bool) -> bool:
+    @property
+    def global_taken(self) -> int:
+        """Batches of the epoch handed out so far (all ranks)."""
+        return self.chunk_first + self.next_k
+
+    def ready(self, budget: tuple, drop_last: bool, replicas: int = 1) -> bool:
         """Make sure unyielded batches planned at ``budget`` exist; False at epoch end."""
         if self.next_k < self.chunk_batches and self.chunk_budget == budget:
             return True
         self._return_unyielded()
-        self._plan_chunk(*budget, drop_last)
+        self._plan_chunk(*budget, drop_last, replicas)
         return self.chunk_batches > 0
 
-    def count_remaining(self, max_cost: float, max_batch_size: int, drop_last: bool) -> int:
-        """Batches the rest of the epoch yields at this budget (consumes this plan)."""
-        count = 0
+    def count_remaining(self, max_cost: float, max_batch_size: int, drop_last: bool, replicas: int = 1,
+                        rank: int = 0) -> int:
+        """Batches the rest of the epoch gives ``rank`` at this budget (consumes this plan)."""
+        start = self.global_taken
         if self.chunk_budget == (max_cost, max_batch_size):
-            count = self.chunk_batches - self.next_k
             self.next_k = self.chunk_batches
         while True:
             self._return_unyielded()
-            self._plan_chunk(max_cost, max_batch_size, drop_last)
+            self._plan_chunk(max_cost, max_batch_size, drop_last, replicas)
             if self.chunk_batches == 0:
-                return count
-            count += self.chunk_batches
+                break
             self.next_k = self.chunk_batches
+        return len(range(start + (rank - start) % replicas, self.global_taken, replicas))
 
     def _clear_chunk(self) -> None:
+        self.chunk_first += self.next_k  # the global index of the next chunk's first batch
         self.chunk_pos = np.empty(0, np.int64)
         self.chunk_idx: List[int] = []
         self.bounds: List[int] = [0]
@@ -325,6 +395,7 @@ class _EpochPlan:
         self.synced_k = 0
         self.chunk_budget: Optional[tuple] = None
         self.dropped = np.empty(0, np.int64)  # positions drop_last dropped in this chunk
+        self.evened_out = np.empty(0, np.int64)  # positions dropped so that ranks get equal counts
 
     def _sync_consumed(self) -> None:
         if self.next_k > self.synced_k:
@@ -353,7 +424,7 @@ class _EpochPlan:
             self.cursor = stop
         return np.concatenate(parts) if len(parts) > 1 else self.pool
 
-    def _plan_chunk(self, max_cost: float, max_batch_size: int, drop_last: bool) -> None:
+    def _plan_chunk(self, max_cost: float, max_batch_size: int, drop_last: bool, replicas: int = 1) -> None:
         target = self.window
         while True:
             pool = self._pull_fresh(target)
@@ -388,9 +459,29 @@ class _EpochPlan:
             self.consumed[self.dropped] = True  # dropped: counts as used
             self.chunk_pos = self.chunk_pos[: self.bounds[-2]]
             self.bounds.pop()
+        if last and replicas > 1:
+            self._even_out(replicas)
         self.chunk_idx = self.order[self.chunk_pos].tolist()
         self.chunk_batches = len(self.bounds) - 1
         self.chunk_budget = (max_cost, max_batch_size)
+
+    def _even_out(self, replicas: int) -> None:
+        """Make the epoch's batch count a multiple of ``replicas`` so that every rank
+        gets as many: split the largest batches, or, when every batch is a single
+        sample already, drop the last few (recorded in ``evened_out``)."""
+        while (self.chunk_first + len(self.bounds) - 1) % replicas:
+            sizes = np.diff(self.bounds)
+            k = int(np.argmax(sizes))
+            if sizes[k] < 2:
+                extra = (self.chunk_first + len(self.bounds) - 1) % replicas
+                cut = self.bounds[-1 - extra]
+                self.evened_out = self.chunk_pos[cut:]
+                self.consumed[self.evened_out] = True
+                self.dropped = np.concatenate([self.dropped, self.evened_out])
+                self.chunk_pos = self.chunk_pos[:cut]
+                del self.bounds[-extra:]
+                return
+            self.bounds.insert(k + 1, self.bounds[k] + int(sizes[k]) // 2)
 
     def _batch_rank(self, pos: np.ndarray, batch: np.ndarray, n_batches: int) -> np.ndarray:
         """Yield rank of each batch: random with the epoch's seed, or by first position."""
@@ -438,6 +529,30 @@ def _unpack_bits(data: bytes, count: int) -> np.ndarray:
 
 def _under_half_full(positions: np.ndarray, costs_at: np.ndarray, max_cost: float, max_batch_size: int) -> bool:
     return len(positions) < max_batch_size / 2 and float(costs_at[positions].sum()) < max_cost / 2
+
+
+def _check_max_cost(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"max_cost must be a number, got {type(value).__name__}")
+    if not value > 0 or math.isnan(value):
+        raise ValueError(f"max_cost must be > 0, got {value!r}")
+    return float(value)
+
+
+def _replicas_and_rank(num_replicas: Optional[int], rank: Optional[int]):
+    """Explicit values, else those of an initialized torch.distributed, else (1, 0)."""
+    import torch.distributed as dist
+
+    initialized = dist.is_available() and dist.is_initialized()
+    if num_replicas is None:
+        num_replicas = dist.get_world_size() if initialized else 1
+    if rank is None:
+        rank = dist.get_rank() if initialized else 0
+    num_replicas = _check_int("num_replicas", num_replicas, minimum=1)
+    rank = _check_int("rank", rank, minimum=0)
+    if rank >= num_replicas:
+        raise ValueError(f"rank must be < num_replicas ({num_replicas}), got {rank}")
+    return num_replicas, rank
 
 
 def _check_int(name: str, value: Any, minimum: Optional[int] = None) -> int:
