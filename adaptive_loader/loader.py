@@ -29,7 +29,7 @@ from torch.utils.data._utils import signal_handling as _torch_signal_handling
 from .controller import Controller, Observation
 from .costs import as_cost_array
 from .measure import ShmProbe, _leaves, host_ram_available, read_fds, rss_of
-from .sampler import DEFAULT_WINDOW, BudgetBatchSampler
+from .sampler import DEFAULT_WINDOW, BudgetBatchSampler, _pack_bits, _unpack_bits
 from .telemetry import SinkSpec, Telemetry
 from .transport import FILE, SHM, MeasuredCollate, WorkerSetup
 
@@ -78,6 +78,10 @@ class AdaptiveLoader:
         spill_dir: a directory on real disk (not tmpfs) where a batch that cannot
             go through shm is written for the main process to read (default: the
             system temp directory).
+        num_replicas, rank: distributed training (default: from an initialized
+            ``torch.distributed``). Every rank gets the same number of batches;
+            the ranks agree on the budget every ``sync_every`` batches over a gloo
+            group (see docs/distributed.md).
         **dataloader_kwargs: anything else DataLoader takes (``pin_memory``,
             ``prefetch_factor``, ``worker_init_fn``, ``persistent_workers``,
             ``multiprocessing_context``, ``generator``, ...).
@@ -88,8 +92,8 @@ class AdaptiveLoader:
                  collate_fn: Optional[Callable[[List[Any]], Any]] = None, shuffle: bool = False, seed: int = 0,
                  telemetry: SinkSpec = None, shm_path: str = "/dev/shm", safety: float = 0.8,
                  stall_timeout: float = 300.0, max_restarts: int = 3, drop_last: bool = False,
-                 window: int = DEFAULT_WINDOW, spill_dir: Optional[str] = None,
-                 **dataloader_kwargs: Any) -> None:
+                 window: int = DEFAULT_WINDOW, spill_dir: Optional[str] = None, num_replicas: Optional[int] = None,
+                 rank: Optional[int] = None, sync_every: int = 8, **dataloader_kwargs: Any) -> None:
         if isinstance(dataset, IterableDataset) or not hasattr(dataset, "__len__"):
             raise TypeError("AdaptiveLoader needs a map-style dataset with __len__ and __getitem__")
         max_batch_size = _take_batch_size_alias(max_batch_size, dataloader_kwargs)
@@ -109,7 +113,11 @@ class AdaptiveLoader:
         self.dataset = dataset
         self.sampler = BudgetBatchSampler(cost_array, max_cost=max_cost, max_batch_size=max_batch_size,
                                           shuffle=shuffle, seed=seed, drop_last=drop_last, window=window,
-                                          num_samples=n)
+                                          num_samples=n, num_replicas=num_replicas, rank=rank)
+        if isinstance(sync_every, bool) or not isinstance(sync_every, int) or sync_every < 1:
+            raise ValueError(f"sync_every must be an int >= 1, got {sync_every!r}")
+        self.sync_every = sync_every
+        self._group = _budget_group(self.sampler.num_replicas)
         self.user_max_cost = self.sampler.max_cost
         self._shm = ShmProbe(shm_path)
         self.spill_dir = _check_spill_dir(spill_dir if spill_dir is not None else tempfile.gettempdir())
@@ -141,6 +149,9 @@ class AdaptiveLoader:
         self._feed = _Feed(self.sampler)
         self._held = _HeldBatches()
         self._step = 0
+        self._epochs_started = 0
+        self._epoch_chosen = self._resuming = False  # set_epoch() called / a state loaded since the last epoch
+        self._skip_on_resume = 0
         self._fallbacks: Dict[str, int] = {}
         self._fds = None  # last fd reading
         self._ram: Optional[int] = None
@@ -184,7 +195,14 @@ class AdaptiveLoader:
         return len(self.sampler)
 
     def set_epoch(self, epoch: int) -> None:
+        """Choose the next epoch's shuffle. Without it, each new iteration takes the next epoch."""
         self.sampler.set_epoch(epoch)
+        self._epoch_chosen = True
+
+    @property
+    def batch_sampler(self) -> BudgetBatchSampler:
+        """The batch sampler (also as ``sampler``); pass it as ``batch_sampler=``, never ``sampler=``."""
+        return self.sampler
 
     @property
     def max_cost(self) -> float:
@@ -198,19 +216,32 @@ class AdaptiveLoader:
 
     def state_dict(self) -> Dict[str, Any]:
         """The epoch's progress counting delivered batches only, plus the budget."""
+        if self.sampler.num_replicas > 1:  # ranks keep one plan: replay it to the batch delivered
+            return {"replay": {"epoch": self.sampler.epoch, "delivered": self._feed.delivered,
+                               "budget": self.sampler.epoch_budget, "schedule": self.sampler.budget_schedule()},
+                    "max_cost": self.sampler.max_cost}
         state = self.sampler.state_dict()
-        consumed = np.unpackbits(np.frombuffer(state["consumed"], np.uint8), count=len(self.dataset)).astype(bool)
+        consumed = _unpack_bits(state["consumed"], len(self.dataset))
         for batch in self._feed.outstanding:
             consumed[batch] = False  # dispatched but never delivered
-        state["consumed"] = np.packbits(consumed).tobytes()
+        state["consumed"] = _pack_bits(consumed)
         state["chunk"] = None
         return {"sampler": state, "max_cost": self.sampler.max_cost}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         """Resume: the next iteration delivers exactly what the saved one had not."""
+        self._resuming = True
+        if "replay" in state:
+            replay = state["replay"]
+            self.sampler.set_epoch(replay["epoch"])
+            self.sampler.schedule_budget(0, *replay["budget"])
+            for entry in replay["schedule"]:
+                self.sampler.schedule_budget(*entry)
+            self._skip_on_resume = replay["delivered"]
+            return
         self.sampler.load_state_dict(state["sampler"])
         budget = min(float(state["max_cost"]), self.user_max_cost)
-        self.sampler.max_cost = budget
+        self._set_budget(budget)
         self.controller.max_cost = budget
 
     def __iter__(self) -> Iterator[Any]:
@@ -218,17 +249,21 @@ class AdaptiveLoader:
 
     # -- one epoch ---------------------------------------------------------------
     def _epoch(self) -> Iterator[Any]:
+        if self._epochs_started and not self._epoch_chosen and not self._resuming:
+            self.sampler.set_epoch(self.sampler.epoch + 1)  # reshuffle like DataLoader(shuffle=True)
+        self._epochs_started += 1
+        self._epoch_chosen = self._resuming = False
         epoch = self.sampler.epoch
         self._last_delivery = self._rate = None
         self._restore_pipeline()
-        self._feed.start(iter(self.sampler))
+        self._feed.start(iter(self.sampler), skip=self._skip_on_resume)
+        self._skip_on_resume = 0
         iterator = None
         restarts = 0
-        last_progress = time.monotonic()
+        last_progress = wait_start = time.monotonic()
         finished = False
         try:
             while True:
-                wait_start = time.monotonic()
                 try:
                     if iterator is None:
                         iterator = self._start_iterator()
@@ -238,7 +273,7 @@ class AdaptiveLoader:
                     finished = True
                     break
                 except Exception as exc:  # classified: ours to recover from, or re-raised
-                    kind = _classify(exc)
+                    kind = _classify(exc) if self.num_workers > 0 else None  # without workers: yours
                     if kind == "timeout" and iterator is None:
                         kind = "workers_not_starting"  # e.g. persistent workers that did not answer a reset
                     if kind == "timeout":
@@ -257,11 +292,12 @@ class AdaptiveLoader:
                     continue
                 restarts = 0
                 indices = self._feed.outstanding.popleft()
+                self._feed.delivered += 1
                 if self._after_batch(indices, envelope.stats, batch, time.monotonic() - wait_start, epoch):
                     self._rebuild(iterator)
                     iterator = None
-                last_progress = time.monotonic()
                 yield batch
+                last_progress = wait_start = time.monotonic()  # the training step is not a stall
         finally:
             if iterator is not None:
                 # an epoch left early may leave persistent workers mid-way: never reuse them
@@ -269,8 +305,9 @@ class AdaptiveLoader:
             if not finished:
                 self._dataloader = None
                 self._remove_spill_files()
-        self._telemetry.event("epoch_end", f"epoch {epoch} done after {self._step} batches in all",
-                              step=self._step, epoch=epoch, fallbacks=self.fallbacks)
+            self._telemetry.event("epoch_end", f"epoch {epoch} {'done' if finished else 'left early'} after "
+                                  f"{self._step} batches in all", step=self._step, epoch=epoch,
+                                  completed=finished, fallbacks=self.fallbacks)
 
     def _after_batch(self, indices: List[int], stats, batch: Any, wait_s: float, epoch: int) -> bool:
         """Learn from the batch, record it, apply the controller's decision. True: rebuild needed."""
@@ -304,6 +341,7 @@ class AdaptiveLoader:
                 fds_in_use=fds.in_use, fd_soft_limit=fds.soft_limit, fd_hard_limit=fds.hard_limit,
                 fds_per_batch=stats.handles, local_world_size=self._local_world_size))
             self._last_target = decision.per_batch_bytes
+        rebuild = decision is not None and self._apply(decision, epoch)
         if self._telemetry.wants_batches:  # RAM, worker RSS and the record are for telemetry alone
             self._telemetry.batch(
                 step=self._step, epoch=epoch, samples=len(indices), cost=float(costs.sum()),
@@ -312,7 +350,7 @@ class AdaptiveLoader:
                 shm_total=shm.total, shm_ours=ours, fds_in_use=fds.in_use, fd_limit=fds.soft_limit,
                 ram_available=self._ram_available(), worker_rss=self._worker_rss(stats.worker_pid),
                 transport=stats.transport, worker=stats.worker_id, wait_s=wait_s, samples_per_s=rate)
-        return decision is not None and self._apply(decision, epoch)
+        return rebuild
 
     def _decision_due(self, stats) -> bool:
         """While shm is tight, decide after every batch; with ample room (the last target at
@@ -322,6 +360,27 @@ class AdaptiveLoader:
         ample = (self._last_target >= 2 * self._largest_batch and stats.transport == SHM
                  and (self._fds is None or stats.handles * 64 < self._fds.soft_limit))
         return not ample or self._step % 8 == 0
+
+    def _set_budget(self, max_cost: float) -> None:
+        self.sampler.max_cost = max_cost
+        self.sampler.warn_oversized = max_cost >= self.user_max_cost
+
+    def _agree_on_budget(self, decision, epoch: int) -> None:
+        """Ranks must plan the same batches: every ``sync_every`` batches they take the
+        smallest proposed budget and apply it from a global batch none has planned yet."""
+        if self._group is None or self._feed.delivered % self.sync_every:
+            return
+        import torch.distributed as dist
+
+        proposal = torch.tensor([decision.max_cost, -float(self.sampler.global_position)], dtype=torch.float64)
+        dist.all_reduce(proposal, op=dist.ReduceOp.MIN, group=self._group)
+        agreed, at = float(proposal[0]), int(-proposal[1])
+        if agreed != self.sampler.max_cost:
+            self.sampler.schedule_budget(at, agreed, self.sampler.max_batch_size)
+            self.sampler.warn_oversized = agreed >= self.user_max_cost
+            self._event("budget", f"ranks agreed on max_cost {agreed:.4g} from global batch {at} (this rank "
+                        f"proposed {decision.max_cost:.4g})", epoch, max_cost=_finite_or_none(agreed),
+                        at_batch=at, per_batch_bytes=decision.per_batch_bytes)
 
     def _pinning(self) -> bool:
         """Whether batches really get pinned (torch turns pinning off without an accelerator)."""
@@ -343,9 +402,10 @@ class AdaptiveLoader:
 
     def _apply(self, decision, epoch: int) -> bool:
         rebuild = False
-        if decision.max_cost != self.sampler.max_cost:
-            self.sampler.max_cost = decision.max_cost
-            self.sampler.warn_oversized = decision.max_cost >= self.user_max_cost
+        if self.sampler.num_replicas > 1:
+            self._agree_on_budget(decision, epoch)
+        elif decision.max_cost != self.sampler.max_cost:
+            self._set_budget(decision.max_cost)
             self._event("budget", "; ".join(r for r in decision.reasons if "max_cost" in r), epoch,
                         max_cost=_finite_or_none(decision.max_cost), per_batch_bytes=decision.per_batch_bytes)
         if decision.prefetch_factor is not None or decision.num_workers is not None:
@@ -501,18 +561,33 @@ class _Feed:
         self.sampler = sampler
         self.source: Iterator[List[int]] = iter(())
         self.outstanding: Deque[List[int]] = deque()
+        self.replay: Deque[List[int]] = deque()
+        self.delivered = 0  # batches delivered this epoch
 
-    def start(self, source: Iterator[List[int]]) -> None:
+    def start(self, source: Iterator[List[int]], skip: int = 0) -> None:
         self.source = source
         self.outstanding.clear()
+        self.replay.clear()
+        self.delivered = skip
+        for _ in range(skip):  # resuming: these were delivered before the restart
+            next(self.source, None)
 
     def requeue_outstanding(self) -> None:
-        if self.outstanding:
+        """Batches handed out but not delivered come again. With one replica they go back to
+        the sampler, to be packed under the current budget; across ranks, where every rank must
+        keep the same plan, the very same batches are sent again first."""
+        if self.sampler.num_replicas > 1:
+            self.replay.extendleft(reversed(self.outstanding))
+        elif self.outstanding:
             self.sampler.requeue([i for batch in self.outstanding for i in batch])
-            self.outstanding.clear()
-        self.source = self.sampler.iter_remaining()
+            self.source = self.sampler.iter_remaining()
+        self.outstanding.clear()
 
     def __iter__(self) -> Iterator[List[int]]:
+        while self.replay:
+            batch = self.replay.popleft()
+            self.outstanding.append(batch)
+            yield batch
         for batch in self.source:
             self.outstanding.append(batch)
             yield batch
@@ -556,8 +631,11 @@ def _classify(exc: BaseException) -> Optional[str]:
     back as "Caught X in DataLoader worker process N" and is not ours to handle.
     """
     text = str(exc)
-    if text.startswith("Caught ") and "pin memory thread" in text and ("Connection" in text or "EOFError" in text):
-        return "worker_died"  # the pin thread opened a batch whose worker had died
+    if text.startswith("Caught ") and "pin memory thread" in text:  # the pin thread opens batches too
+        if "Too many open files" in text or "ancdata" in text:
+            return "fds"
+        if "Connection" in text or "EOFError" in text:
+            return "worker_died"  # it opened a batch whose worker had died
     if text.startswith("Caught "):
         return None
     if isinstance(exc, RuntimeError) and text.startswith("DataLoader timed out after"):
@@ -569,6 +647,19 @@ def _classify(exc: BaseException) -> Optional[str]:
     if isinstance(exc, (ConnectionError, EOFError)):  # a batch's fd died with the worker sharing it
         return "worker_died"
     return None
+
+
+def _budget_group(replicas: int):
+    """A gloo group for agreeing on budgets, or None with one replica (or no process group)."""
+    if replicas == 1:
+        return None
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        logger.warning("%d replicas but no torch.distributed process group: the budget stays at max_cost, "
+                       "the other fallbacks still work", replicas)
+        return None
+    return dist.new_group(backend="gloo")
 
 
 def _shared_counters(n: int) -> Optional[torch.Tensor]:

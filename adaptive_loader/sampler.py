@@ -85,9 +85,14 @@ class BudgetBatchSampler(Sampler[List[int]]):
         self.epoch = 0
         self._uniform = bool(len(cost_array) == 0 or np.all(cost_array == cost_array[0]))
         self.num_replicas, self.rank = _replicas_and_rank(num_replicas, rank)
+        if self.num_replicas > 1 and self.drop_last:
+            raise ValueError("drop_last=True is not supported with several replicas: each rank already gets "
+                             "the same number of batches")
         if 1 < self.num_replicas > len(cost_array):
             raise ValueError(f"{len(cost_array)} samples cannot give each of {self.num_replicas} ranks a batch")
         self._schedule: List[tuple] = []  # (global batch, max_cost, max_batch_size), sorted
+        self._budget_log: List[tuple] = []  # the entries applied this epoch
+        self.epoch_budget = (_finite_or_none(self._max_cost), self.max_batch_size)  # at the epoch's start
         self.warn_oversized = True
         self._plan: Optional[_EpochPlan] = None
         self._resume = False
@@ -137,6 +142,9 @@ class BudgetBatchSampler(Sampler[List[int]]):
 
     def __iter__(self) -> Iterator[List[int]]:
         if not (self._resume and self._plan is not None and self._plan.epoch == self.epoch):
+            self._apply_schedule(0)
+            self.epoch_budget = (_finite_or_none(self._max_cost), self.max_batch_size)
+            self._budget_log = []
             self._plan = self._new_plan()
         self._resume = False
         return self.iter_remaining()
@@ -177,12 +185,14 @@ class BudgetBatchSampler(Sampler[List[int]]):
                         max_batch_size: Optional[int]) -> None:
         """Change the budget from global batch ``at_batch`` of this epoch on.
 
-        Batches are counted over all ranks. In distributed training every rank
-        must schedule the same change at the same batch (``AdaptiveLoader``
-        agrees on both with a collective); setting ``max_cost`` directly changes
-        the budget at whatever batch each rank happens to plan next.
+        Batches are counted over all ranks; with several, the change waits for the
+        next multiple of ``num_replicas``. In distributed training every rank must
+        schedule the same change at the same batch (``AdaptiveLoader`` agrees on
+        both with a collective); setting ``max_cost`` directly changes the budget
+        at whatever batch each rank happens to plan next.
         """
         _check_int("at_batch", at_batch, minimum=self.global_position)
+        at_batch = -(-at_batch // self.num_replicas) * self.num_replicas  # windows start at multiples of it
         if max_cost is not None:
             _check_max_cost(max_cost)
         if max_batch_size is not None:
@@ -197,9 +207,15 @@ class BudgetBatchSampler(Sampler[List[int]]):
         """Batches of the current epoch planned and handed out so far, over all ranks."""
         return 0 if self._plan is None else self._plan.global_taken
 
+    def budget_schedule(self) -> List[tuple]:
+        """This epoch's budget changes by global batch: applied ones, then scheduled ones."""
+        return list(self._budget_log) + list(self._schedule)
+
     def _apply_schedule(self, position: int) -> None:
         while self._schedule and self._schedule[0][0] <= position:
-            _, max_cost, max_batch_size = self._schedule.pop(0)
+            entry = self._schedule.pop(0)
+            self._budget_log.append(entry)
+            _, max_cost, max_batch_size = entry
             if max_cost is None:
                 self.max_batch_size = max_batch_size
                 self.max_cost = None
@@ -431,14 +447,22 @@ class _EpochPlan:
             last = self.cursor >= len(self.order)
             pos, batch, self.pool = _pack_positions(pool, self.costs_at, max_cost, max_batch_size,
                                                     self.uniform, last)
+            while last and len(self.pool):  # end of epoch: pack the leftovers too
+                more_pos, more_batch, self.pool = _pack_positions(
+                    self.pool, self.costs_at, max_cost, max_batch_size, self.uniform, last)
+                offset = int(batch.max()) + 1 if len(batch) else 0
+                pos, batch = np.concatenate([pos, more_pos]), np.concatenate([batch, more_batch + offset])
+            if replicas > 1 and len(pos):
+                pos, batch, spare = _make_multiple(pos, batch, replicas)
+                if last:
+                    self.evened_out = spare
+                    self.consumed[spare] = True
+                    self.dropped = np.concatenate([self.dropped, spare])
+                else:
+                    self.pool = np.sort(np.concatenate([self.pool, spare]))
             if len(pos) or last:
                 break
-            target *= 2  # equal costs and a window smaller than one batch: look further
-        while last and len(self.pool):  # end of epoch: pack the leftovers too
-            more_pos, more_batch, self.pool = _pack_positions(
-                self.pool, self.costs_at, max_cost, max_batch_size, self.uniform, last)
-            offset = int(batch.max()) + 1 if len(batch) else 0
-            pos, batch = np.concatenate([pos, more_pos]), np.concatenate([batch, more_batch + offset])
+            target *= 2  # equal costs, or too few batches for the ranks: look further
         n_batches = int(batch.max()) + 1 if len(batch) else 0
         if n_batches == 0:
             return
@@ -459,29 +483,9 @@ class _EpochPlan:
             self.consumed[self.dropped] = True  # dropped: counts as used
             self.chunk_pos = self.chunk_pos[: self.bounds[-2]]
             self.bounds.pop()
-        if last and replicas > 1:
-            self._even_out(replicas)
         self.chunk_idx = self.order[self.chunk_pos].tolist()
         self.chunk_batches = len(self.bounds) - 1
         self.chunk_budget = (max_cost, max_batch_size)
-
-    def _even_out(self, replicas: int) -> None:
-        """Make the epoch's batch count a multiple of ``replicas`` so that every rank
-        gets as many: split the largest batches, or, when every batch is a single
-        sample already, drop the last few (recorded in ``evened_out``)."""
-        while (self.chunk_first + len(self.bounds) - 1) % replicas:
-            sizes = np.diff(self.bounds)
-            k = int(np.argmax(sizes))
-            if sizes[k] < 2:
-                extra = (self.chunk_first + len(self.bounds) - 1) % replicas
-                cut = self.bounds[-1 - extra]
-                self.evened_out = self.chunk_pos[cut:]
-                self.consumed[self.evened_out] = True
-                self.dropped = np.concatenate([self.dropped, self.evened_out])
-                self.chunk_pos = self.chunk_pos[:cut]
-                del self.bounds[-extra:]
-                return
-            self.bounds.insert(k + 1, self.bounds[k] + int(sizes[k]) // 2)
 
     def _batch_rank(self, pos: np.ndarray, batch: np.ndarray, n_batches: int) -> np.ndarray:
         """Yield rank of each batch: random with the epoch's seed, or by first position."""
@@ -490,6 +494,30 @@ class _EpochPlan:
         first = np.full(n_batches, len(self.order), np.int64)
         np.minimum.at(first, batch, pos)
         return np.argsort(np.argsort(first, kind="stable"), kind="stable")
+
+
+def _make_multiple(pos: np.ndarray, batch: np.ndarray, replicas: int):
+    """Make the number of batches a multiple of ``replicas`` so that every rank gets as many:
+    split the largest batches; when every batch is down to one sample, take the last few
+    out. Returns ``(positions, batch ids 0..k-1, positions taken out)``."""
+    sizes = np.bincount(batch)
+    n = len(sizes)
+    members = [list(pos[batch == b]) for b in range(n)] if n % replicas else None
+    while members is not None and len(members) % replicas:
+        largest = max(range(len(members)), key=lambda b: len(members[b]))
+        if len(members[largest]) < 2:
+            break
+        half = len(members[largest]) // 2
+        members.append(members[largest][half:])
+        members[largest] = members[largest][:half]
+    if members is None:
+        return pos, batch, pos[:0]
+    extra = len(members) % replicas
+    spare = np.array([p for group in members[len(members) - extra:] for p in group], np.int64)
+    members = members[: len(members) - extra]
+    pos = np.array([p for group in members for p in group], np.int64)
+    batch = np.repeat(np.arange(len(members)), [len(group) for group in members])
+    return pos, batch, spare
 
 
 def _pack_positions(pool: np.ndarray, costs_at: np.ndarray, max_cost: float, max_batch_size: int,
@@ -529,6 +557,10 @@ def _unpack_bits(data: bytes, count: int) -> np.ndarray:
 
 def _under_half_full(positions: np.ndarray, costs_at: np.ndarray, max_cost: float, max_batch_size: int) -> bool:
     return len(positions) < max_batch_size / 2 and float(costs_at[positions].sum()) < max_cost / 2
+
+
+def _finite_or_none(value: float) -> Optional[float]:
+    return None if math.isinf(value) else value
 
 
 def _check_max_cost(value: Any) -> float:

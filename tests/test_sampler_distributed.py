@@ -92,3 +92,8 @@ def test_schedule_budget_validates():
         sampler.schedule_budget(2, -1, None)
     with pytest.raises(ValueError, match="give max_cost, max_batch_size or both"):
         sampler.schedule_budget(2, None, None)
+
+
+def test_drop_last_with_several_replicas_is_refused():
+    with pytest.raises(ValueError, match="drop_last=True is not supported with several replicas"):
+        BudgetBatchSampler([1, 2, 3, 4], max_cost=5, num_replicas=2, rank=0, drop_last=True)

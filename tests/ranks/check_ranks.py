@@ -1,0 +1,56 @@
+"""Run by torchrun (2 processes, gloo, CPU) from tests/test_distributed.py; rank 0 writes a verdict.
+
+    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/ranks/check_ranks.py MODE OUT.json
+"""
+
+import json
+import os
+import sys
+import warnings
+
+import numpy as np
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+from adaptive_loader import AdaptiveLoader, BudgetBatchSampler  # noqa: E402
+from stress.workloads import SegmentationDataset, detection_collate  # noqa: E402
+
+
+def main(mode: str, out: str) -> None:
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    costs = np.random.default_rng(0).integers(10, 1201, 240 if mode == "loader" else 5000)
+    events = []
+    if mode == "sampler":  # plain sampler, a budget change at an agreed batch
+        sampler = BudgetBatchSampler(costs, max_cost=1500, max_batch_size=10, window=512)
+        sampler.schedule_budget(100, 800, 10)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            epochs = [[b for b in sampler]]
+            sampler.set_epoch(1)
+            epochs.append([b for b in sampler])
+        epochs = [[list(b) for b in e] for e in epochs]
+    else:  # AdaptiveLoader in a small /dev/shm: the budget moves, ranks must agree
+        dataset = SegmentationDataset(costs, side=40)
+        loader = AdaptiveLoader(dataset, costs=costs, max_batch_size=10, num_workers=2,
+                                collate_fn=detection_collate, shuffle=True, sync_every=4,
+                                telemetry=lambda r: events.append(r) if r["kind"] == "event" else None)
+        epochs = []
+        for epoch in range(2):
+            loader.set_epoch(epoch)
+            epochs.append([list(batch[2]) for batch in loader])
+    gathered = [None] * world
+    dist.all_gather_object(gathered, {"epochs": epochs, "events": [e["event"] for e in events]})
+    if rank == 0:
+        verdict = {"counts": [[len(e) for e in g["epochs"]] for g in gathered], "exactly_once": [],
+                   "budget_events": [g["events"].count("budget") for g in gathered]}
+        for epoch in range(len(epochs)):
+            seen = [i for g in gathered for b in g["epochs"][epoch] for i in b]
+            verdict["exactly_once"].append(sorted(seen) == list(range(len(costs))))
+        with open(out, "w") as f:
+            json.dump(verdict, f)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])

@@ -1,0 +1,41 @@
+"""Real torch.distributed runs: torchrun, 2 processes, gloo on CPU."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from stress.sandbox import sandbox_available, sandbox_command
+
+SCRIPT = os.path.join(os.path.dirname(__file__), "ranks", "check_ranks.py")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def torchrun(mode, out, shm_bytes=None):
+    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", SCRIPT, mode,
+            str(out)]
+    if shm_bytes is not None:
+        argv = sandbox_command(argv, shm_bytes)
+    result = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=240,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+def test_sampler_ranks_get_equal_counts_and_every_index_once(tmp_path):
+    verdict = torchrun("sampler", tmp_path / "v.json")
+    for epoch_counts in zip(*verdict["counts"]):
+        assert len(set(epoch_counts)) == 1
+    assert verdict["exactly_once"] == [True, True]
+
+
+@pytest.mark.skipif(not sandbox_available()[0], reason=f"no private /dev/shm: {sandbox_available()[1]}")
+def test_adaptive_loader_ranks_agree_on_a_moving_budget(tmp_path):
+    """Both ranks share one 48 MiB /dev/shm, so the budget moves; they must still agree."""
+    verdict = torchrun("loader", tmp_path / "v.json", shm_bytes=48 * 2**20)
+    for epoch_counts in zip(*verdict["counts"]):
+        assert len(set(epoch_counts)) == 1, verdict
+    assert verdict["exactly_once"] == [True, True], verdict
+    assert min(verdict["budget_events"]) >= 1, verdict
