@@ -103,9 +103,7 @@ class Observation:
     """
 
     shm_free: int
-    shm_total: int
     ours_in_shm: int
-    in_flight_slots: int  # num_workers * prefetch_factor
     held_batches: int  # yielded batches the user still holds
     fds_in_use: int
     fd_soft_limit: int

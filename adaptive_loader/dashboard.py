@@ -10,7 +10,6 @@ from a file written by a job elsewhere.
 from __future__ import annotations
 
 import threading
-import time
 from collections import Counter, deque
 from typing import Any, Deque, Dict, Optional
 
@@ -18,6 +17,8 @@ from rich.console import Console, Group
 from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
+
+from .telemetry import FALLBACK_KINDS
 
 __all__ = ["RunState", "Dashboard", "sparkline"]
 
@@ -75,7 +76,7 @@ class RunState:
         self.transports[record["transport"]] += 1
 
     def _add_event(self, record: Dict[str, Any]) -> None:
-        if record["event"] not in ("budget", "epoch_end"):
+        if record["event"] in FALLBACK_KINDS:
             self.fallbacks[record["event"]] += 1
         if record["event"] != "epoch_end":
             self.events.append(f"step {record['step']}: {record['event']}: {record['message']}")

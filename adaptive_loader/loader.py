@@ -23,7 +23,7 @@ from typing import Any, Callable, Deque, Dict, Iterator, List, Optional
 import numpy as np
 import torch
 import torch.multiprocessing
-from torch.utils.data import BatchSampler, DataLoader, Dataset, IterableDataset, RandomSampler
+from torch.utils.data import BatchSampler, DataLoader, Dataset, IterableDataset, RandomSampler, SequentialSampler
 from torch.utils.data._utils import signal_handling as _torch_signal_handling
 
 from .controller import Controller, Observation
@@ -100,6 +100,7 @@ class AdaptiveLoader:
         _refuse_own_keywords(dataloader_kwargs)
         if dataloader_kwargs.pop("in_order", True) is not True:
             raise ValueError("in_order=False is not supported: AdaptiveLoader matches batches to indices in order")
+        _check_dataloader_keywords(dataloader_kwargs)
         if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
             raise ValueError(f"num_workers must be an int >= 0, got {num_workers!r}")
         _check_fraction("safety", safety)
@@ -171,11 +172,20 @@ class AdaptiveLoader:
         if not isinstance(dataloader, DataLoader):
             raise TypeError(f"wrap() takes a torch DataLoader, got {type(dataloader).__name__}")
         _refuse_batch_sampler_as_sampler(dataloader.sampler)
+        if type(dataloader.sampler) not in (SequentialSampler, RandomSampler):
+            raise ValueError(
+                f"wrap() keeps a SequentialSampler or RandomSampler; this DataLoader uses "
+                f"{type(dataloader.sampler).__name__}, which AdaptiveLoader cannot reproduce. Build "
+                f"AdaptiveLoader(dataset, ...) yourself (a Subset for a subset; num_replicas/rank for ranks)")
         batch_size = dataloader.batch_size
         if batch_size is None:
             batch_size = getattr(dataloader.batch_sampler, "batch_size", None)
+        if "batch_size" in overrides:
+            batch_size = overrides.pop("batch_size")
+        generator = dataloader.generator
         kwargs: Dict[str, Any] = dict(
             costs=costs, max_cost=max_cost, max_batch_size=batch_size, num_workers=dataloader.num_workers,
+            seed=generator.initial_seed() if generator is not None else 0,
             collate_fn=dataloader.collate_fn, shuffle=isinstance(dataloader.sampler, RandomSampler),
             drop_last=dataloader.drop_last, pin_memory=dataloader.pin_memory, timeout=dataloader.timeout,
             worker_init_fn=dataloader.worker_init_fn, generator=dataloader.generator,
@@ -246,6 +256,21 @@ class AdaptiveLoader:
 
     def __iter__(self) -> Iterator[Any]:
         return self._epoch()
+
+    def close(self) -> None:
+        """Stop persistent workers and close the telemetry sinks it opened (files, the dashboard)."""
+        iterator = getattr(self._dataloader, "_iterator", None)
+        if iterator is not None:
+            self._stop(iterator, even_persistent=True)
+        self._dataloader = None
+        self._remove_spill_files()
+        self._telemetry.close()
+
+    def __enter__(self) -> "AdaptiveLoader":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
     # -- one epoch ---------------------------------------------------------------
     def _epoch(self) -> Iterator[Any]:
@@ -336,8 +361,7 @@ class AdaptiveLoader:
         decision = None
         if decide:
             decision = self.controller.decide(Observation(
-                shm_free=shm.free, shm_total=shm.total, ours_in_shm=ours,
-                in_flight_slots=self.num_workers * (self.prefetch_factor or 0), held_batches=self._held.alive(),
+                shm_free=shm.free, ours_in_shm=ours, held_batches=self._held.alive(),
                 fds_in_use=fds.in_use, fd_soft_limit=fds.soft_limit, fd_hard_limit=fds.hard_limit,
                 fds_per_batch=stats.handles, local_world_size=self._local_world_size))
             self._last_target = decision.per_batch_bytes
@@ -713,6 +737,27 @@ def _refuse_own_keywords(kwargs: Dict[str, Any]) -> None:
             raise ValueError(f"AdaptiveLoader builds its own batch sampler from costs/max_cost/max_batch_size/"
                              f"shuffle; {key}= cannot be passed")
         kwargs.pop(key, None)
+
+
+_OWN_OR_DERIVED = {"dataset", "batch_size", "shuffle", "sampler", "batch_sampler", "num_workers", "collate_fn",
+                   "drop_last", "in_order"}  # AdaptiveLoader's own parameters, or refused
+
+
+def _check_dataloader_keywords(kwargs: Dict[str, Any]) -> None:
+    """Unknown or malformed DataLoader keywords fail now, not at the first iteration."""
+    import inspect
+
+    known = set(inspect.signature(DataLoader.__init__).parameters) - {"self"} - _OWN_OR_DERIVED
+    unknown = sorted(set(kwargs) - known)
+    if unknown:
+        raise TypeError(f"unknown keyword(s) {', '.join(unknown)}: AdaptiveLoader passes on these DataLoader "
+                        f"keywords: {', '.join(sorted(known))}")
+    timeout = kwargs.get("timeout", 0)
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout < 0:
+        raise ValueError(f"timeout must be a number >= 0, got {timeout!r}")
+    prefetch = kwargs.get("prefetch_factor")
+    if prefetch is not None and (isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 1):
+        raise ValueError(f"prefetch_factor must be an int >= 1, got {prefetch!r}")
 
 
 def _refuse_batch_sampler_as_sampler(sampler: Any) -> None:

@@ -15,7 +15,7 @@ import threading
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
-__all__ = ["SCHEMA_VERSION", "BATCH_FIELDS", "EVENT_FIELDS", "EVENT_KINDS", "FIELD_TYPES", "Telemetry",
+__all__ = ["SCHEMA_VERSION", "BATCH_FIELDS", "EVENT_FIELDS", "EVENT_KINDS", "FALLBACK_KINDS", "FIELD_TYPES", "Telemetry",
            "JsonlSink", "TensorBoardSink", "validate_record"]
 
 logger = logging.getLogger("adaptive_loader")
@@ -30,9 +30,10 @@ BATCH_FIELDS = (
 )
 #: Every event record has exactly these keys.
 EVENT_FIELDS = ("schema", "kind", "time", "step", "epoch", "event", "level", "message", "data")
+#: The fallbacks, as counted in ``AdaptiveLoader.fallbacks`` and the dashboard.
+FALLBACK_KINDS = ("off_shm", "fewer_in_flight", "fd_limit", "sharing_strategy", "recovery")
 #: The values of an event record's ``event`` key.
-EVENT_KINDS = ("budget", "off_shm", "fewer_in_flight", "fd_limit", "sharing_strategy", "recovery",
-               "stall", "warning", "epoch_end")
+EVENT_KINDS = ("budget", *FALLBACK_KINDS, "stall", "epoch_end")
 
 #: The type of each field; a tuple means "one of".
 FIELD_TYPES: Dict[str, Any] = {
@@ -152,10 +153,14 @@ class Telemetry:
             sink(record)
 
     def close(self) -> None:
+        """Close the sinks this object opened (files, TensorBoard writers, the dashboard)."""
+        from .dashboard import Dashboard
+
         for sink in self.sinks:
-            close = getattr(sink, "close", None)
-            if isinstance(sink, (JsonlSink, TensorBoardSink)) and close is not None:
-                close()
+            if isinstance(sink, (JsonlSink, TensorBoardSink)):
+                sink.close()
+            elif isinstance(sink, Dashboard):
+                sink.stop()
 
 
 def _make_sinks(spec: SinkSpec, total_samples: Optional[int], safety: float) -> List[Callable[[Record], None]]:

@@ -24,7 +24,6 @@ import resource
 import time
 import uuid
 from dataclasses import dataclass
-from multiprocessing import resource_sharer
 from multiprocessing.reduction import ForkingPickler
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
@@ -34,7 +33,7 @@ from torch.utils.data import get_worker_info
 from torch.utils.data._utils import worker as _torch_worker
 from torch.utils.data._utils.pin_memory import pin_memory as _pin_memory
 
-from .measure import footprint
+from .measure import FdState, ShmProbe, footprint, read_fds
 
 __all__ = ["BatchStats", "Envelope", "MeasuredCollate", "WorkerSetup", "SHM", "FILE", "INLINE"]
 
@@ -114,7 +113,7 @@ class MeasuredCollate:
         self.allocated = allocated
         self.spill_prefix = f"adaptive-loader-{os.getpid()}-{uuid.uuid4().hex[:8]}-"
         self._batches_made = 0
-        self._fds_in_use: Optional[int] = None
+        self._fds: Optional[FdState] = None
 
     def __call__(self, samples: List[Any]) -> Envelope:
         start = time.perf_counter()
@@ -127,11 +126,11 @@ class MeasuredCollate:
         free = self._shm_free()
         if needed > free - self.shm_keep_free:
             return self._to_file(samples, sizes, f"batch needs {needed} B, shm has {free} B free", info.id, start)
-        unsent_before = _unsent_fd_keys()
+        batch = None
         try:
             batch = self.collate_fn(samples)
             shared = _all_in_shm(batch)
-            if shared is not None and self._fd_headroom(shared):
+            if shared is not None and self._fds_to_spare(shared):
                 # Collate already put every tensor in shm: the feeder thread only passes their fds,
                 # nothing it could fail on. Let it pickle, in parallel with the next batch.
                 payload, handles, opened = batch, shared, True
@@ -140,27 +139,24 @@ class MeasuredCollate:
         except (RuntimeError, OSError) as exc:
             if not _is_resource_error(exc):
                 raise
-            _close_unsent_fds(unsent_before)
-            return self._to_file(samples, sizes, f"shm or fds ran out: {exc}", info.id, start)
+            return self._to_file(samples, sizes, f"shm or fds ran out: {exc}", info.id, start, batch)
         stats = self._stats(sizes, batch, SHM, None, info.id, start, handles)
         if self.allocated is not None:
             self.allocated[info.id] += stats.batch_bytes  # this worker's slot only: no lock needed
         return Envelope(payload, stats, opened=opened)
 
-    def _fd_headroom(self, handles: int) -> bool:
-        """Room for this batch's fds with a wide margin (the fd count is re-read every 16 batches)."""
+    def _fds_to_spare(self, handles: int) -> bool:
+        """Whether this worker has fds to spare for a batch's handles, by a wide margin
+        (what is open is re-read every 16 batches)."""
         self._batches_made += 1
-        if self._fds_in_use is None or self._batches_made % 16 == 0:
-            try:
-                self._fds_in_use = len(os.listdir("/proc/self/fd"))
-            except OSError:
-                return False
-        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-        return self._fds_in_use + 8 * handles < soft // 2
+        if self._fds is None or self._batches_made % 16 == 0:
+            self._fds = read_fds()
+        return self._fds.in_use + 8 * handles < self._fds.soft_limit // 2
 
-    def _to_file(self, samples, sizes, reason, worker_id, start) -> Envelope:
-        with _collate_without_shm():
-            batch = self.collate_fn(samples)
+    def _to_file(self, samples, sizes, reason, worker_id, start, batch=None) -> Envelope:
+        if batch is None:  # not collated yet, or collate itself ran out of shm
+            with _collate_without_shm():
+                batch = self.collate_fn(samples)
         path = os.path.join(self.spill_dir, f"{self.spill_prefix}{uuid.uuid4().hex}.pkl")
         with open(path, "wb") as f:
             pickle.dump(batch, f, pickle.HIGHEST_PROTOCOL)  # by value: tensors as bytes, no shm
@@ -178,8 +174,7 @@ class MeasuredCollate:
         return removed
 
     def _shm_free(self) -> int:
-        st = os.statvfs(self.shm_path)
-        return st.f_bavail * st.f_frsize
+        return ShmProbe(self.shm_path).read().free
 
     @staticmethod
     def _stats(sizes, batch, transport, reason, worker_id, start, handles=0) -> BatchStats:
@@ -192,32 +187,39 @@ class MeasuredCollate:
 
 
 class _PackingPickler(ForkingPickler):
-    """Pickles a batch but keeps its ordinary CPU tensors out, as numbered places."""
+    """Pickles a batch but keeps its CPU tensors out, as numbered places: plain ones
+    (``tensors``) to be copied into the batch's shm block, those already in shm
+    (``shared``) to travel as they are. Nothing touches shm or fds while it runs."""
 
     def __init__(self, file: io.BytesIO) -> None:
         super().__init__(file, pickle.HIGHEST_PROTOCOL)
         self.tensors: List[torch.Tensor] = []
-        self.shared_storages: set = set()  # of tensors already in shm, which travel as they are
-        self._number: Dict[int, int] = {}
+        self.shared: List[torch.Tensor] = []
+        self._place: Dict[int, tuple] = {}
 
-    def persistent_id(self, obj: Any) -> Optional[int]:
-        if not _packable(obj):
-            if isinstance(obj, torch.Tensor) and obj.is_shared():
-                self.shared_storages.add(obj.untyped_storage().data_ptr())
+    def persistent_id(self, obj: Any) -> Optional[tuple]:
+        if type(obj) is not torch.Tensor:
             return None
-        if id(obj) not in self._number:
-            self._number[id(obj)] = len(self.tensors)
-            self.tensors.append(obj)
-        return self._number[id(obj)]
+        if id(obj) not in self._place:
+            if _packable(obj):
+                self._place[id(obj)] = ("block", len(self.tensors))
+                self.tensors.append(obj)
+            elif obj.device.type == "cpu" and obj.is_shared():
+                self._place[id(obj)] = ("shared", len(self.shared))
+                self.shared.append(obj)
+            else:
+                return None
+        return self._place[id(obj)]
 
 
 class _PlacingUnpickler(pickle.Unpickler):
-    def __init__(self, file: io.BytesIO, tensors: List[torch.Tensor]) -> None:
+    def __init__(self, file: io.BytesIO, places: Dict[str, List[torch.Tensor]]) -> None:
         super().__init__(file)
-        self.tensors = tensors
+        self.places = places
 
-    def persistent_load(self, pid: int) -> torch.Tensor:
-        return self.tensors[pid]
+    def persistent_load(self, pid: tuple) -> torch.Tensor:
+        kind, number = pid
+        return self.places[kind][number]
 
 
 _PLAIN = (str, bytes, int, float, complex, bool, type(None))
@@ -262,39 +264,21 @@ def pack_batch(batch: Any) -> Tuple[bytes, int]:
         block = torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(max(size, 1)))
         for tensor, place in zip(pickler.tensors, layout):
             _region(block, *place).copy_(tensor)
-    handles = len(pickler.shared_storages) + (block is not None)
-    return bytes(ForkingPickler.dumps((inner.getvalue(), block, layout), pickle.HIGHEST_PROTOCOL)), handles
+    handles = len({t.untyped_storage().data_ptr() for t in pickler.shared}) + (block is not None)
+    outer = ForkingPickler.dumps((inner.getvalue(), block, layout, pickler.shared), pickle.HIGHEST_PROTOCOL)
+    return bytes(outer), handles
 
 
 def unpack_batch(data: bytes) -> Any:
     """The batch again, its tensors views into the shared block."""
-    inner, block, layout = pickle.loads(data)
-    tensors = [_region(block, *place) for place in layout]
-    return _PlacingUnpickler(io.BytesIO(inner), tensors).load()
+    inner, block, layout, shared = pickle.loads(data)
+    places = {"block": [_region(block, *place) for place in layout], "shared": shared}
+    return _PlacingUnpickler(io.BytesIO(inner), places).load()
 
 
 def _region(block: torch.Tensor, offset: int, dtype: torch.dtype, shape: tuple) -> torch.Tensor:
     nbytes = math.prod(shape) * dtype.itemsize
     return block[offset : offset + nbytes].view(dtype).view(shape)
-
-
-def _unsent_fd_keys() -> set:
-    sharer = getattr(resource_sharer, "_resource_sharer", None)
-    return set(getattr(sharer, "_cache", {}))
-
-
-def _close_unsent_fds(keep: set) -> None:
-    """Close fd duplicates that a failed pickling left in the resource sharer:
-    nobody will ever ask for them, and they would use up the worker's fds."""
-    sharer = getattr(resource_sharer, "_resource_sharer", None)
-    cache = getattr(sharer, "_cache", None)
-    if cache is None:
-        return
-    with sharer._lock:
-        for key in [k for k in cache if k not in keep]:
-            _, close = cache.pop(key)
-            with contextlib.suppress(OSError):
-                close()
 
 
 @contextlib.contextmanager

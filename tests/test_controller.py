@@ -31,8 +31,7 @@ def make_controller(model=None, *, user_max=1000.0, max_batch_size=None, min_cos
 
 def observe(controller, free, *, ours=0, held=0, fds=16, soft=1 << 20, hard=1 << 20, storages=1.0,
             local_world_size=1):
-    obs = Observation(shm_free=int(free), shm_total=int(max(free, 1) * 4), ours_in_shm=int(ours),
-                      in_flight_slots=controller.num_workers * controller.prefetch_factor, held_batches=held,
+    obs = Observation(shm_free=int(free), ours_in_shm=int(ours), held_batches=held,
                       fds_in_use=fds, fd_soft_limit=soft, fd_hard_limit=hard, fds_per_batch=storages,
                       local_world_size=local_world_size)
     return controller.decide(obs)

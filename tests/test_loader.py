@@ -135,3 +135,46 @@ def test_telemetry_records_every_batch(tmp_path):
     assert len(batches) == n and sum(r["samples"] for r in batches) == len(COSTS)
     assert all(r["transport"] == "shm" and r["bytes"] > 0 for r in batches)
     assert len(path.read_text().splitlines()) == len(records)
+
+
+def test_wrap_refuses_samplers_it_cannot_reproduce_and_takes_batch_size():
+    dataset = SegmentationDataset(COSTS, side=4)
+    subset = DataLoader(dataset, sampler=torch.utils.data.SubsetRandomSampler(range(8)), batch_size=4)
+    with pytest.raises(ValueError, match="SubsetRandomSampler, which AdaptiveLoader cannot reproduce"):
+        AdaptiveLoader.wrap(subset)
+    loader = AdaptiveLoader.wrap(DataLoader(dataset, batch_size=4, generator=torch.Generator().manual_seed(7)),
+                                 batch_size=8, collate_fn=detection_collate)
+    assert loader.sampler.max_batch_size == 8 and loader.sampler.seed == 7
+
+
+def test_unknown_or_bad_dataloader_keywords_fail_at_construction():
+    dataset = SegmentationDataset(COSTS, side=4)
+    with pytest.raises(TypeError, match="unknown keyword.*pin_memroy"):
+        AdaptiveLoader(dataset, pin_memroy=True)
+    with pytest.raises(ValueError, match="timeout must be a number >= 0"):
+        AdaptiveLoader(dataset, timeout=-1)
+    with pytest.raises(ValueError, match="prefetch_factor must be an int >= 1"):
+        AdaptiveLoader(dataset, num_workers=1, prefetch_factor=0)
+
+
+def test_without_set_epoch_each_iteration_takes_the_next_epoch():
+    dataset = SegmentationDataset(COSTS, side=4)
+    loader = AdaptiveLoader(dataset, costs=COSTS, max_cost=1500, collate_fn=detection_collate, shuffle=True)
+    first, second = ids(loader), ids(loader)
+    assert first != second and loader.sampler.epoch == 1
+    loader.set_epoch(1)
+    assert ids(loader) == second  # chosen explicitly: that epoch again
+
+
+def test_leaving_early_still_ends_the_epoch_record_and_close_stops_everything(tmp_path):
+    records = []
+    dataset = SegmentationDataset(COSTS, side=4)
+    with AdaptiveLoader(dataset, costs=COSTS, max_cost=1500, num_workers=2, collate_fn=detection_collate,
+                        persistent_workers=True, telemetry=[records.append, str(tmp_path / "run.jsonl")]) as loader:
+        for step, _ in enumerate(loader):
+            if step == 1:
+                break
+    ends = [r for r in records if r.get("event") == "epoch_end"]
+    assert len(ends) == 1 and ends[0]["data"]["completed"] is False
+    assert loader._dataloader is None
+    assert (tmp_path / "run.jsonl").read_text().count("epoch_end") == 1

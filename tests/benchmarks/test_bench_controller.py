@@ -7,7 +7,7 @@ import numpy as np
 
 from adaptive_loader.controller import Controller, CostModel, Observation
 
-OBS = Observation(shm_free=40 << 20, shm_total=64 << 20, ours_in_shm=20 << 20, in_flight_slots=4, held_batches=1,
+OBS = Observation(shm_free=40 << 20, ours_in_shm=20 << 20, held_batches=1,
                   fds_in_use=100, fd_soft_limit=1024, fd_hard_limit=4096, fds_per_batch=1)
 
 
