@@ -3,6 +3,8 @@
 import collections
 import os
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -102,3 +104,39 @@ def test_batches_in_custom_containers_travel_intact():
     assert sorted(i for b in batches for i in b["i"]) == list(range(40))
     assert all(float(b["x"][k, 0]) == b["i"][k] for b in batches for k in range(len(b["i"])))
     assert all(r["bytes"] == 4 * 64 * 4 for r in records if r["kind"] == "batch")
+
+
+RESUME_SCRIPT = """
+import sys, torch
+sys.path.insert(0, {repo!r})
+from adaptive_loader import AdaptiveLoader
+from stress.workloads import SegmentationDataset, detection_collate
+import numpy as np
+costs = np.random.default_rng(0).integers(10, 1201, 90)
+loader = AdaptiveLoader(SegmentationDataset(costs, side=4), costs=costs, max_cost=1500, num_workers=2,
+                        collate_fn=detection_collate, shuffle=True, seed=4, num_replicas={replicas}, rank={rank})
+phase, state = sys.argv[1], sys.argv[2]
+if phase == "first":  # five batches, then a checkpoint with batches still in flight, then exit
+    it = iter(loader)
+    got = [i for _ in range(5) for i in next(it)[2]]
+    torch.save(loader.state_dict(), state)
+else:
+    if phase == "resume":
+        loader.load_state_dict(torch.load(state, weights_only=False))
+    got = [i for batch in loader for i in batch[2]]
+print(" ".join(map(str, got)))
+"""
+
+
+@pytest.mark.parametrize("replicas, rank", [(1, 0), (2, 1)])
+def test_resume_in_a_new_process_delivers_exactly_the_rest(tmp_path, replicas, rank):
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = tmp_path / "run.py"
+    script.write_text(RESUME_SCRIPT.format(repo=repo, replicas=replicas, rank=rank))
+
+    def run(phase):
+        return subprocess.run([sys.executable, str(script), phase, str(tmp_path / "state.pt")],
+                              capture_output=True, text=True, check=True).stdout.split()
+
+    head, tail, whole = run("first"), run("resume"), run("whole")
+    assert sorted(head + tail) == sorted(whole)  # this rank's share, each sample once
