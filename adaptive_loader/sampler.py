@@ -215,13 +215,16 @@ class BudgetBatchSampler(Sampler[List[int]]):
         while self._schedule and self._schedule[0][0] <= position:
             entry = self._schedule.pop(0)
             self._budget_log.append(entry)
-            _, max_cost, max_batch_size = entry
-            if max_cost is None:
-                self.max_batch_size = max_batch_size
-                self.max_cost = None
-            else:
-                self.max_cost = max_cost
-                self.max_batch_size = max_batch_size
+            self.set_budget(*entry[1:])
+
+    def set_budget(self, max_cost: Optional[float], max_batch_size: Optional[int]) -> None:
+        """Set both caps at once (in the order the setters allow: one must stay set)."""
+        if max_cost is None:
+            self.max_batch_size = max_batch_size
+            self.max_cost = None
+        else:
+            self.max_cost = max_cost
+            self.max_batch_size = max_batch_size
 
     def requeue(self, indices: List[int]) -> None:
         """Give indices that were yielded but never used back to the running epoch;

@@ -52,16 +52,6 @@ def test_exactly_once_within_budget(costs, budget, shuffle, seed, window):
     check_batches(batches, costs, max_cost, max_batch_size)
 
 
-def apply_budget(sampler, max_cost, max_batch_size):
-    """Set both caps in the order the setters allow (one of them must stay set)."""
-    if max_cost is None:
-        sampler.max_batch_size = max_batch_size
-        sampler.max_cost = None
-    else:
-        sampler.max_cost = max_cost
-        sampler.max_batch_size = max_batch_size
-
-
 @settings(max_examples=100, deadline=None)
 @given(costs=cost_lists, first=budgets, changes=st.dictionaries(st.integers(0, 40), budgets, max_size=6),
        window=st.integers(1, 64))
@@ -76,7 +66,7 @@ def test_budget_changes_mid_epoch(costs, first, changes, window):
             batches.append(batch)
             if i in changes:
                 budget = changes[i]
-                apply_budget(s, *budget)
+                s.set_budget(*budget)
     check_batches(batches, costs, None, None)
 
 
