@@ -151,6 +151,7 @@ class AdaptiveLoader:
         self._held = _HeldBatches()
         self._step = 0
         self._epochs_started = 0
+        self._epoch_iterated = 0
         self._epoch_chosen = self._resuming = False  # set_epoch() called / a state loaded since the last epoch
         self._skip_on_resume = 0
         self._fallbacks: Dict[str, int] = {}
@@ -201,8 +202,9 @@ class AdaptiveLoader:
 
     # -- the DataLoader-like surface -------------------------------------------
     def __len__(self) -> int:
-        """Batches in an epoch at the current budget (the budget may still move)."""
-        return len(self.sampler)
+        """Batches in a whole epoch at the current budget (the budget may still move),
+        also while a resumed epoch is under way (like DataLoader)."""
+        return self.sampler.epoch_length()
 
     def set_epoch(self, epoch: int) -> None:
         """Choose the next epoch's shuffle. Without it, each new iteration takes the next epoch."""
@@ -274,11 +276,12 @@ class AdaptiveLoader:
 
     # -- one epoch ---------------------------------------------------------------
     def _epoch(self) -> Iterator[Any]:
-        if self._epochs_started and not self._epoch_chosen and not self._resuming:
+        untouched = self.sampler.epoch == self._epoch_iterated  # nobody set an epoch since the last one
+        if self._epochs_started and untouched and not self._epoch_chosen and not self._resuming:
             self.sampler.set_epoch(self.sampler.epoch + 1)  # reshuffle like DataLoader(shuffle=True)
         self._epochs_started += 1
         self._epoch_chosen = self._resuming = False
-        epoch = self.sampler.epoch
+        epoch = self._epoch_iterated = self.sampler.epoch
         self._last_delivery = self._rate = None
         self._restore_pipeline()
         self._feed.start(iter(self.sampler), skip=self._skip_on_resume)

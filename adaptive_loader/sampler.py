@@ -237,6 +237,10 @@ class BudgetBatchSampler(Sampler[List[int]]):
         if self._resume and self._plan is not None:  # the rest of a restored epoch
             return self._plan.copy().count_remaining(self._max_cost, self._max_batch_size, self.drop_last,
                                                      self.num_replicas, self.rank)
+        return self.epoch_length()
+
+    def epoch_length(self) -> int:
+        """Batches this rank gets in the whole current epoch at the current budget."""
         key = (self.epoch, self._max_cost, self._max_batch_size, self.drop_last, self.window,
                self.shuffle, self.seed)
         if self._len_cache is None or self._len_cache[0] != key:
