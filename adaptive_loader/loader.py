@@ -20,7 +20,6 @@ import weakref
 from collections import deque
 from typing import Any, Callable, Deque, Dict, Iterator, List, Optional
 
-import numpy as np
 import torch
 import torch.multiprocessing
 from torch.utils.data import BatchSampler, DataLoader, Dataset, IterableDataset, RandomSampler, SequentialSampler

@@ -77,10 +77,6 @@ class ShmState:
     free: int
     total: int
 
-    @property
-    def used(self) -> int:
-        return self.total - self.free
-
 
 class ShmProbe:
     """``os.statvfs`` of the shm mount (``/dev/shm`` unless told otherwise)."""

@@ -5,7 +5,7 @@ import pickle
 import numpy as np
 import pytest
 import torch
-from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler
+from torch.utils.data import BatchSampler, DataLoader, SequentialSampler
 
 from adaptive_loader import AdaptiveLoader, BudgetBatchSampler
 from stress.workloads import SegmentationDataset, detection_collate
@@ -41,8 +41,6 @@ def test_epochs_reshuffle_and_each_delivers_everything():
 
 
 def test_default_collate_pin_memory_and_worker_init_fn_pass_through(tmp_path):
-    seen_workers = []
-
     def init(worker_id):
         (tmp_path / f"w{worker_id}").write_text("ok")
 

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing
-from multiprocessing.reduction import ForkingPickler
 
 from torch.utils.data import DataLoader, Dataset, TensorDataset, default_collate, get_worker_info
 from torch.utils.data._utils import worker as torch_worker
