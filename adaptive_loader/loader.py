@@ -117,7 +117,6 @@ class AdaptiveLoader:
         if isinstance(sync_every, bool) or not isinstance(sync_every, int) or sync_every < 1:
             raise ValueError(f"sync_every must be an int >= 1, got {sync_every!r}")
         self.sync_every = sync_every
-        self._group = _budget_group(self.sampler.num_replicas)
         self.user_max_cost = self.sampler.max_cost
         self._shm = ShmProbe(shm_path)
         self.spill_dir = _check_spill_dir(spill_dir if spill_dir is not None else tempfile.gettempdir())
@@ -134,6 +133,7 @@ class AdaptiveLoader:
         self._user_worker_init = dataloader_kwargs.pop("worker_init_fn", None)
         self._dataloader_kwargs = dataloader_kwargs
         self._telemetry = Telemetry(telemetry, total_samples=n, safety=safety)
+        self._group = _budget_group(self.sampler.num_replicas)  # a collective: once every argument is valid
         positive = self.sampler.costs[self.sampler.costs > 0]
         self.controller = Controller(
             user_max_cost=self.user_max_cost, max_batch_size=self.sampler.max_batch_size,
