@@ -114,6 +114,7 @@ class MeasuredCollate:
         self.spill_prefix = f"adaptive-loader-{os.getpid()}-{uuid.uuid4().hex[:8]}-"
         self._batches_made = 0
         self._fds: Optional[FdState] = None
+        self._shm: Optional[ShmProbe] = None  # made at the first batch in a worker, then read per batch
 
     def __call__(self, samples: List[Any]) -> Envelope:
         start = time.perf_counter()
@@ -123,7 +124,9 @@ class MeasuredCollate:
             batch = self.collate_fn(samples)
             return Envelope(batch, self._stats(sizes, batch, INLINE, None, -1, start))
         needed = sum(b for b, _ in sizes)
-        free = self._shm_free()
+        if self._shm is None:
+            self._shm = ShmProbe(self.shm_path)
+        free = self._shm.read().free
         if needed > free - self.shm_keep_free:
             return self._to_file(samples, sizes, f"batch needs {needed} B, shm has {free} B free", info.id, start)
         batch = None
@@ -172,9 +175,6 @@ class MeasuredCollate:
                         os.unlink(os.path.join(self.spill_dir, name))
                         removed += 1
         return removed
-
-    def _shm_free(self) -> int:
-        return ShmProbe(self.shm_path).read().free
 
     @staticmethod
     def _stats(sizes, batch, transport, reason, worker_id, start, handles=0) -> BatchStats:

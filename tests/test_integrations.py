@@ -210,10 +210,9 @@ def test_lightning_plain_loader_resumes_mid_epoch_from_a_checkpoint(L, tmp_path)
     assert flat(resumed.batches[1]) == list(range(len(COSTS)))
 
 
-LIGHTNING_DDP = """
+RANK_SCRIPT_HEAD = """
 import json, sys
 import numpy as np, torch
-import lightning as L
 from adaptive_loader import AdaptiveLoader
 
 COSTS = np.random.default_rng(0).integers(10, 1201, 48)
@@ -223,6 +222,10 @@ class Data(torch.utils.data.Dataset):
         return len(COSTS)
     def __getitem__(self, i):
         return torch.full((3,), float(i)), i
+"""  # what the multi-process scripts below share
+
+LIGHTNING_DDP = RANK_SCRIPT_HEAD + """
+import lightning as L
 
 class Module(L.LightningModule):
     def __init__(self):
@@ -356,19 +359,8 @@ def test_accelerate_accumulate_does_not_see_where_the_loaders_epoch_ends(acceler
     assert [k for k, s in enumerate(synced) if s] == list(range(3, n, 4))
 
 
-ACCELERATE_RANKS = """
-import json, sys
-import numpy as np, torch
+ACCELERATE_RANKS = RANK_SCRIPT_HEAD + """
 from accelerate import Accelerator
-from adaptive_loader import AdaptiveLoader
-
-COSTS = np.random.default_rng(0).integers(10, 1201, 48)
-
-class Data(torch.utils.data.Dataset):
-    def __len__(self):
-        return len(COSTS)
-    def __getitem__(self, i):
-        return torch.full((3,), float(i)), i
 
 accelerator = Accelerator(cpu=True)  # initializes the process group: build the loader after it
 loader = AdaptiveLoader(Data(), costs=COSTS, max_cost=1500, max_batch_size=6, shuffle=True, num_workers=2,
