@@ -14,7 +14,7 @@ from typing import List, Optional, Tuple
 
 import numpy as np
 
-__all__ = ["CostModel", "Observation", "Decision", "Controller"]
+__all__ = ["CostModel", "Observation", "Decision", "Controller", "arena_capacity"]
 
 
 class CostModel:
@@ -170,6 +170,20 @@ class Controller:
         fd_limit, strategy = self._fd_plan(obs, reasons)
         return Decision(self.max_cost, per_batch, prefetch, workers, fd_limit, strategy, reasons)
 
+    def batch_bytes_bound(self) -> float:
+        """The cost model's bound on one batch's bytes under the current budget
+        (0 while unknown: nothing measured, or neither cap bounds it)."""
+        fit = self.model.coefficients()
+        if fit is None:
+            return 0.0
+        a, b, m = fit
+        count = self.max_batch_size
+        if count is None and math.isfinite(self.max_cost):
+            count = self.max_cost / self.min_cost
+        if count is None or (b > 0 and not math.isfinite(self.max_cost)):
+            return 0.0
+        return count * (a + m) + (b * self.max_cost if b > 0 else 0.0)
+
     # -- budget ---------------------------------------------------------------
     def _max_cost_for(self, per_batch_bytes: float) -> float:
         """The largest cost cap whose worst-case batch fits in ``per_batch_bytes``."""
@@ -243,3 +257,25 @@ class Controller:
         reasons.append(f"switch to the file_system sharing strategy: {obs.fds_in_use} fds open + "
                        f"~{incoming:.0f} incoming against a hard limit of {obs.fd_hard_limit}")
         return None, "file_system"
+
+
+# -- the shm arena ---------------------------------------------------------------
+ARENA_MIN_BYTES = 16 << 20  # below this a ring of small batches grows too often to be worth reserving
+
+
+def arena_capacity(batch_bytes: float, batches_in_flight: int, room: float, workers: int) -> int:
+    """Bytes to reserve for one worker's arena (0: none).
+
+    Room for its ``batches_in_flight`` batches plus two the user may still hold,
+    each as large as the largest batch expected (``batch_bytes``: measured in the
+    worker, or the cost model's bound for the budget), plus 25%; at least
+    ``ARENA_MIN_BYTES``; at most an equal share of ``room``, the shm this loader
+    may still fill. None when that share cannot hold two batches: the batches
+    would mostly miss the arena and it would only take space.
+    """
+    wanted = max((batches_in_flight + 2) * batch_bytes * 1.25, ARENA_MIN_BYTES)
+    share = room / max(1, workers)
+    capacity = min(wanted, share)
+    if capacity < 2 * batch_bytes or capacity <= 0:
+        return 0
+    return int(capacity) // (1 << 20) << 20 if capacity >= 1 << 20 else int(capacity)

@@ -16,6 +16,7 @@ import os
 import resource
 import tempfile
 import time
+import uuid
 import weakref
 from collections import deque
 from typing import Any, Callable, Deque, Dict, Iterator, List, Optional
@@ -25,12 +26,13 @@ import torch.multiprocessing
 from torch.utils.data import BatchSampler, DataLoader, Dataset, IterableDataset, RandomSampler, SequentialSampler
 from torch.utils.data._utils import signal_handling as _torch_signal_handling
 
+from .arena import registry as arena_registry
 from .controller import Controller, Observation
 from .costs import as_cost_array
 from .measure import ShmProbe, _leaves, host_ram_available, read_fds, rss_of
 from .sampler import DEFAULT_WINDOW, BudgetBatchSampler, _pack_bits, _unpack_bits
 from .telemetry import SinkSpec, Telemetry
-from .transport import FILE, SHM, MeasuredCollate, WorkerSetup
+from .transport import ARENA, FILE, SHM, MeasuredCollate, WorkerSetup
 
 __all__ = ["AdaptiveLoader", "LoaderStalled", "LoaderFailed"]
 
@@ -77,6 +79,9 @@ class AdaptiveLoader:
         spill_dir: a directory on real disk (not tmpfs) where a batch that cannot
             go through shm is written for the main process to read (default: the
             system temp directory).
+        arena: each worker reserves one region of shm and reuses it for its
+            batches (see docs/performance.md); ``False``: a new shm block per
+            batch, as before. Either way a batch that does not fit goes off shm.
         num_replicas, rank: distributed training (default: from an initialized
             ``torch.distributed``). Every rank gets the same number of batches;
             the ranks agree on the budget every ``sync_every`` batches over a gloo
@@ -92,7 +97,8 @@ class AdaptiveLoader:
                  telemetry: SinkSpec = None, shm_path: str = "/dev/shm", safety: float = 0.8,
                  stall_timeout: float = 300.0, max_restarts: int = 3, drop_last: bool = False,
                  window: int = DEFAULT_WINDOW, spill_dir: Optional[str] = None, num_replicas: Optional[int] = None,
-                 rank: Optional[int] = None, sync_every: int = 8, **dataloader_kwargs: Any) -> None:
+                 rank: Optional[int] = None, sync_every: int = 8, arena: bool = True,
+                 **dataloader_kwargs: Any) -> None:
         if isinstance(dataset, IterableDataset) or not hasattr(dataset, "__len__"):
             raise TypeError("AdaptiveLoader needs a map-style dataset with __len__ and __getitem__")
         max_batch_size = _take_batch_size_alias(max_batch_size, dataloader_kwargs)
@@ -116,6 +122,12 @@ class AdaptiveLoader:
                                           num_samples=n, num_replicas=num_replicas, rank=rank)
         if isinstance(sync_every, bool) or not isinstance(sync_every, int) or sync_every < 1:
             raise ValueError(f"sync_every must be an int >= 1, got {sync_every!r}")
+        if not isinstance(arena, bool):
+            raise TypeError(f"arena must be True or False, got {arena!r}")
+        # names this loader's arenas in the process-wide registry; they are unmapped when it goes
+        self._arena_owner = uuid.uuid4().hex if arena else None
+        if arena:
+            weakref.finalize(self, arena_registry.forget, self._arena_owner)
         self.sync_every = sync_every
         self.user_max_cost = self.sampler.max_cost
         self._shm = ShmProbe(shm_path)
@@ -265,6 +277,8 @@ class AdaptiveLoader:
             self._stop(iterator, even_persistent=True)
         self._dataloader = None
         self._remove_spill_files()
+        if self._arena_owner is not None:
+            arena_registry.forget(self._arena_owner)
         self._telemetry.close()
 
     def __enter__(self) -> "AdaptiveLoader":
@@ -346,6 +360,11 @@ class AdaptiveLoader:
                 self._delivered[stats.worker_id] += stats.batch_bytes
             if not self._pinning():  # pinned batches are copied out of shm
                 self._held.track(batch, stats.batch_bytes)
+        elif stats.transport == ARENA:  # its bytes are the arena's, counted whole
+            self.controller.model.observe(costs, stats.sample_bytes)
+            self._delivered[stats.worker_id] += stats.arena_new_bytes
+            if not self._pinning():
+                self._held.track(batch, 0)
         elif stats.transport == FILE:
             self.controller.model.observe(costs, stats.sample_bytes)
             self._count("off_shm")
@@ -359,7 +378,7 @@ class AdaptiveLoader:
             return False
         shm = self._shm.read()
         fds = self._read_fds_if_due(stats.handles)
-        ours = self._held.bytes_alive() + self._in_flight_bytes()
+        ours = self._held.bytes_alive() + self._in_flight_bytes() + self._arena_bytes()
         decision = None
         if decide:
             decision = self.controller.decide(Observation(
@@ -415,6 +434,9 @@ class AdaptiveLoader:
             return bool(getattr(iterator, "_pin_memory", False))
         return bool(self._dataloader_kwargs.get("pin_memory")) and torch.cuda.is_available()
 
+    def _arena_bytes(self) -> int:
+        return arena_registry.mapped_bytes(self._arena_owner) if self._arena_owner is not None else 0
+
     def _in_flight_bytes(self) -> int:
         """Shm taken by batches the workers made but the user has not got yet:
         counted by the workers themselves, else predicted from the cost model."""
@@ -457,6 +479,9 @@ class AdaptiveLoader:
     def _start_iterator(self) -> Iterator[Any]:
         if self._dataloader is None:
             self._dataloader = self._make_dataloader()
+        if self._arena_owner is not None:  # workers started now continue the arenas of the last ones
+            self._collate.arenas = arena_registry.arenas_of(self._arena_owner)
+            self._collate.batch_bytes_hint = int(self.controller.batch_bytes_bound())
         iterator = iter(self._dataloader)
         _detach_sigchld_watch(iterator)
         return iterator
@@ -482,7 +507,9 @@ class AdaptiveLoader:
         # the workers themselves never fill shm past the safety line: above it a batch goes to a file
         keep_free = int((1 - self.safety) * self._shm.read().total)
         self._collate = MeasuredCollate(self.collate_fn or default_collate, self._shm.path, self.spill_dir,
-                                        shm_keep_free=keep_free, allocated=self._allocated)
+                                        shm_keep_free=keep_free, allocated=self._allocated,
+                                        arena_owner=self._arena_owner, batches_in_flight=self.prefetch_factor or 1,
+                                        workers=self.num_workers)
         return DataLoader(self.dataset, batch_sampler=self._feed, num_workers=self.num_workers,
                           collate_fn=self._collate, **kwargs)
 
@@ -527,6 +554,8 @@ class AdaptiveLoader:
         persistent = self._dataloader is not None and self._dataloader.persistent_workers
         if shutdown is not None and (even_persistent or not persistent):
             shutdown()
+            if self._arena_owner is not None:
+                arena_registry.writers_stopped(self._arena_owner)
 
     def _raise_stall(self, epoch: int, since: float) -> None:
         waited = time.monotonic() - since

@@ -57,7 +57,7 @@ def plot_run(batches: List[Dict[str, Any]], events: List[Dict[str, Any]], safety
     budget_ax.set_ylabel("cost")
     budget_ax.legend(loc="upper right", fontsize="small")
 
-    for transport, color in (("shm", "tab:blue"), ("file", "tab:red"), ("inline", "tab:gray")):
+    for transport, color in (("arena", "tab:green"), ("shm", "tab:blue"), ("file", "tab:red"), ("inline", "tab:gray")):
         points = [(b["step"], b["bytes"] / mib) for b in batches if b["transport"] == transport]
         if points:
             bytes_ax.plot(*zip(*points), ".", color=color, markersize=4, label=transport)

@@ -43,7 +43,7 @@ FIELD_TYPES: Dict[str, Any] = {
     "worker_rss": (int, type(None)), "transport": str, "worker": int, "wait_s": float,
     "samples_per_s": (float, type(None)), "event": str, "level": str, "message": str, "data": dict,
 }
-TRANSPORTS = ("shm", "file", "inline")
+TRANSPORTS = ("arena", "shm", "file", "inline")
 
 Record = Dict[str, Any]
 

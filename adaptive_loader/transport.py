@@ -10,6 +10,11 @@ places in the pickle. An allocation or fd failure is caught where it happens
 and the batch takes the other road: pickled by value into a spill file on
 real disk, whose path is all that crosses the pipe. The feeder thread only
 ever sends small messages.
+
+With the arena on (the default), a worker first tries its reusable shm ring
+(``arena``): ``default_collate`` stacks straight into it, other tensors are
+copied in, and only offsets cross the pipe. A batch that does not fit there
+takes the one-block road above, then the spill file.
 """
 
 from __future__ import annotations
@@ -29,19 +34,21 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.multiprocessing
-from torch.utils.data import get_worker_info
+from torch.utils.data import default_collate, get_worker_info
+from torch.utils.data._utils.collate import collate, collate_tensor_fn, default_collate_fn_map
 from torch.utils.data._utils import worker as _torch_worker
 from torch.utils.data._utils.pin_memory import pin_memory as _pin_memory
 
+from .arena import ALIGN, Arena, ArenaFull, RingWriter, _aligned, open_view
+from .controller import arena_capacity
 from .measure import FdState, ShmProbe, footprint, read_fds
 
-__all__ = ["BatchStats", "Envelope", "MeasuredCollate", "WorkerSetup", "SHM", "FILE", "INLINE"]
+__all__ = ["BatchStats", "Envelope", "MeasuredCollate", "WorkerSetup", "ARENA", "SHM", "FILE", "INLINE"]
 
-SHM = "shm"  # tensors in shm, handles through the pipe
+ARENA = "arena"  # tensors in the worker's reusable shm ring, offsets through the pipe
+SHM = "shm"  # tensors in a new shm block, handles through the pipe
 FILE = "file"  # pickled by value into a spill file on disk; its path through the pipe
 INLINE = "inline"  # num_workers=0: the batch never leaves the process
-
-_ALIGN = 64  # bytes; every tensor in a shm block starts on such a boundary
 
 _RESOURCE_ERRNOS = {errno.ENOSPC, errno.ENOMEM, errno.EMFILE, errno.ENFILE}
 _RESOURCE_MESSAGES = ("shared memory", "No space left", "Too many open files", "unable to write to file",
@@ -62,6 +69,8 @@ class BatchStats:
     worker_id: int
     worker_pid: int
     collate_seconds: float
+    arena_miss: Optional[str] = None  # why the batch did not go through the arena, if it could have
+    arena_new_bytes: int = 0  # the size of an arena this batch brings for the first time
 
 
 class Envelope:
@@ -76,7 +85,9 @@ class Envelope:
 
     def open(self) -> Any:
         if not self._opened:
-            if self.stats.transport == SHM:
+            if self.stats.transport == ARENA:
+                self.payload = unpack_from_arena(self.payload)
+            elif self.stats.transport == SHM:
                 self.payload = unpack_batch(self.payload)
             else:
                 with open(self.payload, "rb") as f:
@@ -102,16 +113,29 @@ class MeasuredCollate:
         allocated: optional shared int64 tensor, one slot per worker; each worker
             adds the bytes it puts in shm to its own slot, so the main process
             knows what its batches in flight really occupy.
+        arena_owner: a name for the loader's arenas; ``None``: no arena, every
+            batch gets a new shm block.
+        batches_in_flight, workers: the pipeline, for sizing an arena.
     """
 
     def __init__(self, collate_fn: Callable[[List[Any]], Any], shm_path: str, spill_dir: str,
-                 shm_keep_free: int = 0, allocated: Optional[torch.Tensor] = None) -> None:
+                 shm_keep_free: int = 0, allocated: Optional[torch.Tensor] = None,
+                 arena_owner: Optional[str] = None, batches_in_flight: int = 2, workers: int = 1) -> None:
         self.collate_fn = collate_fn
         self.shm_path = shm_path
         self.spill_dir = spill_dir
         self.shm_keep_free = shm_keep_free
         self.allocated = allocated
         self.spill_prefix = f"adaptive-loader-{os.getpid()}-{uuid.uuid4().hex[:8]}-"
+        self.arena_owner = arena_owner
+        self.batches_in_flight = batches_in_flight
+        self.workers = workers
+        self.arenas: Dict[int, Arena] = {}  # set by the main process: the arenas to continue, by worker id
+        self.batch_bytes_hint = 0  # set by the main process: the cost model's bound on a batch
+        self._stack_in_arena = collate_fn is default_collate  # then collate stacks straight into the ring
+        self._writer: Optional[RingWriter] = None
+        self._largest = 0  # bytes of the largest batch this worker has made
+        self._unreported_arena_bytes = 0  # of arenas made here that no batch has told the main process of
         self._batches_made = 0
         self._fds: Optional[FdState] = None
         self._shm: Optional[ShmProbe] = None  # made at the first batch in a worker, then read per batch
@@ -127,11 +151,18 @@ class MeasuredCollate:
         if self._shm is None:
             self._shm = ShmProbe(self.shm_path)
         free = self._shm.read().free
+        batch, miss = None, None
+        if self.arena_owner is not None:
+            envelope, batch, miss = self._via_arena(samples, sizes, needed, free, info.id, start)
+            if envelope is not None:
+                return envelope
         if needed > free - self.shm_keep_free:
-            return self._to_file(samples, sizes, f"batch needs {needed} B, shm has {free} B free", info.id, start)
-        batch = None
+            envelope = self._to_file(samples, sizes, f"batch needs {needed} B, shm has {free} B free", info.id,
+                                     start, batch)
+            envelope.stats.arena_miss = miss
+            return envelope
         try:
-            batch = self.collate_fn(samples)
+            batch = self.collate_fn(samples) if batch is None else batch
             shared = _all_in_shm(batch)
             if shared is not None and self._fds_to_spare(shared):
                 # Collate already put every tensor in shm: the feeder thread only passes their fds,
@@ -144,9 +175,64 @@ class MeasuredCollate:
                 raise
             return self._to_file(samples, sizes, f"shm or fds ran out: {exc}", info.id, start, batch)
         stats = self._stats(sizes, batch, SHM, None, info.id, start, handles)
+        stats.arena_miss = miss
         if self.allocated is not None:
             self.allocated[info.id] += stats.batch_bytes  # this worker's slot only: no lock needed
         return Envelope(payload, stats, opened=opened)
+
+    # -- the arena -----------------------------------------------------------------
+    def _via_arena(self, samples, sizes, needed, free, worker_id, start):
+        """``(envelope, None, None)`` when the batch went into the arena; else ``(None, batch, why)``,
+        ``batch`` being the collated batch if it can still be sent another way (else None)."""
+        expected = needed + ALIGN * sum(s for _, s in sizes)  # each tensor may need padding
+        writer, why = self._arena_writer(expected, free, worker_id)
+        if writer is None:
+            return None, None, why
+        batch = None
+        try:
+            writer.begin(expected)
+            if self._stack_in_arena:
+                with _stacking_into(writer):
+                    batch = _collate_into_ring(samples)
+            else:
+                batch = self.collate_fn(samples)
+            ship = None if writer.announced else writer.arena
+            payload, handles = pack_into_arena(batch, writer, ship, self.arena_owner, worker_id)
+        except ArenaFull as exc:
+            writer.rollback()
+            return None, None if self._stack_in_arena else batch, f"arena full: {exc}"
+        except BaseException:
+            writer.rollback()
+            raise
+        stats = self._stats(sizes, batch, ARENA, None, worker_id, start, handles)
+        stats.arena_new_bytes, self._unreported_arena_bytes = self._unreported_arena_bytes, 0
+        return Envelope(payload, stats), None, None
+
+    def _arena_writer(self, expected: int, free: int, worker_id: int):
+        """This worker's ring writer, made or grown when the batches outgrow it: ``(writer, None)``
+        or ``(None, why there is none)``."""
+        self._largest = max(self._largest, expected)
+        if self._writer is None and worker_id in self.arenas:
+            self._writer = RingWriter(self.arenas.pop(worker_id))  # continue the arena of the last worker
+        room = free - self.shm_keep_free
+        wanted = arena_capacity(max(self._largest, self.batch_bytes_hint), self.batches_in_flight, room,
+                                self.workers)
+        if self._writer is not None and wanted < 1.5 * self._writer.arena.capacity:
+            return self._writer, None  # big enough, or growing would not be worth a new one
+        if wanted == 0:
+            return None, (f"no room for an arena: {room} B of shm left above the safety line for "
+                             f"{self.workers} workers, batches of up to {self._largest} B")
+        try:
+            arena = Arena.create(wanted)
+        except RuntimeError as exc:
+            if not _is_resource_error(exc):
+                raise
+            return self._writer, f"could not reserve an arena of {wanted} B: {exc}"
+        self._writer = RingWriter(arena)
+        if self.allocated is not None:
+            self.allocated[worker_id] += arena.nbytes  # in flight until the main process maps it
+        self._unreported_arena_bytes += arena.nbytes
+        return self._writer, None
 
     def _fds_to_spare(self, handles: int) -> bool:
         """Whether this worker has fds to spare for a batch's handles, by a wide margin
@@ -243,10 +329,15 @@ def _all_in_shm(batch: Any) -> Optional[int]:
     return len(storages)
 
 
+def _stackable(obj: Any) -> bool:
+    """Plain CPU tensors: their bytes can be copied into shm and viewed again."""
+    return (type(obj) is torch.Tensor and obj.device.type == "cpu" and obj.layout == torch.strided
+            and not obj.requires_grad and not obj.is_quantized)
+
+
 def _packable(obj: Any) -> bool:
     """Plain CPU tensors not in shm yet (collate's stacked output already is: it goes as it is)."""
-    return (type(obj) is torch.Tensor and obj.device.type == "cpu" and obj.layout == torch.strided
-            and not obj.requires_grad and not obj.is_quantized and not obj.is_shared())
+    return _stackable(obj) and not obj.is_shared()
 
 
 def pack_batch(batch: Any) -> Tuple[bytes, int]:
@@ -258,7 +349,7 @@ def pack_batch(batch: Any) -> Tuple[bytes, int]:
     layout, size = [], 0
     for tensor in pickler.tensors:
         layout.append((size, tensor.dtype, tuple(tensor.shape)))
-        size += -(-tensor.nbytes // _ALIGN) * _ALIGN
+        size += _aligned(tensor.nbytes)
     block = None
     if pickler.tensors:
         block = torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(max(size, 1)))
@@ -267,6 +358,75 @@ def pack_batch(batch: Any) -> Tuple[bytes, int]:
     handles = len({t.untyped_storage().data_ptr() for t in pickler.shared}) + (block is not None)
     outer = ForkingPickler.dumps((inner.getvalue(), block, layout, pickler.shared), pickle.HIGHEST_PROTOCOL)
     return bytes(outer), handles
+
+
+def pack_into_arena(batch: Any, writer: RingWriter, arena: Optional[Arena], owner: str,
+                    worker_id: int) -> Tuple[bytes, int]:
+    """The batch pickled for the main process with its tensors in the open batch of ``writer``
+    (those collate stacked there stay, the others are copied in), committed; and the shm handles
+    (fds) it carries: the arena itself the first times, and tensors collate put in shm elsewhere."""
+    inner = io.BytesIO()
+    pickler = _PackingPickler(inner)
+    pickler.dump(batch)
+    layout = []
+    for tensor in pickler.tensors:
+        offset = writer.offset(tensor)
+        if offset is None:  # not in the ring yet: copy it in
+            piece = writer.alloc(tensor.nbytes)
+            offset = writer.offset(piece)
+            _region(piece, 0, tensor.dtype, tuple(tensor.shape)).copy_(tensor)
+            tensor = _region(piece, 0, tensor.dtype, tuple(tensor.shape))
+        layout.append((offset, tensor.dtype, tuple(tensor.shape), tensor.stride()))
+    end, lo, hi = writer.commit()
+    handles = len({t.untyped_storage().data_ptr() for t in pickler.shared}) + (arena is not None)
+    outer = ForkingPickler.dumps((inner.getvalue(), arena, writer.arena.id, owner, worker_id, end, lo, hi, layout,
+                                  pickler.shared), pickle.HIGHEST_PROTOCOL)
+    return bytes(outer), handles
+
+
+def unpack_from_arena(data: bytes) -> Any:
+    """The batch again, its tensors views of the worker's arena."""
+    inner, arena, arena_id, owner, worker_id, end, lo, hi, layout, shared = pickle.loads(data)
+    base = open_view(arena, arena_id, owner, worker_id, end, lo, hi)
+    places = {"block": [_strided(base, *place) for place in layout], "shared": shared}
+    return _PlacingUnpickler(io.BytesIO(inner), places).load()
+
+
+def _strided(base: torch.Tensor, offset: int, dtype: torch.dtype, shape: tuple, stride: tuple) -> torch.Tensor:
+    span = (1 + sum((n - 1) * st for n, st in zip(shape, stride))) * dtype.itemsize if all(shape) else 0
+    return base[offset : offset + span].view(dtype).as_strided(shape, stride)
+
+
+_stacking_writer: Optional[RingWriter] = None  # set while default_collate runs in the arena path
+
+
+@contextlib.contextmanager
+def _stacking_into(writer: RingWriter) -> Iterator[None]:
+    """Make ``default_collate`` stack tensors straight into the writer's open batch."""
+    global _stacking_writer
+    _stacking_writer = writer
+    try:
+        yield
+    finally:
+        _stacking_writer = None
+
+
+def _stack_into_ring(batch, *, collate_fn_map=None):
+    """``default_collate``'s rule for tensors, with the output in the arena instead of fresh shm."""
+    elem = batch[0]
+    writer = _stacking_writer
+    if writer is None or not all(_stackable(t) and t.shape == elem.shape and t.dtype == elem.dtype for t in batch):
+        return collate_tensor_fn(batch, collate_fn_map=collate_fn_map)  # the error, or the odd tensor
+    out = writer.alloc(elem.nbytes * len(batch)).view(elem.dtype).view(len(batch), *elem.shape)
+    return torch.stack(batch, 0, out=out)
+
+
+_ARENA_COLLATE_MAP = {**default_collate_fn_map, torch.Tensor: _stack_into_ring}
+
+
+def _collate_into_ring(samples: List[Any]) -> Any:
+    """``default_collate`` whose stacked tensors land in the open batch of the arena."""
+    return collate(samples, collate_fn_map=_ARENA_COLLATE_MAP)
 
 
 def unpack_batch(data: bytes) -> Any:

@@ -16,6 +16,9 @@ import traceback
 
 from .scenarios import get
 
+#: vanilla DataLoader; AdaptiveLoader as it comes; AdaptiveLoader with a new shm block per batch
+LOADERS = ("vanilla", "adaptive", "adaptive-no-arena")
+
 
 class _PeakShm(threading.Thread):
     """Samples /dev/shm use every few ms and keeps the maximum in a file."""
@@ -46,7 +49,7 @@ def _short_error(exc: BaseException) -> str:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--scenario", required=True)
-    p.add_argument("--loader", choices=["vanilla", "adaptive"], required=True)
+    p.add_argument("--loader", choices=LOADERS, required=True)
     p.add_argument("--shm-bytes", type=int, required=True)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--quick", action="store_true")
@@ -69,7 +72,8 @@ def main() -> None:
         else:
             from adaptive_loader import AdaptiveLoader
 
-            loader = AdaptiveLoader(setup.dataset, telemetry=args.telemetry, **setup.adaptive)
+            loader = AdaptiveLoader(setup.dataset, telemetry=args.telemetry, arena=args.loader == "adaptive",
+                                    **setup.adaptive)
         progress.write("start\n")
         kept = []
         for step, batch in enumerate(loader, 1):
@@ -88,7 +92,7 @@ def main() -> None:
             setup.on_end()
     result["seconds"] = time.monotonic() - start
     result["peak_shm_used_bytes"] = peak.peak
-    result["fallbacks"] = getattr(loader, "fallbacks", {}) if args.loader == "adaptive" else {}
+    result["fallbacks"] = getattr(loader, "fallbacks", {}) if args.loader != "vanilla" else {}
     with open(os.path.join(args.dir, "result.json"), "w") as f:
         json.dump(result, f)
     os._exit(0)  # do not wait on worker teardown: the outcome is written

@@ -40,7 +40,7 @@ def run_case(scenario: str, loader: str, *, shm_bytes: int, workers: int = 2, qu
                 "--shm-bytes", str(shm_bytes), "--workers", str(workers), "--dir", work]
         if quick:
             argv.append("--quick")
-        if telemetry and loader == "adaptive":
+        if telemetry and loader != "vanilla":
             argv += ["--telemetry", os.path.abspath(telemetry)]
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [_REPO_ROOT, os.environ.get("PYTHONPATH")])),
                    PYTHONUNBUFFERED="1")

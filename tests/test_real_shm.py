@@ -18,9 +18,10 @@ VANILLA_FAILS = {"seed": {"hang"}, "volumes": {"crash"}, "giant-sample": {"crash
                  "shm-hog": {"hang", "crash"}, "worker-kill": {"crash"}, "mixed": {"hang", "crash"}}
 
 
+@pytest.mark.parametrize("loader", ["adaptive", "adaptive-no-arena"])
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
-def test_adaptive_delivers_everything_exactly_once(scenario):
-    result = run_case(scenario, "adaptive", shm_bytes=SHM, quick=True, hang_after=30)
+def test_adaptive_delivers_everything_exactly_once(scenario, loader):
+    result = run_case(scenario, loader, shm_bytes=SHM, quick=True, hang_after=30)
     assert result["outcome"] == "ok", result["error"]
     assert result["delivered"] == result["expected"]
     assert result["missing"] == 0 and result["duplicated"] == 0
@@ -39,5 +40,8 @@ def test_fallbacks_are_the_expected_ones():
     assert giant["fallbacks"].get("off_shm", 0) >= 1
     killed = run_case("worker-kill", "adaptive", shm_bytes=SHM, quick=True)
     assert killed["fallbacks"].get("recovery") == 1
-    fds = run_case("many-tensors", "adaptive", shm_bytes=SHM, quick=True)
+    # 300 tensors per sample: one fd each with a new shm block per batch, none through the arena
+    fds = run_case("many-tensors", "adaptive-no-arena", shm_bytes=SHM, quick=True)
     assert fds["fallbacks"].get("sharing_strategy") == 1
+    fds = run_case("many-tensors", "adaptive", shm_bytes=SHM, quick=True)
+    assert "sharing_strategy" not in fds["fallbacks"] and "recovery" not in fds["fallbacks"]
