@@ -133,6 +133,7 @@ class Controller:
         max_batch_size: the user's size cap (``None``: none).
         min_cost: smallest positive sample cost (so a budget never goes below
             one sample).
+        max_sample_cost: the largest sample cost (bounds a batch with the size cap).
         num_workers, prefetch_factor: the loader's pipeline depth now.
         safety: fraction of the usable shm that batches may fill.
         fd_headroom: fraction of the fd soft limit that may be in use.
@@ -143,10 +144,12 @@ class Controller:
 
     def __init__(self, *, user_max_cost: float, max_batch_size: Optional[int], min_cost: float,
                  num_workers: int, prefetch_factor: int, safety: float = 0.8, fd_headroom: float = 0.8,
-                 hysteresis: float = 0.2, model: Optional[CostModel] = None) -> None:
+                 hysteresis: float = 0.2, model: Optional[CostModel] = None,
+                 max_sample_cost: float = math.inf) -> None:
         self.user_max_cost = user_max_cost
         self.max_batch_size = max_batch_size
         self.min_cost = max(min_cost, 1e-9)  # a budget stays positive even when every cost is 0
+        self.max_sample_cost = max_sample_cost
         self.num_workers = num_workers
         self.prefetch_factor = prefetch_factor
         self.safety = safety
@@ -180,9 +183,10 @@ class Controller:
         count = self.max_batch_size
         if count is None and math.isfinite(self.max_cost):
             count = self.max_cost / self.min_cost
-        if count is None or (b > 0 and not math.isfinite(self.max_cost)):
+        cost = min(self.max_cost, count * self.max_sample_cost) if count is not None else self.max_cost
+        if count is None or (b > 0 and not math.isfinite(cost)):
             return 0.0
-        return count * (a + m) + (b * self.max_cost if b > 0 else 0.0)
+        return count * (a + m) + (b * cost if b > 0 else 0.0)
 
     # -- budget ---------------------------------------------------------------
     def _max_cost_for(self, per_batch_bytes: float) -> float:

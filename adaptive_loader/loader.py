@@ -150,7 +150,8 @@ class AdaptiveLoader:
         self.controller = Controller(
             user_max_cost=self.user_max_cost, max_batch_size=self.sampler.max_batch_size,
             min_cost=float(positive.min()) if len(positive) else 0.0, num_workers=num_workers,
-            prefetch_factor=self.prefetch_factor or 1, safety=safety)
+            prefetch_factor=self.prefetch_factor or 1, safety=safety,
+            max_sample_cost=float(self.sampler.costs.max()) if n else 0.0)
         self.sharing_strategy = torch.multiprocessing.get_sharing_strategy()
         self._local_world_size = _local_world_size()
         self._fd_soft_limit: Optional[int] = None
@@ -483,6 +484,8 @@ class AdaptiveLoader:
             self._collate.arenas = arena_registry.arenas_of(self._arena_owner)
             self._collate.batch_bytes_hint = int(self.controller.batch_bytes_bound())
         iterator = iter(self._dataloader)
+        if self._collate is not None:
+            self._collate.arenas = {}  # the workers have them now; here they would outlive the loader's use
         _detach_sigchld_watch(iterator)
         return iterator
 

@@ -370,7 +370,7 @@ def pack_into_arena(batch: Any, writer: RingWriter, arena: Optional[Arena], owne
     pickler.dump(batch)
     layout = []
     for tensor in pickler.tensors:
-        offset = writer.offset(tensor)
+        offset = 0 if tensor.nbytes == 0 else writer.offset(tensor)
         if offset is None:  # not in the ring yet: copy it in
             piece = writer.alloc(tensor.nbytes)
             offset = writer.offset(piece)

@@ -1,0 +1,342 @@
+"""The shm arena: the ring itself, the main process's views and their release, and the arena
+through real DataLoader workers (fork and spawn, either sharing strategy)."""
+
+import gc
+import os
+import stat
+
+import pytest
+import torch
+import torch.multiprocessing
+from torch.utils.data import DataLoader, Dataset, default_collate
+
+from adaptive_loader import AdaptiveLoader
+from adaptive_loader.arena import ALIGN, Arena, ArenaFull, RingWriter, open_view, registry
+from adaptive_loader.controller import ARENA_MIN_BYTES, Controller, arena_capacity
+from adaptive_loader.transport import ARENA, SHM, MeasuredCollate
+
+from test_transport import RichDataset, assert_same, rich_sample
+
+pytestmark = pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="no /dev/shm on this machine")
+
+
+def fill(writer, nbytes, value):
+    piece = writer.alloc(nbytes)
+    piece.fill_(value)
+    return piece
+
+
+# -- the ring, worker side -------------------------------------------------------------------------
+
+def test_create_reserves_an_unlinked_private_region():
+    arena = Arena.create(1 << 20)
+    fd, size = arena.storage._share_fd_cpu_()
+    info = os.fstat(fd)
+    assert stat.S_IMODE(info.st_mode) == 0o600  # nobody else may open it...
+    assert info.st_nlink == 0  # ...and it has no name left to open it by
+    assert size == arena.nbytes
+    assert arena.capacity == arena.nbytes - 64 >= 1 << 20
+    assert info.st_blocks * 512 >= arena.nbytes  # posix_fallocate: the pages exist now
+
+
+def test_batches_take_consecutive_ranges_and_report_them():
+    writer = RingWriter(Arena.create(4096))
+    writer.begin(100)
+    fill(writer, 100, 1)
+    fill(writer, 10, 2)
+    assert writer.commit() == (2 * ALIGN + ALIGN, 0, 3 * ALIGN)  # end position, bytes [lo, hi) of the ring
+    writer.begin(64)
+    fill(writer, 64, 3)
+    assert writer.commit() == (4 * ALIGN, 3 * ALIGN, 4 * ALIGN)
+
+
+def test_rollback_leaves_nothing_taken():
+    writer = RingWriter(Arena.create(4096))
+    writer.begin(1000)
+    fill(writer, 1000, 1)
+    writer.rollback()
+    assert writer.room() == writer.arena.capacity
+    writer.begin(10)
+    fill(writer, 10, 1)
+    assert writer.commit()[1] == 0  # the rolled-back bytes were handed out again
+
+
+def test_a_batch_that_would_run_past_the_end_starts_at_the_beginning():
+    arena = Arena.create(4096)
+    writer = RingWriter(arena)
+    writer.begin(3000)
+    fill(writer, 3000, 1)
+    end, lo, hi = writer.commit()
+    arena.header[0] = end  # released
+    writer.begin(2000)  # 1,024 bytes left before the end: it goes to the start
+    fill(writer, 2000, 2)
+    end2, lo2, hi2 = writer.commit()
+    assert lo2 == 0 and hi2 == 2048 and end2 == arena.capacity + 2048
+
+
+def test_full_while_earlier_batches_are_held_never_waits():
+    writer = RingWriter(Arena.create(4096))
+    writer.begin(3000)
+    fill(writer, 3000, 1)
+    writer.commit()  # never released
+    with pytest.raises(ArenaFull, match="free"):
+        writer.begin(2000)
+    writer.begin(500)  # what does fit still goes in
+    with pytest.raises(ArenaFull):
+        writer.alloc(2000)
+
+
+def test_a_batch_larger_than_the_ring_is_refused():
+    writer = RingWriter(Arena.create(4096))
+    with pytest.raises(ArenaFull):
+        writer.begin(8192)
+
+
+# -- views and release, main side -----------------------------------------------------------------
+
+def batch_on(writer, owner, nbytes, value):
+    writer.begin(nbytes)
+    fill(writer, nbytes, value)
+    end, lo, hi = writer.commit()
+    return open_view(writer.arena, writer.arena.id, owner, 0, end, lo, hi)
+
+
+def test_views_see_what_the_writer_wrote_and_release_when_dropped():
+    writer = RingWriter(Arena.create(1 << 16))
+    try:
+        view = batch_on(writer, "t-release", 1000, 7)
+        assert view.shape == (1024,) and bool((view[:1000] == 7).all())  # the range is whole ALIGN blocks
+        assert writer.room() < writer.arena.capacity
+        del view
+        gc.collect()
+        assert writer.room() == writer.arena.capacity  # dropped: the ring is free again
+        assert writer.arena.header[2] == 1  # the main side says it has mapped the arena
+    finally:
+        registry.forget("t-release")
+
+
+def test_release_is_in_ring_order_whatever_order_batches_are_dropped():
+    writer = RingWriter(Arena.create(1 << 16))
+    try:
+        first = batch_on(writer, "t-order", 1024, 1)
+        second = batch_on(writer, "t-order", 1024, 2)
+        taken = writer.room()
+        second_view = second[10:20].view(torch.int16)  # a derived view keeps the batch alive too
+        del second
+        gc.collect()
+        assert writer.room() == taken  # the first still holds the ring's tail
+        del first
+        gc.collect()
+        assert writer.room() == writer.arena.capacity - 1024  # the second is still alive through its view
+        del second_view
+        gc.collect()
+        assert writer.room() == writer.arena.capacity
+    finally:
+        registry.forget("t-order")
+
+
+def test_an_unknown_arena_is_a_clear_error():
+    with pytest.raises(RuntimeError, match="never reached this process"):
+        open_view(None, "no-such-arena", "t-unknown", 0, 64, 0, 64)
+
+
+def test_unsent_batches_of_a_dead_writer_are_freed_and_a_live_writer_keeps_its_arena():
+    writer = RingWriter(Arena.create(1 << 16))
+    try:
+        kept = batch_on(writer, "t-dead", 1024, 1)
+        writer.begin(2048)
+        fill(writer, 2048, 2)
+        writer.commit()  # never sent
+        registry.writers_stopped("t-dead")  # the writer (this process) is alive: the arena is dropped
+        assert registry.arenas_of("t-dead") == {}
+        assert bool((kept == 1).all())  # an open batch keeps its memory whatever happens
+
+        writer2 = RingWriter(Arena.create(1 << 16))
+        batch = batch_on(writer2, "t-dead2", 1024, 3)
+        writer2.begin(2048)
+        fill(writer2, 2048, 4)
+        writer2.commit()
+        writer2.arena.header[3] = 2**22 + 7  # a pid that does not exist: the writer is gone
+        registry.writers_stopped("t-dead2")
+        del batch
+        gc.collect()
+        assert writer2.room() == writer2.arena.capacity  # the unsent batch was freed with it
+        assert list(registry.arenas_of("t-dead2")) == [0]  # and the arena is kept for the next worker
+    finally:
+        registry.forget("t-dead")
+        registry.forget("t-dead2")
+
+
+# -- sizing ----------------------------------------------------------------------------------------
+
+def test_capacity_holds_the_batches_in_flight_and_two_held():
+    assert arena_capacity(8 << 20, 2, room=10 << 30, workers=2) == 40 << 20  # (2 + 2) x 8 MiB x 1.25
+    assert arena_capacity(1 << 10, 2, room=10 << 30, workers=2) == ARENA_MIN_BYTES
+
+
+def test_capacity_stays_within_a_share_of_the_room():
+    assert arena_capacity(8 << 20, 2, room=64 << 20, workers=2) == 32 << 20
+    assert arena_capacity(8 << 20, 2, room=24 << 20, workers=2) == 0  # 12 MiB cannot hold two batches
+    assert arena_capacity(8 << 20, 2, room=-5, workers=2) == 0
+
+
+def test_the_controller_bounds_a_batch_from_its_cost_model():
+    controller = Controller(user_max_cost=100, max_batch_size=4, min_cost=1, num_workers=2, prefetch_factor=2)
+    assert controller.batch_bytes_bound() == 0  # nothing measured yet
+    controller.model.observe([10, 20, 30, 40] * 8, [1000, 2000, 3000, 4000] * 8)  # 100 B per cost unit
+    assert controller.batch_bytes_bound() == pytest.approx(100 * 100, rel=1e-6)
+    controller.max_sample_cost = 10  # four samples of cost 10 at most
+    assert controller.batch_bytes_bound() == pytest.approx(100 * 40, rel=1e-6)
+    unbounded = Controller(user_max_cost=float("inf"), max_batch_size=None, min_cost=1, num_workers=2,
+                           prefetch_factor=2)
+    unbounded.model.observe([10, 20], [1000, 2000])
+    assert unbounded.batch_bytes_bound() == 0
+
+
+# -- through real workers ---------------------------------------------------------------------------
+
+class Floats(Dataset):
+    def __init__(self, n=48, numel=1 << 16):
+        self.n, self.numel = n, numel
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        return torch.full((self.numel,), float(i))
+
+
+def list_collate(batch):
+    return list(batch)
+
+
+def transposed_collate(batch):
+    return {"t": torch.stack(batch).t(), "first": batch[0][:3].clone(), "empty": torch.empty(0, 5)}
+
+
+def values_of(batch):
+    return sorted(int(v) for v in batch[:, 0].tolist())
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("collate", [None, list_collate, transposed_collate], ids=["default", "list", "odd"])
+def test_every_batch_goes_through_the_arena_intact(collate):
+    reference = collate or default_collate
+    loader = AdaptiveLoader(Floats(), max_batch_size=4, num_workers=2, collate_fn=collate)
+    transports, new_arenas = [], 0
+    original = loader._after_batch
+
+    def spy(indices, stats, batch, wait_s, epoch):
+        nonlocal new_arenas
+        transports.append(stats.transport)
+        new_arenas += stats.arena_new_bytes > 0
+        assert_same(batch, reference([Floats()[i] for i in indices]))
+        return original(indices, stats, batch, wait_s, epoch)
+
+    loader._after_batch = spy
+    with loader:
+        assert sum(1 for _ in loader) == 12
+    assert transports == [ARENA] * 12
+    assert new_arenas == 2  # one per worker, reused by all their batches
+
+
+@pytest.mark.timeout(120)
+def test_rich_samples_round_trip_through_the_arena(tmp_path):
+    collate = MeasuredCollate(default_collate, "/dev/shm", str(tmp_path), arena_owner="t-rich", workers=1)
+    try:
+        loader = DataLoader(RichDataset(), batch_size=3, num_workers=1, collate_fn=collate, timeout=60)
+        for k, envelope in enumerate(loader):
+            assert envelope.stats.transport == ARENA and envelope.stats.handles <= 1
+            assert_same(envelope.open(), default_collate([rich_sample(i) for i in range(3 * k, 3 * k + 3)]))
+    finally:
+        registry.forget("t-rich")
+
+
+@pytest.mark.timeout(120)
+def test_held_batches_fill_the_arena_and_the_rest_take_a_shm_block():
+    loader = AdaptiveLoader(Floats(n=64, numel=1 << 20), max_batch_size=4, num_workers=2)  # 16 MiB batches
+    kept = []
+    misses = []
+    original = loader._after_batch
+
+    def spy(indices, stats, batch, wait_s, epoch):
+        if stats.transport != ARENA:
+            misses.append((stats.transport, stats.arena_miss))
+        return original(indices, stats, batch, wait_s, epoch)
+
+    loader._after_batch = spy
+    with loader:
+        for batch in loader:
+            kept.append(batch)  # a user who keeps every batch: the rings cannot be reused
+    assert sorted(v for b in kept for v in values_of(b)) == list(range(64))
+    assert misses and all(t == SHM and "arena full" in why for t, why in misses)
+
+
+@pytest.mark.timeout(120)
+def test_the_next_epochs_workers_continue_the_same_arenas():
+    loader = AdaptiveLoader(Floats(), max_batch_size=4, num_workers=2, shuffle=True)
+    new_arena_bytes = []
+    original = loader._after_batch
+
+    def spy(indices, stats, batch, wait_s, epoch):
+        new_arena_bytes.append(stats.arena_new_bytes)
+        return original(indices, stats, batch, wait_s, epoch)
+
+    loader._after_batch = spy
+    with loader:
+        for _ in range(3):
+            seen = [v for batch in loader for v in values_of(batch)]
+            assert sorted(seen) == list(range(48))
+    assert sum(b > 0 for b in new_arena_bytes[:12]) == 2
+    assert sum(b > 0 for b in new_arena_bytes[12:]) == 0
+
+
+def shm_used():
+    st = os.statvfs("/dev/shm")
+    return (st.f_blocks - st.f_bfree) * st.f_frsize
+
+
+@pytest.mark.timeout(120)
+def test_close_gives_the_arenas_back_once_the_last_batch_is_dropped():
+    gc.collect()
+    before = shm_used()
+    loader = AdaptiveLoader(Floats(n=16, numel=1 << 20), max_batch_size=4, num_workers=2)
+    last = None
+    for last in loader:
+        pass
+    loader.close()
+    assert shm_used() - before >= 2 * ARENA_MIN_BYTES  # the last batch keeps its arena mapped
+    assert values_of(last) == sorted(values_of(last)) and len(values_of(last)) == 4
+    del last
+    gc.collect()
+    assert shm_used() - before < ARENA_MIN_BYTES
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("context, strategy", [("spawn", "file_descriptor"), ("fork", "file_system")])
+def test_spawned_workers_and_the_file_system_strategy(context, strategy):
+    previous = torch.multiprocessing.get_sharing_strategy()
+    torch.multiprocessing.set_sharing_strategy(strategy)
+    try:
+        transports = []
+        loader = AdaptiveLoader(Floats(n=16), max_batch_size=4, num_workers=2, multiprocessing_context=context,
+                                telemetry=lambda r: transports.append(r.get("transport")))
+        with loader:
+            assert sorted(v for batch in loader for v in values_of(batch)) == list(range(16))
+        assert [t for t in transports if t] == [ARENA] * 4
+    finally:
+        torch.multiprocessing.set_sharing_strategy(previous)
+
+
+def test_arena_must_be_a_bool():
+    with pytest.raises(TypeError, match="arena must be True or False"):
+        AdaptiveLoader(Floats(), num_workers=2, arena="yes")
+
+
+@pytest.mark.timeout(120)
+def test_arena_off_sends_a_new_block_per_batch():
+    transports = []
+    with AdaptiveLoader(Floats(n=16), max_batch_size=4, num_workers=2, arena=False,
+                        telemetry=lambda r: transports.append(r.get("transport"))) as loader:
+        assert sorted(v for batch in loader for v in values_of(batch)) == list(range(16))
+    assert [t for t in transports if t] == [SHM] * 4
