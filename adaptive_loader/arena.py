@@ -219,6 +219,19 @@ class _Registry:
                     self._mapped.pop(arena_id, None)
                     del self._current[owner][worker]
 
+    def idle(self, owner: str, worker: int) -> bool:
+        """Whether no batch on this worker's current arena is open here."""
+        with self.lock:
+            mapped = self._mapped.get(self._current.get(owner, {}).get(worker))
+            return mapped is not None and not mapped.pending
+
+    def forget_workers(self, owner: str, workers) -> None:
+        """Drop these workers' arenas: the workers started next make or get new ones."""
+        with self.lock:
+            current = self._current.get(owner, {})
+            for worker in workers:
+                self._mapped.pop(current.pop(worker, None), None)
+
     def forget(self, owner: str) -> None:
         """The owner is done: its arenas are unmapped as soon as no batch on them is open."""
         with self.lock:

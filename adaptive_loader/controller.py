@@ -110,6 +110,8 @@ class Observation:
     fd_hard_limit: int
     fds_per_batch: float  # shm handles one batch brings to the main process
     local_world_size: int = 1
+    arenas: bool = False  # batches go through the workers' arenas (rings), not new blocks
+    arena_capacity: int = 0  # the smallest arena that cannot grow to hold the batches in flight, else 0
 
 
 @dataclass(frozen=True)
@@ -162,12 +164,12 @@ class Controller:
     def decide(self, obs: Observation) -> Decision:
         reasons: List[str] = []
         usable = self.safety * (obs.shm_free / max(1, obs.local_world_size) + obs.ours_in_shm)
-        slots = self.num_workers * self.prefetch_factor + max(1, obs.held_batches)
-        per_batch = usable / slots
+        per_batch = usable / self._slots(self.num_workers, self.prefetch_factor, obs)
         prefetch, workers = self._shrink_pipeline(usable, obs.held_batches, reasons)
         if prefetch is not None or workers is not None:
-            slots = (workers or self.num_workers) * (prefetch or self.prefetch_factor) + max(1, obs.held_batches)
-            per_batch = usable / slots
+            per_batch = usable / self._slots(workers or self.num_workers, prefetch or self.prefetch_factor, obs)
+        if obs.arena_capacity:  # an arena at its share of shm: batches must fit it instead
+            per_batch = min(per_batch, obs.arena_capacity / ((prefetch or self.prefetch_factor) + 2))
         target = self._max_cost_for(per_batch)
         self._move_budget(target, per_batch, reasons)
         fd_limit, strategy = self._fd_plan(obs, reasons)
@@ -187,6 +189,15 @@ class Controller:
         if count is None or (b > 0 and not math.isfinite(cost)):
             return 0.0
         return count * (a + m) + (b * cost if b > 0 else 0.0)
+
+    @staticmethod
+    def _slots(workers: int, prefetch: int, obs: Observation) -> int:
+        """Batches the usable shm must hold at once. Each arena is one worker's share: it holds
+        that worker's batches in flight, one the user still holds, and the room a batch skips
+        when it does not fit before the ring's end."""
+        if obs.arenas:
+            return workers * (prefetch + 2)
+        return workers * prefetch + max(1, obs.held_batches)
 
     # -- budget ---------------------------------------------------------------
     def _max_cost_for(self, per_batch_bytes: float) -> float:

@@ -26,8 +26,9 @@ import torch.multiprocessing
 from torch.utils.data import BatchSampler, DataLoader, Dataset, IterableDataset, RandomSampler, SequentialSampler
 from torch.utils.data._utils import signal_handling as _torch_signal_handling
 
+from .arena import Arena
 from .arena import registry as arena_registry
-from .controller import Controller, Observation
+from .controller import Controller, Observation, arena_capacity
 from .costs import as_cost_array
 from .measure import ShmProbe, _leaves, host_ram_available, read_fds, rss_of
 from .sampler import DEFAULT_WINDOW, BudgetBatchSampler, _pack_bits, _unpack_bits
@@ -171,6 +172,8 @@ class AdaptiveLoader:
         self._ram: Optional[int] = None
         self._last_delivery: Optional[float] = None
         self._largest_batch = 0  # bytes
+        self._recent_batches: Deque[int] = deque(maxlen=64)  # bytes of the last batches delivered
+        self._tight_arenas: Dict[int, int] = {}  # worker id -> its arena's capacity if too small, else 0
         self._last_target = 0.0  # the controller's last per-batch bytes
         self._rate: Optional[float] = None
 
@@ -373,6 +376,9 @@ class AdaptiveLoader:
                                   f"spill file: {stats.off_shm_reason}", step=self._step, epoch=epoch,
                                   level=logging.WARNING, bytes=stats.batch_bytes)
         self._largest_batch = max(self._largest_batch, stats.batch_bytes)
+        self._recent_batches.append(stats.batch_bytes)
+        if stats.worker_id >= 0:
+            self._tight_arenas[stats.worker_id] = stats.arena_capacity
         rate = self._throughput(len(indices))
         decide = self.num_workers > 0 and self._decision_due(stats)
         if not (decide or self._telemetry.wants_batches):
@@ -385,7 +391,9 @@ class AdaptiveLoader:
             decision = self.controller.decide(Observation(
                 shm_free=shm.free, ours_in_shm=ours, held_batches=self._held.alive(),
                 fds_in_use=fds.in_use, fd_soft_limit=fds.soft_limit, fd_hard_limit=fds.hard_limit,
-                fds_per_batch=stats.handles, local_world_size=self._local_world_size))
+                fds_per_batch=stats.handles, local_world_size=self._local_world_size,
+                arenas=stats.transport == ARENA or self._arena_bytes() > 0,
+                arena_capacity=min((c for c in self._tight_arenas.values() if c), default=0)))
             self._last_target = decision.per_batch_bytes
         rebuild = decision is not None and self._apply(decision, epoch)
         if self._telemetry.wants_batches:  # RAM, worker RSS and the record are for telemetry alone
@@ -403,7 +411,7 @@ class AdaptiveLoader:
         least twice the largest batch seen, the fds far from their limit) every 8th batch is
         enough: the decision would not change, and the workers' own free-space check guards
         the batches in between."""
-        ample = (self._last_target >= 2 * self._largest_batch and stats.transport == SHM
+        ample = (self._last_target >= 2 * self._largest_batch and stats.transport in (SHM, ARENA)
                  and (self._fds is None or stats.handles * 64 < self._fds.soft_limit))
         return not ample or self._step % 8 == 0
 
@@ -480,7 +488,10 @@ class AdaptiveLoader:
     def _start_iterator(self) -> Iterator[Any]:
         if self._dataloader is None:
             self._dataloader = self._make_dataloader()
-        if self._arena_owner is not None:  # workers started now continue the arenas of the last ones
+        workers_running = self._dataloader.persistent_workers and self._dataloader._iterator is not None
+        if self._arena_owner is not None and not workers_running:
+            self._resize_arenas()
+            # workers started now continue these arenas
             self._collate.arenas = arena_registry.arenas_of(self._arena_owner)
             self._collate.batch_bytes_hint = int(self.controller.batch_bytes_bound())
         iterator = iter(self._dataloader)
@@ -488,6 +499,33 @@ class AdaptiveLoader:
             self._collate.arenas = {}  # the workers have them now; here they would outlive the loader's use
         _detach_sigchld_watch(iterator)
         return iterator
+
+    def _resize_arenas(self) -> None:
+        """Before new workers start: give each an arena of its full share for the batches measured.
+
+        Workers size their own arena from their first batches, under whatever room is left
+        then; with none running, the room is known and nothing else competes for it.
+        """
+        if not self._recent_batches or self.num_workers == 0:
+            return
+        current = arena_registry.arenas_of(self._arena_owner)
+        shm = self._shm.read()
+        room = shm.free + sum(a.nbytes for a in current.values()) - (1 - self.safety) * shm.total
+        wanted = arena_capacity(max(self._recent_batches), self.prefetch_factor or 1, room, self.num_workers)
+        # an arena a batch still lives on stays: replacing it would not give its room back
+        stale = [w for w in range(self.num_workers) if w not in current
+                 or (current[w].capacity < 0.95 * wanted and arena_registry.idle(self._arena_owner, w))]
+        if not wanted or not stale:
+            return
+        del current
+        arena_registry.forget_workers(self._arena_owner, stale)
+        for worker in stale:
+            try:
+                arena = Arena.create(wanted)
+            except RuntimeError as exc:  # then the worker makes its own
+                logger.debug("arena of %d B for worker %d not reserved: %s", wanted, worker, exc)
+                return
+            arena_registry.receive(arena, arena.id, self._arena_owner, worker)
 
     def _remove_spill_files(self) -> None:
         if self._collate is not None:
@@ -506,13 +544,14 @@ class AdaptiveLoader:
             if self._user_worker_init is not None:
                 kwargs["worker_init_fn"] = self._user_worker_init
         self._allocated = _shared_counters(self.num_workers)
+        arena_sizes = _shared_counters(self.num_workers) if self._arena_owner is not None else None
         self._delivered = [0] * self.num_workers
         # the workers themselves never fill shm past the safety line: above it a batch goes to a file
         keep_free = int((1 - self.safety) * self._shm.read().total)
         self._collate = MeasuredCollate(self.collate_fn or default_collate, self._shm.path, self.spill_dir,
                                         shm_keep_free=keep_free, allocated=self._allocated,
-                                        arena_owner=self._arena_owner, batches_in_flight=self.prefetch_factor or 1,
-                                        workers=self.num_workers)
+                                        arena_owner=self._arena_owner, arena_sizes=arena_sizes,
+                                        batches_in_flight=self.prefetch_factor or 1, workers=self.num_workers)
         return DataLoader(self.dataset, batch_sampler=self._feed, num_workers=self.num_workers,
                           collate_fn=self._collate, **kwargs)
 

@@ -28,9 +28,10 @@ import pickle
 import resource
 import time
 import uuid
+from collections import deque
 from dataclasses import dataclass
 from multiprocessing.reduction import ForkingPickler
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Deque, Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.multiprocessing
@@ -71,6 +72,7 @@ class BatchStats:
     collate_seconds: float
     arena_miss: Optional[str] = None  # why the batch did not go through the arena, if it could have
     arena_new_bytes: int = 0  # the size of an arena this batch brings for the first time
+    arena_capacity: int = 0  # the worker's ring when it is too small for its batches in flight and cannot grow
 
 
 class Envelope:
@@ -115,12 +117,15 @@ class MeasuredCollate:
             knows what its batches in flight really occupy.
         arena_owner: a name for the loader's arenas; ``None``: no arena, every
             batch gets a new shm block.
+        arena_sizes: optional shared int64 tensor, one slot per worker: the size
+            of each worker's arena, so that each takes an equal share.
         batches_in_flight, workers: the pipeline, for sizing an arena.
     """
 
     def __init__(self, collate_fn: Callable[[List[Any]], Any], shm_path: str, spill_dir: str,
                  shm_keep_free: int = 0, allocated: Optional[torch.Tensor] = None,
-                 arena_owner: Optional[str] = None, batches_in_flight: int = 2, workers: int = 1) -> None:
+                 arena_owner: Optional[str] = None, arena_sizes: Optional[torch.Tensor] = None,
+                 batches_in_flight: int = 2, workers: int = 1) -> None:
         self.collate_fn = collate_fn
         self.shm_path = shm_path
         self.spill_dir = spill_dir
@@ -128,13 +133,15 @@ class MeasuredCollate:
         self.allocated = allocated
         self.spill_prefix = f"adaptive-loader-{os.getpid()}-{uuid.uuid4().hex[:8]}-"
         self.arena_owner = arena_owner
+        self.arena_sizes = arena_sizes
         self.batches_in_flight = batches_in_flight
         self.workers = workers
         self.arenas: Dict[int, Arena] = {}  # set by the main process: the arenas to continue, by worker id
         self.batch_bytes_hint = 0  # set by the main process: the cost model's bound on a batch
         self._stack_in_arena = collate_fn is default_collate  # then collate stacks straight into the ring
         self._writer: Optional[RingWriter] = None
-        self._largest = 0  # bytes of the largest batch this worker has made
+        self._recent: Deque[int] = deque(maxlen=16)  # bytes of this worker's last batches
+        self._tight_capacity = 0  # see BatchStats.arena_capacity
         self._unreported_arena_bytes = 0  # of arenas made here that no batch has told the main process of
         self._batches_made = 0
         self._fds: Optional[FdState] = None
@@ -154,13 +161,18 @@ class MeasuredCollate:
         batch, miss = None, None
         if self.arena_owner is not None:
             envelope, batch, miss = self._via_arena(samples, sizes, needed, free, info.id, start)
-            if envelope is not None:
-                return envelope
-        if needed > free - self.shm_keep_free:
-            envelope = self._to_file(samples, sizes, f"batch needs {needed} B, shm has {free} B free", info.id,
-                                     start, batch)
-            envelope.stats.arena_miss = miss
+            if envelope is None:
+                envelope = self._off_arena(samples, sizes, needed, free, info.id, start, batch)
+                envelope.stats.arena_miss = miss
+            envelope.stats.arena_capacity = self._tight_capacity
             return envelope
+        return self._off_arena(samples, sizes, needed, free, info.id, start)
+
+    def _off_arena(self, samples, sizes, needed, free, worker_id, start, batch=None) -> Envelope:
+        """A new shm block for the batch, or a spill file where shm cannot take it."""
+        if needed > free - self.shm_keep_free:
+            return self._to_file(samples, sizes, f"batch needs {needed} B, shm has {free} B free", worker_id,
+                                 start, batch)
         try:
             batch = self.collate_fn(samples) if batch is None else batch
             shared = _all_in_shm(batch)
@@ -173,11 +185,10 @@ class MeasuredCollate:
         except (RuntimeError, OSError) as exc:
             if not _is_resource_error(exc):
                 raise
-            return self._to_file(samples, sizes, f"shm or fds ran out: {exc}", info.id, start, batch)
-        stats = self._stats(sizes, batch, SHM, None, info.id, start, handles)
-        stats.arena_miss = miss
+            return self._to_file(samples, sizes, f"shm or fds ran out: {exc}", worker_id, start, batch)
+        stats = self._stats(sizes, batch, SHM, None, worker_id, start, handles)
         if self.allocated is not None:
-            self.allocated[info.id] += stats.batch_bytes  # this worker's slot only: no lock needed
+            self.allocated[worker_id] += stats.batch_bytes  # this worker's slot only: no lock needed
         return Envelope(payload, stats, opened=opened)
 
     # -- the arena -----------------------------------------------------------------
@@ -210,18 +221,22 @@ class MeasuredCollate:
 
     def _arena_writer(self, expected: int, free: int, worker_id: int):
         """This worker's ring writer, made or grown when the batches outgrow it: ``(writer, None)``
-        or ``(None, why there is none)``."""
-        self._largest = max(self._largest, expected)
+        or ``(writer or None, why a new one could not be made)``."""
+        self._recent.append(expected)
         if self._writer is None and worker_id in self.arenas:
             self._writer = RingWriter(self.arenas.pop(worker_id))  # continue the arena of the last worker
+            self._publish_arena_size(worker_id)
         room = free - self.shm_keep_free
-        wanted = arena_capacity(max(self._largest, self.batch_bytes_hint), self.batches_in_flight, room,
-                                self.workers)
-        if self._writer is not None and wanted < 1.5 * self._writer.arena.capacity:
+        reserved = int(self.arena_sizes.sum()) if self.arena_sizes is not None else 0  # by all of our workers
+        batch = max(max(self._recent), self.batch_bytes_hint)
+        wanted = arena_capacity(batch, self.batches_in_flight, room + reserved, self.workers)
+        current = self._writer.arena.capacity if self._writer is not None else 0
+        self._tight_capacity = current if current < (self.batches_in_flight + 2) * batch else 0
+        if self._writer is not None and wanted < 1.2 * current:
             return self._writer, None  # big enough, or growing would not be worth a new one
-        if wanted == 0:
-            return None, (f"no room for an arena: {room} B of shm left above the safety line for "
-                             f"{self.workers} workers, batches of up to {self._largest} B")
+        if wanted == 0 or wanted > room:
+            return self._writer, (f"no room for an arena: {room} B of shm left above the safety line, "
+                                  f"{reserved} B in arenas, {self.workers} workers, batches of up to {batch} B")
         try:
             arena = Arena.create(wanted)
         except RuntimeError as exc:
@@ -229,10 +244,16 @@ class MeasuredCollate:
                 raise
             return self._writer, f"could not reserve an arena of {wanted} B: {exc}"
         self._writer = RingWriter(arena)
+        self._tight_capacity = 0
+        self._publish_arena_size(worker_id)
         if self.allocated is not None:
             self.allocated[worker_id] += arena.nbytes  # in flight until the main process maps it
         self._unreported_arena_bytes += arena.nbytes
         return self._writer, None
+
+    def _publish_arena_size(self, worker_id: int) -> None:
+        if self.arena_sizes is not None:
+            self.arena_sizes[worker_id] = self._writer.arena.nbytes  # this worker's slot only
 
     def _fds_to_spare(self, handles: int) -> bool:
         """Whether this worker has fds to spare for a batch's handles, by a wide margin

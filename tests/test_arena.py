@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 
 from adaptive_loader import AdaptiveLoader
 from adaptive_loader.arena import ALIGN, Arena, ArenaFull, RingWriter, open_view, registry
-from adaptive_loader.controller import ARENA_MIN_BYTES, Controller, arena_capacity
+from adaptive_loader.controller import ARENA_MIN_BYTES, Controller, Observation, arena_capacity
 from adaptive_loader.transport import ARENA, SHM, MeasuredCollate
 
 from test_transport import RichDataset, assert_same, rich_sample
@@ -191,6 +191,19 @@ def test_the_controller_bounds_a_batch_from_its_cost_model():
                            prefetch_factor=2)
     unbounded.model.observe([10, 20], [1000, 2000])
     assert unbounded.batch_bytes_bound() == 0
+
+
+def test_with_arenas_each_worker_needs_room_for_its_batches_in_flight_one_held_and_the_wrap():
+    controller = Controller(user_max_cost=float("inf"), max_batch_size=None, min_cost=1, num_workers=2,
+                            prefetch_factor=2)
+    common = dict(shm_free=64 << 20, ours_in_shm=0, held_batches=1, fds_in_use=10, fd_soft_limit=1024,
+                  fd_hard_limit=4096, fds_per_batch=0)
+    blocks = controller.decide(Observation(**common))
+    rings = controller.decide(Observation(**common, arenas=True))
+    assert blocks.per_batch_bytes == pytest.approx(0.8 * (64 << 20) / (2 * 2 + 1))
+    assert rings.per_batch_bytes == pytest.approx(0.8 * (64 << 20) / (2 * (2 + 2)))
+    tight = controller.decide(Observation(**common, arenas=True, arena_capacity=8 << 20))
+    assert tight.per_batch_bytes == pytest.approx((8 << 20) / (2 + 2))  # batches must fit the arena it has
 
 
 # -- through real workers ---------------------------------------------------------------------------

@@ -2,10 +2,15 @@
 /dev/shm, a real lowered ``ulimit -n``, a real SIGKILL. Vanilla DataLoader beside
 AdaptiveLoader; a hang is detected by the harness's watchdog, never waited out."""
 
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 
 from stress.harness import run_case
-from stress.sandbox import sandbox_available
+from stress.sandbox import sandbox_available, sandbox_command
 from stress.scenarios import SCENARIOS
 
 AVAILABLE, WHY = sandbox_available()
@@ -45,3 +50,14 @@ def test_fallbacks_are_the_expected_ones():
     assert fds["fallbacks"].get("sharing_strategy") == 1
     fds = run_case("many-tensors", "adaptive", shm_bytes=SHM, quick=True)
     assert "sharing_strategy" not in fds["fallbacks"] and "recovery" not in fds["fallbacks"]
+
+
+def test_after_the_first_epoch_every_batch_goes_through_arenas_sized_for_the_small_shm():
+    """Workers size their arenas under whatever room the first epoch's batches leave; before the
+    next workers start, the loader gives each arena its full share, and the budget fits them."""
+    script = os.path.join(os.path.dirname(__file__), "benchmarks", "seed_epochs.py")
+    command = sandbox_command([sys.executable, script, "--dataset-for", "64M", "--epochs", "2"], 64 << 20)
+    result = json.loads(subprocess.run(command, capture_output=True, text=True, check=True, timeout=120).stdout)
+    assert result["shm_total"] == 64 << 20 and result["samples"] == 1200
+    later = result["transports"][1:]
+    assert all(set(epoch) == {"arena"} for epoch in later), result["transports"]
