@@ -100,8 +100,12 @@ class Envelope:
         return self.payload
 
     def pin_memory(self, device: Optional[str] = None) -> "Envelope":
-        """Called by DataLoader's pin-memory thread."""
-        return Envelope(_pin_memory(self.open(), device), self.stats, opened=True)
+        """Called by DataLoader's pin-memory thread. The views of shm are dropped here and now: the
+        thread keeps this envelope until its next batch, and an arena's room comes back only when
+        they are gone."""
+        pinned = Envelope(_pin_memory(self.open(), device), self.stats, opened=True)
+        self.payload = None
+        return pinned
 
 
 class MeasuredCollate:

@@ -82,12 +82,24 @@ def seed_case(samples: int = 600) -> Case:
     costs = np.random.default_rng(0).integers(10, 1201, samples)
     dataset = SegmentationDataset(costs, side=35)  # ~1.2 KiB per mask: ~0.7 MiB per average image
     variants = _same_batches(dataset, costs, 3000, 10, detection_collate)
-    variants["AdaptiveLoader, telemetry records to a sink"] = lambda: AdaptiveLoader(
-        dataset, costs=costs, max_cost=3000, max_batch_size=10, num_workers=2, collate_fn=detection_collate,
-        shuffle=True, telemetry=lambda record: None)
+    for name, telemetry in (("telemetry records to a sink", lambda: (lambda record: None)),
+                            ("live dashboard drawn to memory", _dashboard)):
+        variants[f"AdaptiveLoader, {name}"] = lambda telemetry=telemetry: AdaptiveLoader(
+            dataset, costs=costs, max_cost=3000, max_batch_size=10, num_workers=2, collate_fn=detection_collate,
+            shuffle=True, telemetry=telemetry())
     nbytes = sum(int(c) * (35 * 35 + 36) + 3 * 35 * 35 * 4 + 8 for c in costs)  # masks, 4 small fields, image
     return Case("seed workload, tuple collate, plenty of shm", samples, nbytes, "AdaptiveLoader >= 0.98x vanilla",
                 variants)
+
+
+def _dashboard():
+    import io
+
+    from rich.console import Console
+
+    from adaptive_loader.dashboard import Dashboard
+
+    return Dashboard(console=Console(file=io.StringIO(), width=120, force_terminal=True))  # drawn for real
 
 
 def volumes_case(samples: int = 1000) -> Case:

@@ -74,7 +74,7 @@ def loader_section(rounds: int, which) -> None:
             base = float(np.median(next(iter(times.values()))))
             for name, values in times.items():
                 median = float(np.median(values))
-                print(f"  {name:36} {median:7.3f} s  {case.samples / median:8.0f} samples/s  "
+                print(f"  {name:48} {median:7.3f} s  {case.samples / median:8.0f} samples/s  "
                       f"{case.bytes_per_epoch / median / 1e9:5.2f} GB/s  vs first {base / median:5.2f}x  "
                       f"(spread {min(values):.3f}-{max(values):.3f} s)", flush=True)
             del case, loaders

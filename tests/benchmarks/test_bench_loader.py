@@ -1,75 +1,58 @@
-"""AdaptiveLoader against vanilla DataLoader on the same batches, with plenty of shm.
+"""AdaptiveLoader against vanilla DataLoader on the same batches, with plenty of shm (pytest-benchmark).
 
     .venv/bin/python -m pytest tests/benchmarks/test_bench_loader.py --benchmark-enable --benchmark-group-by=group
 
-Both loaders get the same BudgetBatchSampler batches (seed 0, epoch 0), 2 workers, the
-seed's workload scaled to ~1.2 KiB per mask, the seed's tuple collate and default collate.
+The cases are those of ``compare_loaders.py`` (see ``cases.py``), which alternates the loaders round by
+round and prints the table that docs/performance.md quotes; here each variant is one loader iterated
+epoch after epoch. Without ``--benchmark-enable`` (the normal test run) each epoch runs once and only
+checks that every sample arrives.
 """
 
-import numpy as np
 import pytest
-from torch.utils.data import DataLoader
 
-from adaptive_loader import AdaptiveLoader, BudgetBatchSampler
-from stress.workloads import SegmentationDataset, VolumeDataset, detection_collate
+from cases import close, seed_case, transport_case, volumes_case
 
-N = 600
-COSTS = np.random.default_rng(0).integers(10, 1201, N)
-SEG = SegmentationDataset(COSTS, side=35)  # ~1.2 KiB per mask: ~0.7 MiB per average image
+TRANSPORT_SAMPLES = 256  # 1 GiB of 4 MiB samples per epoch
 
 
-def epoch(loader):
+def count_batches(loader):
     return sum(1 for _ in loader)
 
 
-def vanilla_seed():
-    sampler = BudgetBatchSampler(COSTS, max_cost=3000, max_batch_size=10, shuffle=True)
-    return DataLoader(SEG, batch_sampler=sampler, num_workers=2, collate_fn=detection_collate)
+def run(benchmark, case, variant):
+    """Benchmark epochs of one loader; every epoch must deliver all its batches."""
+    benchmark.group = case.name
+    loader = case.variants[variant]()
+    try:
+        assert benchmark.pedantic(count_batches, args=(loader,), rounds=5, warmup_rounds=1) == len(loader)
+    finally:
+        close(loader)
 
 
-def adaptive_seed():
-    return AdaptiveLoader(SEG, costs=COSTS, max_cost=3000, max_batch_size=10, num_workers=2,
-                          collate_fn=detection_collate, shuffle=True)
+@pytest.fixture(scope="module")
+def transport_cases():
+    return {(collate, persistent): transport_case(collate, TRANSPORT_SAMPLES, persistent)
+            for collate, persistent in (("default", False), ("list", False), ("default", True))}
 
 
-VOLUMES = VolumeDataset(1000, shape=(1, 64, 64, 64))  # 1 MiB each, default collate
+@pytest.mark.parametrize("variant", ["vanilla DataLoader", "AdaptiveLoader", "AdaptiveLoader, arena off"])
+@pytest.mark.parametrize("collate", ["default", "list"])
+def test_transport_bound_4mib_floats(benchmark, transport_cases, collate, variant):
+    run(benchmark, transport_cases[(collate, False)], variant)
 
 
-def vanilla_volumes():
-    return DataLoader(VOLUMES, batch_sampler=BudgetBatchSampler(None, num_samples=len(VOLUMES), max_batch_size=8,
-                                                                shuffle=True), num_workers=2)
+@pytest.mark.parametrize("variant", ["vanilla DataLoader", "AdaptiveLoader"])
+def test_transport_bound_4mib_floats_persistent_workers(benchmark, transport_cases, variant):
+    run(benchmark, transport_cases[("default", True)], variant)
 
 
-def adaptive_volumes():
-    return AdaptiveLoader(VOLUMES, max_batch_size=8, num_workers=2, shuffle=True)
+@pytest.mark.parametrize("variant", ["vanilla DataLoader", "AdaptiveLoader",
+                                     "AdaptiveLoader, telemetry records to a sink",
+                                     "AdaptiveLoader, live dashboard drawn to memory"])
+def test_seed_workload_tuple_collate(benchmark, variant):
+    run(benchmark, seed_case(), variant)
 
 
-@pytest.mark.parametrize("make", [vanilla_seed, adaptive_seed], ids=["vanilla", "adaptive"])
-def test_seed_workload_tuple_collate(benchmark, make):
-    benchmark.group = "seed workload, tuple collate, plenty of shm"
-    assert benchmark.pedantic(lambda: epoch(make()), rounds=5, warmup_rounds=1) > 0
-
-
-@pytest.mark.parametrize("make", [vanilla_volumes, adaptive_volumes], ids=["vanilla", "adaptive"])
-def test_volumes_default_collate(benchmark, make):
-    benchmark.group = "1 MiB volumes, default collate, plenty of shm"
-    assert benchmark.pedantic(lambda: epoch(make()), rounds=9, warmup_rounds=1) > 0
-
-
-def adaptive_seed_dashboard():
-    import io
-
-    from rich.console import Console
-
-    from adaptive_loader.dashboard import Dashboard
-
-    console = Console(file=io.StringIO(), width=120, force_terminal=True)  # drawn for real, to memory
-    return AdaptiveLoader(SEG, costs=COSTS, max_cost=3000, max_batch_size=10, num_workers=2,
-                          collate_fn=detection_collate, shuffle=True,
-                          telemetry=Dashboard(total_samples=N, console=console))  # default 4 redraws/s
-
-
-@pytest.mark.parametrize("make", [adaptive_seed, adaptive_seed_dashboard], ids=["no-telemetry", "dashboard"])
-def test_dashboard_cost(benchmark, make):
-    benchmark.group = "seed workload: live dashboard on/off"
-    assert benchmark.pedantic(lambda: epoch(make()), rounds=7, warmup_rounds=1) > 0
+@pytest.mark.parametrize("variant", ["vanilla DataLoader", "AdaptiveLoader"])
+def test_volumes_default_collate(benchmark, variant):
+    run(benchmark, volumes_case(), variant)
