@@ -285,7 +285,7 @@ def arena_capacity(batch_bytes: float, batches_in_flight: int, room: float, work
     each as large as the largest batch expected (``batch_bytes``: measured in the
     worker, or the cost model's bound for the budget), plus 25%; at least
     ``ARENA_MIN_BYTES``; at most an equal share of ``room``, the shm this loader
-    may still fill. None when that share cannot hold two batches: the batches
+    may still fill. 0 when that share cannot hold two batches: the batches
     would mostly miss the arena and it would only take space.
     """
     wanted = max((batches_in_flight + 2) * batch_bytes * 1.25, ARENA_MIN_BYTES)

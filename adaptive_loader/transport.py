@@ -216,6 +216,11 @@ class MeasuredCollate:
         except ArenaFull as exc:
             writer.rollback()
             return None, None if self._stack_in_arena else batch, f"arena full: {exc}"
+        except (RuntimeError, OSError) as exc:  # e.g. a custom collate that allocates shm itself
+            writer.rollback()
+            if not _is_resource_error(exc):
+                raise
+            return None, None, f"collate ran out of shm or fds: {exc}"
         except BaseException:
             writer.rollback()
             raise
@@ -399,8 +404,7 @@ def pack_into_arena(batch: Any, writer: RingWriter, arena: Optional[Arena], owne
         if offset is None:  # not in the ring yet: copy it in
             piece = writer.alloc(tensor.nbytes)
             offset = writer.offset(piece)
-            _region(piece, 0, tensor.dtype, tuple(tensor.shape)).copy_(tensor)
-            tensor = _region(piece, 0, tensor.dtype, tuple(tensor.shape))
+            tensor = _region(piece, 0, tensor.dtype, tuple(tensor.shape)).copy_(tensor)
         layout.append((offset, tensor.dtype, tuple(tensor.shape), tensor.stride()))
     end, lo, hi = writer.commit()
     handles = len({t.untyped_storage().data_ptr() for t in pickler.shared}) + (arena is not None)

@@ -380,3 +380,28 @@ def test_a_pinned_copy_releases_the_ring_at_once(monkeypatch, tmp_path):
         assert_same(pinned, default_collate(samples))
     finally:
         registry.forget("t-pin")
+
+
+def test_a_collate_that_runs_out_of_shm_in_the_arena_path_goes_off_shm(monkeypatch, tmp_path):
+    """A custom collate that allocates shm itself (as default_collate does inside a worker) and finds
+    it full: the ring is rolled back and the batch is collated again without shm into a spill file."""
+    from torch.utils.data import get_worker_info
+    from torch.utils.data._utils import worker as torch_worker
+
+    class Worker:
+        id, num_workers = 0, 1
+
+    def shm_hungry_collate(samples):
+        if get_worker_info() is not None:
+            raise RuntimeError("unable to allocate shared memory(shm) for file </torch_1>: No space left on device (28)")
+        return list(samples)
+
+    monkeypatch.setattr(torch_worker, "_worker_info", Worker())
+    collate = MeasuredCollate(shm_hungry_collate, "/dev/shm", str(tmp_path), arena_owner="t-enospc", workers=1)
+    try:
+        envelope = collate([torch.ones(10), torch.zeros(10)])
+        assert envelope.stats.transport == "file" and "collate ran out of shm" in envelope.stats.arena_miss
+        assert collate._writer.room() == collate._writer.arena.capacity  # nothing left taken in the ring
+        assert_same(envelope.open(), [torch.ones(10), torch.zeros(10)])
+    finally:
+        registry.forget("t-enospc")
