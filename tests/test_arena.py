@@ -393,7 +393,8 @@ def test_a_collate_that_runs_out_of_shm_in_the_arena_path_goes_off_shm(monkeypat
 
     def shm_hungry_collate(samples):
         if get_worker_info() is not None:
-            raise RuntimeError("unable to allocate shared memory(shm) for file </torch_1>: No space left on device (28)")
+            raise RuntimeError("unable to allocate shared memory(shm) for file </torch_1>: "
+                               "No space left on device (28)")
         return list(samples)
 
     monkeypatch.setattr(torch_worker, "_worker_info", Worker())
