@@ -72,7 +72,7 @@ class BatchStats:
     collate_seconds: float
     arena_miss: Optional[str] = None  # why the batch did not go through the arena, if it could have
     arena_new_bytes: int = 0  # the size of an arena this batch brings for the first time
-    arena_capacity: int = 0  # the worker's ring when it is too small for its batches in flight and cannot grow
+    arena_capacity: int = 0  # the worker's ring once found too small for its batches in flight, until replaced
 
 
 class Envelope:
@@ -240,7 +240,8 @@ class MeasuredCollate:
         batch = max(max(self._recent), self.batch_bytes_hint)
         wanted = arena_capacity(batch, self.batches_in_flight, room + reserved, self.workers)
         current = self._writer.arena.capacity if self._writer is not None else 0
-        self._tight_capacity = current if current < (self.batches_in_flight + 2) * batch else 0
+        if current < (self.batches_in_flight + 2) * batch:  # until a new arena: else the budget swings
+            self._tight_capacity = current
         if self._writer is not None and wanted < 1.2 * current:
             return self._writer, None  # big enough, or growing would not be worth a new one
         if wanted == 0 or wanted > room:
