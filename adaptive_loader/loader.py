@@ -385,14 +385,15 @@ class AdaptiveLoader:
             return False
         shm = self._shm.read()
         fds = self._read_fds_if_due(stats.handles)
-        ours = self._held.bytes_alive() + self._in_flight_bytes() + self._arena_bytes()
+        arena_bytes = self._arena_bytes()
+        ours = self._held.bytes_alive() + self._in_flight_bytes() + arena_bytes
         decision = None
         if decide:
             decision = self.controller.decide(Observation(
                 shm_free=shm.free, ours_in_shm=ours, held_batches=self._held.alive(),
                 fds_in_use=fds.in_use, fd_soft_limit=fds.soft_limit, fd_hard_limit=fds.hard_limit,
                 fds_per_batch=stats.handles, local_world_size=self._local_world_size,
-                arenas=stats.transport == ARENA or self._arena_bytes() > 0,
+                arenas=stats.transport == ARENA or arena_bytes > 0,
                 arena_capacity=min((c for c in self._tight_arenas.values() if c), default=0)))
             self._last_target = decision.per_batch_bytes
         rebuild = decision is not None and self._apply(decision, epoch)
