@@ -147,6 +147,8 @@ class AdaptiveLoader:
         self._dataloader_kwargs = dataloader_kwargs
         self._telemetry = Telemetry(telemetry, total_samples=n, safety=safety)
         self._group = _budget_group(self.sampler.num_replicas)  # a collective: once every argument is valid
+        if self._group is not None:
+            weakref.finalize(self, _destroy_budget_group, self._group)
         positive = self.sampler.costs[self.sampler.costs > 0]
         self.controller = Controller(
             user_max_cost=self.user_max_cost, max_batch_size=self.sampler.max_batch_size,
@@ -758,6 +760,22 @@ def _budget_group(replicas: int):
                        "the other fallbacks still work", replicas)
         return None
     return dist.new_group(backend="gloo")
+
+
+def _destroy_budget_group(group) -> None:
+    """Shut the budget group's gloo threads down when the loader goes, at the latest at exit.
+
+    A group left alive is torn down by libtorch's static destructors after the
+    interpreter is gone, which can abort the process at exit. Destroying a
+    subgroup is local to this rank; if the whole package was destroyed first,
+    the group is already gone."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        try:
+            dist.destroy_process_group(group)
+        except ValueError:  # not a known group any more
+            pass
 
 
 def _shared_counters(n: int) -> Optional[torch.Tensor]:

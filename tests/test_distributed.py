@@ -39,3 +39,4 @@ def test_adaptive_loader_ranks_agree_on_a_moving_budget(tmp_path):
         assert len(set(epoch_counts)) == 1, verdict
     assert verdict["exactly_once"] == [True, True], verdict
     assert min(verdict["budget_events"]) >= 1, verdict
+    assert verdict["group_released"] == [True, True], verdict  # the loader's gloo group goes with it

@@ -249,6 +249,7 @@ class Module(L.LightningModule):
 
 L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=2, logger=False, enable_checkpointing=False,
           enable_progress_bar=False, enable_model_summary=False).fit(Module())
+torch.distributed.destroy_process_group()  # Lightning destroys the default group only for nccl
 """
 
 
@@ -378,6 +379,7 @@ for epoch in range(2):
         seen.setdefault(str(epoch), []).extend(ids)
 with open(f"{sys.argv[1]}.{accelerator.process_index}", "w") as f:
     json.dump({"seen": seen, "replicas": loader.sampler.num_replicas, "rank": loader.sampler.rank}, f)
+accelerator.end_training()  # destroys the process group
 """
 
 

@@ -3,6 +3,7 @@
     python -m torch.distributed.run --standalone --nproc_per_node 2 tests/ranks/check_ranks.py MODE OUT.json
 """
 
+import gc
 import json
 import os
 import sys
@@ -20,7 +21,7 @@ def main(mode: str, out: str) -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     costs = np.random.default_rng(0).integers(10, 1201, 240 if mode == "loader" else 5000)
-    events = []
+    events, group_released = [], None
     if mode == "sampler":  # plain sampler, a budget change at an agreed batch
         sampler = BudgetBatchSampler(costs, max_cost=1500, max_batch_size=10, window=512)
         sampler.schedule_budget(100, 800, 10)
@@ -39,11 +40,17 @@ def main(mode: str, out: str) -> None:
         for epoch in range(2):
             loader.set_epoch(epoch)
             epochs.append([list(batch[2]) for batch in loader])
+        group = loader._group
+        del loader
+        gc.collect()
+        group_released = group not in dist.distributed_c10d._world.pg_map  # its gloo threads are shut down
     gathered = [None] * world
-    dist.all_gather_object(gathered, {"epochs": epochs, "events": [e["event"] for e in events]})
+    dist.all_gather_object(gathered, {"epochs": epochs, "events": [e["event"] for e in events],
+                                      "group_released": group_released})
     if rank == 0:
         verdict = {"counts": [[len(e) for e in g["epochs"]] for g in gathered], "exactly_once": [],
-                   "budget_events": [g["events"].count("budget") for g in gathered]}
+                   "budget_events": [g["events"].count("budget") for g in gathered],
+                   "group_released": [g["group_released"] for g in gathered]}
         for epoch in range(len(epochs)):
             seen = [i for g in gathered for b in g["epochs"][epoch] for i in b]
             verdict["exactly_once"].append(sorted(seen) == list(range(len(costs))))
