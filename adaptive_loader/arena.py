@@ -26,6 +26,7 @@ mapped the region, and the writing worker's pid.
 
 from __future__ import annotations
 
+import mmap
 import os
 import threading
 import uuid
@@ -79,6 +80,17 @@ class Arena:
         fd, size = self.storage._share_fd_cpu_()
         return _rebuild_arena, (DupFd(fd), size, self.id)
 
+    def map_pages(self) -> None:
+        """Map the whole region into this process's page tables, before writing into it.
+
+        Each process that writes into shm maps every page with a fault of its own
+        (fork does not copy the page-table entries of shared mappings). A read fault
+        maps the neighbouring pages too (the kernel's fault-around, 64 KiB by default),
+        writable for shm, so reading a byte per page costs a sixteenth of the faults
+        that writing would: 7 ms instead of 45 ms of faults for 160 MiB here.
+        """
+        int(self.ring[::mmap.PAGESIZE].sum())
+
     def ring_tensor(self, offset: int, nbytes: int) -> torch.Tensor:
         """Bytes ``[offset, offset + nbytes)`` of the ring, as a uint8 tensor (worker side)."""
         return torch.from_numpy(self.ring[offset:offset + nbytes])
@@ -99,6 +111,7 @@ class RingWriter:
     def __init__(self, arena: Arena) -> None:
         self.arena = arena
         self.arena.header[_WRITER] = os.getpid()
+        self.arena.map_pages()
         self._lo = self._cursor = -1  # the open batch: its first byte and the next free one
 
     @property

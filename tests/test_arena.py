@@ -2,7 +2,9 @@
 through real DataLoader workers (fork and spawn, either sharing strategy)."""
 
 import gc
+import mmap
 import os
+import resource
 import stat
 
 import pytest
@@ -37,6 +39,34 @@ def test_create_reserves_an_unlinked_private_region():
     assert size == arena.nbytes
     assert arena.capacity == arena.nbytes - 64 >= 1 << 20
     assert info.st_blocks * 512 >= arena.nbytes  # posix_fallocate: the pages exist now
+
+
+def faults_writing_the_ring_in_a_child(arena, map_first):
+    """Minor page faults a forked child takes to fill the ring (after ``map_pages``, or not)."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            if map_first:
+                arena.map_pages()
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            arena.ring[:] = 7
+            os.write(write_end, str(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before).encode())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    faults = int(os.read(read_end, 64))
+    os.close(read_end)
+    os.waitpid(pid, 0)
+    return faults
+
+
+def test_map_pages_spares_a_new_process_the_write_faults():
+    arena = Arena.create(16 << 20)
+    arena.ring[:] = 1  # the pages exist, as after earlier batches
+    pages = arena.capacity // mmap.PAGESIZE
+    assert faults_writing_the_ring_in_a_child(arena, map_first=False) > pages // 2  # fork copies no shm PTEs
+    assert faults_writing_the_ring_in_a_child(arena, map_first=True) < pages // 20
 
 
 def test_batches_take_consecutive_ranges_and_report_them():

@@ -26,17 +26,21 @@ __all__ = ["Case", "FloatBank", "list_collate", "transport_case", "seed_case", "
 
 
 class FloatBank(Dataset):
-    """Trivial 4 MiB float32 samples, each its own tensor made up front: ``__getitem__`` only
-    returns it, so an epoch is the transport and the one copy a batch needs, nothing else."""
+    """Trivial 4 MiB float32 samples made up front: ``__getitem__`` only returns one, so an epoch
+    is the transport and the one copy a batch needs, nothing else. ``distinct`` tensors are made
+    (all ``n`` by default) and sample ``i`` is tensor ``i % distinct``, so a long epoch needs
+    little memory; only stacking collates should repeat them (a list collate would send a
+    repeated tensor's shm again instead of copying it)."""
 
-    def __init__(self, n: int, numel: int = 1 << 20) -> None:
-        self.samples = [torch.full((numel,), float(i)) for i in range(n)]
+    def __init__(self, n: int, numel: int = 1 << 20, distinct: int = 0) -> None:
+        self.n = n
+        self.samples = [torch.full((numel,), float(i)) for i in range(distinct or n)]
 
     def __len__(self) -> int:
-        return len(self.samples)
+        return self.n
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        return self.samples[i]
+        return self.samples[i % len(self.samples)]
 
 
 def list_collate(batch: List[Any]) -> List[Any]:
@@ -69,11 +73,14 @@ def _same_batches(dataset, costs, max_cost, size, collate=None, arena_off=True,
     return variants
 
 
-def transport_case(collate_name: str, samples: int = 400, persistent: bool = False) -> Case:
-    bank = FloatBank(samples)
+def transport_case(collate_name: str, samples: int = 400, persistent: bool = False, distinct: int = 0) -> Case:
+    if distinct and collate_name == "list":
+        raise ValueError("a list collate must not repeat tensors: vanilla would send their shm again, not copy")
+    bank = FloatBank(samples, distinct=distinct)
     collate = list_collate if collate_name == "list" else None
     workers = "persistent workers" if persistent else "workers started each epoch"
-    return Case(f"4 MiB float32 samples, {collate_name} collate, {workers}", samples, samples * (4 << 20),
+    long_epoch = f", long epoch of {distinct} tensors repeated" if distinct else ""
+    return Case(f"4 MiB float32 samples, {collate_name} collate, {workers}{long_epoch}", samples, samples * (4 << 20),
                 "AdaptiveLoader >= 3x vanilla",
                 _same_batches(bank, None, None, 8, collate, arena_off=not persistent, persistent_workers=persistent))
 

@@ -53,7 +53,8 @@ def loader_section(rounds: int, which) -> None:
     # list collate with persistent workers is left out: vanilla's feeder moves each bank tensor into shm
     # in place the first time, so later epochs pass fds of tensors already there (a cache, not transport)
     makers = {"transport": [lambda: transport_case("default"), lambda: transport_case("list"),
-                            lambda: transport_case("default", persistent=True)],
+                            lambda: transport_case("default", persistent=True),
+                            lambda: transport_case("default", samples=2000, distinct=100)],
               "seed": [seed_case], "volumes": [volumes_case]}
     for key, builders in makers.items():
         if key not in which:
@@ -94,17 +95,19 @@ def small_shm_section(rounds: int) -> None:
             runs[name].append(json.loads(out.strip().splitlines()[-1]))
     print("\nseed scenario's dataset (1,200 images scaled for 64 MiB), AdaptiveLoader only, one loader for 6 "
           "epochs; goal: 64 MiB >= 0.85x plenty")
-    plenty = None
+    def medians(results):  # first epoch, later epochs, the whole run of 6
+        return (float(np.median([r["seconds"][0] for r in results])),
+                float(np.median([s for r in results for s in r["seconds"][1:]])),
+                float(np.median([sum(r["seconds"]) for r in results])))
+
+    plenty = medians(runs["the machine's /dev/shm"])
     for name, results in runs.items():
-        first = float(np.median([r["seconds"][0] for r in results]))
-        later = float(np.median([s for r in results for s in r["seconds"][1:]]))
+        first, later, whole = medians(results)
         samples = results[0]["samples"]
-        if plenty is None:  # the machine's own shm, run second, is the baseline
-            plenty = (float(np.median([r["seconds"][0] for r in runs["the machine's /dev/shm"]])),
-                      float(np.median([s for r in runs["the machine's /dev/shm"] for s in r["seconds"][1:]])))
         fallbacks = results[-1]["fallbacks"]
         print(f"  {name:24} first epoch {first:6.3f} s ({samples / first:5.0f}/s, {plenty[0] / first:4.2f}x)  "
               f"later epochs {later:6.3f} s ({samples / later:5.0f}/s, {plenty[1] / later:4.2f}x)  "
+              f"whole run {whole:6.3f} s ({plenty[2] / whole:4.2f}x)  "
               f"shm {results[0]['shm_total'] / 2**20:,.0f} MiB, fallbacks {fallbacks or '-'}", flush=True)
 
 

@@ -13,6 +13,7 @@ import pytest
 from cases import close, seed_case, transport_case, volumes_case
 
 TRANSPORT_SAMPLES = 256  # 1 GiB of 4 MiB samples per epoch
+LONG_EPOCH_SAMPLES = 1024  # 4 GiB, from 64 distinct tensors: worker start weighs less
 
 
 def count_batches(loader):
@@ -44,6 +45,11 @@ def test_transport_bound_4mib_floats(benchmark, transport_cases, collate, varian
 @pytest.mark.parametrize("variant", ["vanilla DataLoader", "AdaptiveLoader"])
 def test_transport_bound_4mib_floats_persistent_workers(benchmark, transport_cases, variant):
     run(benchmark, transport_cases[("default", True)], variant)
+
+
+@pytest.mark.parametrize("variant", ["vanilla DataLoader", "AdaptiveLoader"])
+def test_transport_bound_4mib_floats_long_epoch(benchmark, variant):
+    run(benchmark, transport_case("default", LONG_EPOCH_SAMPLES, distinct=64), variant)
 
 
 @pytest.mark.parametrize("variant", ["vanilla DataLoader", "AdaptiveLoader",
