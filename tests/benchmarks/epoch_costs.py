@@ -28,23 +28,17 @@ from adaptive_loader.arena import Arena  # noqa: E402
 
 def fixed_costs(epochs: int) -> None:
     iterator_class = torch_dataloader._MultiProcessingDataLoaderIter
+    original_init = iterator_class.__init__
     spans = {}
 
-    def timed(name):
-        original = getattr(iterator_class, name)
+    def timed_init(*args, **kwargs):  # the iterator's __init__ starts (forks) the workers
+        start = time.perf_counter()
+        try:
+            return original_init(*args, **kwargs)
+        finally:
+            spans["__init__"] = time.perf_counter() - start
 
-        def wrapper(*args, **kwargs):
-            start = time.perf_counter()
-            try:
-                return original(*args, **kwargs)
-            finally:
-                spans[name] = spans.get(name, 0.0) + time.perf_counter() - start
-        return original, wrapper
-
-    originals = {}
-    for name in ("__init__", "_shutdown_workers"):
-        originals[name], wrapper = timed(name)
-        setattr(iterator_class, name, wrapper)
+    iterator_class.__init__ = timed_init
     try:
         case = transport_case("default")
         print(f"{case.name}: median of {epochs} epochs, after one to warm up")
@@ -66,8 +60,7 @@ def fixed_costs(epochs: int) -> None:
                   f"batch {first * 1e3:5.1f} ms, last batch to the end (join) {tail * 1e3:5.1f} ms, "
                   f"a batch every {gap * 1e3:4.1f} ms in between")
     finally:
-        for name, original in originals.items():
-            setattr(iterator_class, name, original)
+        iterator_class.__init__ = original_init
 
 
 def map_pages_on_and_off(epochs: int) -> None:
