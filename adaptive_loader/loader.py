@@ -323,6 +323,8 @@ class AdaptiveLoader:
                     kind = _classify(exc) if self.num_workers > 0 else None  # without workers: yours
                     if kind == "timeout" and iterator is None:
                         kind = "workers_not_starting"  # e.g. persistent workers that did not answer a reset
+                    if kind == "worker_died" and _workers_alive(iterator):
+                        kind = "fds"  # a live worker could not hand a batch's fds over: its fds ran out
                     if kind == "timeout":
                         if time.monotonic() - last_progress >= self.stall_timeout:
                             self._raise_stall(epoch, last_progress)
@@ -332,7 +334,8 @@ class AdaptiveLoader:
                     restarts += 1
                     if restarts > self.max_restarts:
                         raise LoaderFailed(
-                            f"{restarts - 1} recoveries in a row did not get a batch through; last error: {exc}. "
+                            f"{restarts - 1} recoveries in a row did not get a batch through; last error: "
+                            f"{_describe(exc)}. "
                             f"{self._resource_summary()}") from exc
                     self._recover(iterator, kind, exc, epoch)
                     iterator, last_progress = None, time.monotonic()
@@ -579,11 +582,11 @@ class AdaptiveLoader:
     def _recover(self, iterator, kind: str, exc: BaseException, epoch: int) -> None:
         lost = sum(len(b) for b in self._feed.outstanding)
         self._count("recovery")
-        self._event("recovery", f"{kind}: {exc}; rebuilding the iterator, {lost} undelivered samples go back "
-                    f"to the epoch. {self._resource_summary()}", epoch, level=logging.WARNING, cause=kind,
+        self._event("recovery", f"{kind}: {_describe(exc)}; rebuilding the iterator, {lost} undelivered samples go "
+                    f"back to the epoch. {self._resource_summary()}", epoch, level=logging.WARNING, cause=kind,
                     requeued_samples=lost)
         if kind == "fds" and self.sharing_strategy != "file_system":
-            self._switch_strategy("file_system", "the fds ran out while receiving a batch", epoch)
+            self._switch_strategy("file_system", "the fds ran out while a batch was handed over", epoch)
         self._rebuild(iterator)
 
     def _switch_strategy(self, strategy: str, why: str, epoch: int) -> None:
@@ -747,6 +750,17 @@ def _classify(exc: BaseException) -> Optional[str]:
     if isinstance(exc, (ConnectionError, EOFError)):  # a batch's fd died with the worker sharing it
         return "worker_died"
     return None
+
+
+def _workers_alive(iterator) -> bool:
+    """Whether the iterator has workers and every one is still running."""
+    workers = getattr(iterator, "_workers", None)
+    return bool(workers) and all(w.is_alive() for w in workers)
+
+
+def _describe(exc: BaseException) -> str:
+    """The exception's type and message: an EOFError's message alone is empty."""
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
 def _budget_group(replicas: int):
