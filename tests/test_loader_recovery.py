@@ -140,3 +140,25 @@ def test_resume_in_a_new_process_delivers_exactly_the_rest(tmp_path, replicas, r
 
     head, tail, whole = run("first"), run("resume"), run("whole")
     assert sorted(head + tail) == sorted(whole)  # this rank's share, each sample once
+
+
+def test_a_handover_error_counts_as_a_worker_death_only_once_a_worker_is_gone():
+    """An EOFError while opening a batch from live workers means their fds ran out (then the loader
+    switches to file_system), not that one died: the difference is whether every worker still runs."""
+    from torch.utils.data._utils import signal_handling
+
+    from adaptive_loader.loader import _workers_alive
+
+    iterator = iter(torch.utils.data.DataLoader(Indexed(), batch_size=4, num_workers=2))
+    pids = tuple(w.pid for w in iterator._workers)
+    signal_handling._remove_worker_pids(id(iterator))  # the kill below is the test's, not a failure
+    try:
+        next(iterator)
+        assert _workers_alive(iterator)
+        os.kill(pids[0], signal.SIGKILL)
+        iterator._workers[0].join(10)
+        assert not _workers_alive(iterator)
+    finally:
+        signal_handling._set_worker_pids(id(iterator), pids)  # as _shutdown_workers expects
+        iterator._shutdown_workers()
+    assert not _workers_alive(None)  # no iterator yet: nothing to blame on fds
