@@ -87,7 +87,7 @@ class Arena:
         (fork does not copy the page-table entries of shared mappings). A read fault
         maps the neighbouring pages too (the kernel's fault-around, 64 KiB by default),
         writable for shm, so reading a byte per page costs a sixteenth of the faults
-        that writing would: 7 ms instead of 45 ms of faults for 160 MiB here.
+        that writing would. Filling 160 MiB in a new process here: 72 ms without, 32 ms with.
         """
         int(self.ring[::mmap.PAGESIZE].sum())
 
