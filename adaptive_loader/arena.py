@@ -39,6 +39,8 @@ import numpy as np
 import torch
 from torch.multiprocessing.reductions import rebuild_storage_fd
 
+from . import _torch
+
 __all__ = ["Arena", "RingWriter", "ArenaFull", "open_view", "registry"]
 
 ALIGN = 64  # bytes; every allocation starts on such a boundary
@@ -73,11 +75,11 @@ class Arena:
     @classmethod
     def create(cls, capacity: int) -> "Arena":
         """Reserve ``capacity`` bytes (plus the header) in shm; RuntimeError if shm cannot hold it."""
-        storage = torch.UntypedStorage._new_using_fd_cpu(_HEADER + _aligned(capacity))
+        storage = _torch.new_fd_storage(_HEADER + _aligned(capacity))
         return cls(storage, uuid.uuid4().hex)
 
     def __reduce__(self):
-        fd, size = self.storage._share_fd_cpu_()
+        fd, size = _torch.share_fd(self.storage)
         return _rebuild_arena, (DupFd(fd), size, self.id)
 
     def map_pages(self) -> None:

@@ -24,8 +24,8 @@ from typing import Any, Callable, Deque, Dict, Iterator, List, Optional
 import torch
 import torch.multiprocessing
 from torch.utils.data import BatchSampler, DataLoader, Dataset, IterableDataset, RandomSampler, SequentialSampler
-from torch.utils.data._utils import signal_handling as _torch_signal_handling
 
+from . import _torch
 from .arena import Arena
 from .arena import registry as arena_registry
 from .controller import Controller, Observation, arena_capacity
@@ -278,7 +278,7 @@ class AdaptiveLoader:
 
     def close(self) -> None:
         """Stop persistent workers and close the telemetry sinks it opened (files, the dashboard)."""
-        iterator = getattr(self._dataloader, "_iterator", None)
+        iterator = _torch.live_iterator(self._dataloader)
         if iterator is not None:
             self._stop(iterator, even_persistent=True)
         self._dataloader = None
@@ -444,9 +444,9 @@ class AdaptiveLoader:
 
     def _pinning(self) -> bool:
         """Whether batches really get pinned (torch turns pinning off without an accelerator)."""
-        iterator = getattr(self._dataloader, "_iterator", None)
+        iterator = _torch.live_iterator(self._dataloader)
         if iterator is not None:
-            return bool(getattr(iterator, "_pin_memory", False))
+            return _torch.iterator_pins(iterator)
         return bool(self._dataloader_kwargs.get("pin_memory")) and torch.cuda.is_available()
 
     def _arena_bytes(self) -> int:
@@ -494,7 +494,7 @@ class AdaptiveLoader:
     def _start_iterator(self) -> Iterator[Any]:
         if self._dataloader is None:
             self._dataloader = self._make_dataloader()
-        workers_running = self._dataloader.persistent_workers and self._dataloader._iterator is not None
+        workers_running = self._dataloader.persistent_workers and _torch.live_iterator(self._dataloader) is not None
         if self._arena_owner is not None and not workers_running:
             self._resize_arenas()
             # workers started now continue these arenas
@@ -503,7 +503,7 @@ class AdaptiveLoader:
         iterator = iter(self._dataloader)
         if self._collate is not None:
             self._collate.arenas = {}  # the workers have them now; here they would outlive the loader's use
-        _detach_sigchld_watch(iterator)
+        _torch.detach_sigchld_watch(iterator)  # _next_watched registers them while waiting
         return iterator
 
     def _resize_arenas(self) -> None:
@@ -572,7 +572,7 @@ class AdaptiveLoader:
     def _rebuild(self, iterator) -> None:
         """Drop the iterator (and its workers); outstanding batches go back to the epoch.
         The next iterator is built, with the current settings, when the epoch asks for it."""
-        iterator = iterator or getattr(self._dataloader, "_iterator", None)
+        iterator = iterator or _torch.live_iterator(self._dataloader)
         if iterator is not None:
             self._stop(iterator, even_persistent=True)
         self._remove_spill_files()
@@ -598,10 +598,9 @@ class AdaptiveLoader:
                     strategy=strategy)
 
     def _stop(self, iterator, even_persistent: bool = False) -> None:
-        shutdown = getattr(iterator, "_shutdown_workers", None)
         persistent = self._dataloader is not None and self._dataloader.persistent_workers
-        if shutdown is not None and (even_persistent or not persistent):
-            shutdown()
+        if even_persistent or not persistent:
+            _torch.shutdown_workers(iterator)
             if self._arena_owner is not None:
                 arena_registry.writers_stopped(self._arena_owner)
 
@@ -733,19 +732,20 @@ def _classify(exc: BaseException) -> Optional[str]:
     An exception raised inside a worker (the dataset's or collate's own) comes
     back as "Caught X in DataLoader worker process N" and is not ours to handle.
     """
-    text = str(exc)
-    if text.startswith("Caught ") and "pin memory thread" in text:  # the pin thread opens batches too
-        if "Too many open files" in text or "ancdata" in text:
+    text, msg = str(exc), _torch.messages
+    raised_in = _torch.worker_raised(text)
+    if raised_in == "pin":  # the pin thread opens batches too
+        if msg.any_of(text, msg.FDS):
             return "fds"
         if "Connection" in text or "EOFError" in text:
             return "worker_died"  # it opened a batch whose worker had died
-    if text.startswith("Caught "):
+    if raised_in is not None:
         return None
-    if isinstance(exc, RuntimeError) and text.startswith("DataLoader timed out after"):
+    if isinstance(exc, RuntimeError) and text.startswith(msg.TIMED_OUT):
         return "timeout"
-    if "exited unexpectedly" in text or "is killed by signal" in text:
+    if msg.any_of(text, msg.WORKER_EXITED):
         return "worker_died"
-    if "Too many open files" in text or "ancdata" in text:
+    if msg.any_of(text, msg.FDS):
         return "fds"
     if isinstance(exc, (ConnectionError, EOFError)):  # a batch's fd died with the worker sharing it
         return "worker_died"
@@ -754,7 +754,7 @@ def _classify(exc: BaseException) -> Optional[str]:
 
 def _workers_alive(iterator) -> bool:
     """Whether the iterator has workers and every one is still running."""
-    workers = getattr(iterator, "_workers", None)
+    workers = _torch.iterator_workers(iterator)
     return bool(workers) and all(w.is_alive() for w in workers)
 
 
@@ -803,26 +803,17 @@ def _shared_counters(n: int) -> Optional[torch.Tensor]:
         return None
 
 
-def _detach_sigchld_watch(iterator) -> None:
-    """Torch's SIGCHLD handler raises in whatever main-thread code runs when a
-    worker dies, e.g. in the middle of a training step. Unregister the workers
-    here; :func:`_next_watched` registers them only while the loader waits."""
-    if getattr(iterator, "_worker_pids_set", False):
-        _torch_signal_handling._remove_worker_pids(id(iterator))
-        iterator._worker_pids_set = False
-
-
 def _next_watched(iterator) -> Any:
     """``next(iterator)`` with torch's SIGCHLD watch on: a worker dying now
     interrupts even a read blocked on a half-sent message."""
-    workers = getattr(iterator, "_workers", None)
+    workers = _torch.iterator_workers(iterator)
     if not workers:
         return next(iterator)
-    _torch_signal_handling._set_worker_pids(id(iterator), tuple(w.pid for w in workers))
+    _torch.watch_workers(iterator, tuple(w.pid for w in workers))
     try:
         return next(iterator)
     finally:
-        _torch_signal_handling._remove_worker_pids(id(iterator))
+        _torch.unwatch_workers(iterator)
 
 
 def _take_batch_size_alias(max_batch_size: Optional[int], kwargs: Dict[str, Any]) -> Optional[int]:

@@ -36,10 +36,9 @@ from typing import Any, Callable, Deque, Dict, Iterator, List, Optional, Tuple
 import torch
 import torch.multiprocessing
 from torch.utils.data import default_collate, get_worker_info
-from torch.utils.data._utils.collate import collate, collate_tensor_fn, default_collate_fn_map
-from torch.utils.data._utils import worker as _torch_worker
-from torch.utils.data._utils.pin_memory import pin_memory as _pin_memory
 
+from . import _torch
+from ._torch import collate, collate_tensor_fn, default_collate_fn_map
 from .arena import ALIGN, Arena, ArenaFull, RingWriter, _aligned, open_view
 from .controller import arena_capacity
 from .measure import FdState, ShmProbe, footprint, read_fds
@@ -52,8 +51,6 @@ FILE = "file"  # pickled by value into a spill file on disk; its path through th
 INLINE = "inline"  # num_workers=0: the batch never leaves the process
 
 _RESOURCE_ERRNOS = {errno.ENOSPC, errno.ENOMEM, errno.EMFILE, errno.ENFILE}
-_RESOURCE_MESSAGES = ("shared memory", "No space left", "Too many open files", "unable to write to file",
-                      "unable to mmap", "unable to open shared memory", "error 28", "error 24")
 
 
 @dataclass
@@ -103,7 +100,7 @@ class Envelope:
         """Called by DataLoader's pin-memory thread. The views of shm are dropped here and now: the
         thread keeps this envelope until its next batch, and an arena's room comes back only when
         they are gone."""
-        pinned = Envelope(_pin_memory(self.open(), device), self.stats, opened=True)
+        pinned = Envelope(_torch.pin_memory(self.open(), device), self.stats, opened=True)
         self.payload = None
         return pinned
 
@@ -383,7 +380,7 @@ def pack_batch(batch: Any) -> Tuple[bytes, int]:
         size += _aligned(tensor.nbytes)
     block = None
     if pickler.tensors:
-        block = torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(max(size, 1)))
+        block = torch.empty(0, dtype=torch.uint8).set_(_torch.new_shared_storage(max(size, 1)))
         for tensor, place in zip(pickler.tensors, layout):
             _region(block, *place).copy_(tensor)
     handles = len({t.untyped_storage().data_ptr() for t in pickler.shared}) + (block is not None)
@@ -478,19 +475,15 @@ def _collate_without_shm() -> Iterator[None]:
     ``default_collate`` stacks straight into fresh shm when it sees a worker;
     hiding the worker info for the duration makes it allocate ordinary memory.
     """
-    saved = _torch_worker._worker_info
-    _torch_worker._worker_info = None
-    try:
+    with _torch.hidden_worker_info():
         yield
-    finally:
-        _torch_worker._worker_info = saved
 
 
 def _is_resource_error(exc: BaseException) -> bool:
     if isinstance(exc, OSError) and exc.errno in _RESOURCE_ERRNOS:
         return True
     text = str(exc)
-    return any(marker in text for marker in _RESOURCE_MESSAGES)
+    return _torch.messages.any_of(text, _torch.messages.RESOURCE)
 
 
 class WorkerSetup:
