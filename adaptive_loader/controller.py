@@ -10,11 +10,17 @@ from __future__ import annotations
 import math
 import resource
 from dataclasses import dataclass, field
-from typing import List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import numpy as np
 
-__all__ = ["CostModel", "Observation", "Decision", "Controller", "arena_capacity"]
+__all__ = ["CostModel", "Observation", "Decision", "Controller", "arena_capacity", "arena_plan", "decision_due",
+           "fds_due", "fd_pressure", "strategy_after_failure", "format_cost", "HELD_BATCHES"]
+
+
+#: Batches an arena must hold besides those in flight: one the user still holds, and the room a
+#: batch skips when it does not fit before the ring's end. Every rule that sizes for it reads this.
+HELD_BATCHES = 2
 
 
 class CostModel:
@@ -112,6 +118,11 @@ class Observation:
     local_world_size: int = 1
     arenas: bool = False  # batches go through the workers' arenas (rings), not new blocks
     arena_capacity: int = 0  # the smallest arena that cannot grow to hold the batches in flight, else 0
+    shm_total: int = 0
+    memory_available: Optional[int] = None  # bytes still allocatable (memory cgroup or host), for all local ranks
+    memory_budget: Optional[int] = None  # the user's cap on what the loader holds, for all local ranks
+    ours_in_memory: int = 0  # what the loader holds on every road: arenas, batches in flight and held
+    shm_road: bool = True  # batches go through /dev/shm (its arena or blocks), so its size binds too
 
 
 @dataclass(frozen=True)
@@ -125,6 +136,11 @@ class Decision:
     fd_soft_limit: Optional[int] = None
     sharing_strategy: Optional[str] = None
     reasons: List[str] = field(default_factory=list)
+    limit: str = ""  # the limit that set the budget: "memory", "memory_budget" or "/dev/shm"
+
+    def reason(self, keyword: str) -> str:
+        """The reason that mentions ``keyword`` (all of them if none does)."""
+        return next((r for r in self.reasons if keyword in r), "; ".join(self.reasons))
 
 
 class Controller:
@@ -147,45 +163,98 @@ class Controller:
     def __init__(self, *, user_max_cost: float, max_batch_size: Optional[int], min_cost: float,
                  num_workers: int, prefetch_factor: int, safety: float = 0.8, fd_headroom: float = 0.8,
                  hysteresis: float = 0.2, model: Optional[CostModel] = None,
-                 max_sample_cost: float = math.inf) -> None:
+                 max_sample_cost: float = math.inf, floor_cost: float = 0.0) -> None:
         self.user_max_cost = user_max_cost
         self.max_batch_size = max_batch_size
         self.min_cost = max(min_cost, 1e-9)  # a budget stays positive even when every cost is 0
         self.max_sample_cost = max_sample_cost
         self.num_workers = num_workers
         self.prefetch_factor = prefetch_factor
+        self.asked_depth = (num_workers, prefetch_factor)
+        self.floor_cost = max(floor_cost, self.min_cost)  # the budget never goes below it (min_batch_size)
+        self.limit = "shm"  # which limit bound the last decision
         self.safety = safety
         self.fd_headroom = fd_headroom
         self.hysteresis = hysteresis
         self.model = model or CostModel()
-        self.max_cost = user_max_cost
+        self.max_cost = user_max_cost  # the budget in force: memory's, under the other caps
+        self.memory_max_cost = user_max_cost  # what memory allows, moved with hysteresis
         self.strategy_switched = False
+        self.external_cap = math.inf  # the smallest cap from another limit (e.g. the device), see loader._cap_budget
 
     def decide(self, obs: Observation) -> Decision:
+        """The next budget and fallbacks. What is given up, in order: the road (the workers'
+        own choice, per batch), then batches in flight, then workers, and only then the cost
+        budget (never below ``floor_cost``)."""
         reasons: List[str] = []
-        usable = self.safety * (obs.shm_free / max(1, obs.local_world_size) + obs.ours_in_shm)
-        per_batch = usable / self._slots(self.num_workers, self.prefetch_factor, obs)
-        prefetch, workers = self._shrink_pipeline(usable, obs.held_batches, reasons)
-        if prefetch is not None or workers is not None:
-            per_batch = usable / self._slots(workers or self.num_workers, prefetch or self.prefetch_factor, obs)
-        if obs.arena_capacity:  # an arena at its share of shm: batches must fit it instead
-            per_batch = min(per_batch, obs.arena_capacity / ((prefetch or self.prefetch_factor) + 2))
-        target = self._max_cost_for(per_batch)
+        usable, self.limit = self.usable_bytes(obs)
+        workers, prefetch = self._depth_for(usable, obs)
+        changed_prefetch = prefetch if prefetch != self.prefetch_factor else None
+        changed_workers = workers if workers != self.num_workers else None
+        if changed_prefetch is not None or changed_workers is not None:
+            reasons.append(
+                f"fewer batches in flight: {self.num_workers}x{self.prefetch_factor} -> {workers}x{prefetch} "
+                f"(workers x prefetch), so that batches keep the size asked for; {usable / 2**20:.1f} MiB "
+                f"usable ({self.limit})")
+            self.num_workers, self.prefetch_factor = workers, prefetch
+        per_batch = usable / self._slots(workers, prefetch, obs)
+        if obs.arena_capacity:  # an arena at its share of memory: batches must fit it instead
+            per_batch = min(per_batch, obs.arena_capacity / (prefetch + HELD_BATCHES))
+        target = max(self._max_cost_for(per_batch), min(self.floor_cost, self.user_max_cost))
         self._move_budget(target, per_batch, reasons)
+        self.max_cost = self.capped(self.memory_max_cost)
         fd_limit, strategy = self._fd_plan(obs, reasons)
-        return Decision(self.max_cost, per_batch, prefetch, workers, fd_limit, strategy, reasons)
+        return Decision(self.max_cost, per_batch, changed_prefetch, changed_workers, fd_limit, strategy, reasons,
+                        self.limit)
+
+    def usable_bytes(self, obs: Observation) -> Tuple[float, str]:
+        """Bytes this rank's batches may fill, and which limit sets it: a safety fraction of
+        the smallest of the real memory left (plus what the loader already holds), the user's
+        ``memory_budget`` and, for batches that go through it, ``/dev/shm``; each shared
+        among the ranks of this machine."""
+        ranks = max(1, obs.local_world_size)
+        bounds = []
+        if obs.memory_available is not None:
+            bounds.append((obs.memory_available / ranks + obs.ours_in_memory, "memory"))
+        if obs.memory_budget is not None:
+            bounds.append((obs.memory_budget / ranks, "memory_budget"))
+        if obs.shm_road or not bounds:
+            bounds.append((obs.shm_free / ranks + obs.ours_in_shm, "/dev/shm"))
+        room, limit = min(bounds)
+        return self.safety * room, limit
+
+    def _depth_for(self, usable: float, obs: Observation) -> Tuple[int, int]:
+        """The deepest pipeline, no deeper than now, whose batches in flight fit ``usable`` at
+        the budget asked: first fewer batches per worker, then fewer workers."""
+        workers, prefetch = self.num_workers, self.prefetch_factor
+        full = self.batch_bytes_at(self.user_max_cost)
+        if workers == 0 or full <= 0:
+            return workers, prefetch
+        for w, p in _shallower(workers, prefetch):
+            if usable >= self._slots(w, p, obs) * full:
+                return w, p
+        return 1, 1
+    def restore_pipeline(self, num_workers: int, prefetch_factor: int) -> bool:
+        """Each epoch starts with the depth the user asked for; True if it changed."""
+        changed = (num_workers, prefetch_factor) != (self.num_workers, self.prefetch_factor)
+        self.num_workers, self.prefetch_factor = num_workers, prefetch_factor
+        return changed
 
     def batch_bytes_bound(self) -> float:
         """The cost model's bound on one batch's bytes under the current budget
         (0 while unknown: nothing measured, or neither cap bounds it)."""
+        return self.batch_bytes_at(self.max_cost)
+
+    def batch_bytes_at(self, max_cost: float) -> float:
+        """The cost model's bound on one batch's bytes under the budget ``max_cost``."""
         fit = self.model.coefficients()
         if fit is None:
             return 0.0
         a, b, m = fit
         count = self.max_batch_size
-        if count is None and math.isfinite(self.max_cost):
-            count = self.max_cost / self.min_cost
-        cost = min(self.max_cost, count * self.max_sample_cost) if count is not None else self.max_cost
+        if count is None and math.isfinite(max_cost):
+            count = max_cost / self.min_cost
+        cost = min(max_cost, count * self.max_sample_cost) if count is not None else max_cost
         if count is None or (b > 0 and not math.isfinite(cost)):
             return 0.0
         return count * (a + m) + (b * cost if b > 0 else 0.0)
@@ -196,7 +265,7 @@ class Controller:
         that worker's batches in flight, one the user still holds, and the room a batch skips
         when it does not fit before the ring's end."""
         if obs.arenas:
-            return workers * (prefetch + 2)
+            return workers * (prefetch + HELD_BATCHES)
         return workers * prefetch + max(1, obs.held_batches)
 
     # -- budget ---------------------------------------------------------------
@@ -220,39 +289,20 @@ class Controller:
             return self.user_max_cost if per_sample == 0 else self.min_cost
         return min(self.user_max_cost, max(self.min_cost, max(candidates)))
 
+    def capped(self, max_cost: float) -> float:
+        """``max_cost`` under the caps of other limits (the device's), applied at once both ways."""
+        return min(max_cost, max(self.external_cap, self.min_cost))
+
     def _move_budget(self, target: float, per_batch: float, reasons: List[str]) -> None:
-        current = self.max_cost
+        current = self.memory_max_cost
         # shrink on a small drop, grow only on a clear rise: batches in flight make the
         # free space jitter by a batch or so from one observation to the next
         if target < current * (1 - self.hysteresis / 2) or target > current * (1 + self.hysteresis) \
                 or (target == self.user_max_cost and current != target):
             direction = "lower" if target < current else "raise"
-            reasons.append(f"{direction} max_cost {current:.4g} -> {target:.4g}: "
-                           f"{per_batch / 2**20:.1f} MiB of shm per batch in flight")
-            self.max_cost = target
-
-    # -- fewer in flight ------------------------------------------------------
-    def _shrink_pipeline(self, usable: float, held: int, reasons: List[str]):
-        """Fewer batches in flight when even one smallest sample per slot does not fit."""
-        if self.model.coefficients() is None or self.num_workers == 0:
-            return None, None
-        smallest = self.model.sample_bytes(self.min_cost)
-        if smallest < 1:  # nothing to fit, or an estimate below one byte
-            return None, None
-        fitting_slots = int(usable // smallest) - max(1, held)
-        if fitting_slots >= self.num_workers * self.prefetch_factor:
-            return None, None
-        prefetch = max(1, fitting_slots // self.num_workers)
-        workers = self.num_workers if fitting_slots >= self.num_workers else max(1, fitting_slots)
-        if (prefetch, workers) == (self.prefetch_factor, self.num_workers):
-            return None, None  # already as low as it goes: the workers send batches off shm
-        reasons.append(
-            f"fewer batches in flight: {self.num_workers}x{self.prefetch_factor} -> {workers}x{prefetch}; "
-            f"a one-sample batch needs {smallest / 2**20:.1f} MiB, {usable / 2**20:.1f} MiB usable")
-        changed_prefetch = prefetch if prefetch != self.prefetch_factor else None
-        changed_workers = workers if workers != self.num_workers else None
-        self.prefetch_factor, self.num_workers = prefetch, workers
-        return changed_prefetch, changed_workers
+            reasons.append(f"{direction} max_cost {format_cost(current)} -> {format_cost(target)}: "
+                           f"{per_batch / 2**20:.1f} MiB per batch in flight fit in the {self.limit} limit")
+            self.memory_max_cost = target
 
     # -- file descriptors -----------------------------------------------------
     def _fd_plan(self, obs: Observation, reasons: List[str]):
@@ -276,6 +326,7 @@ class Controller:
 
 # -- the shm arena ---------------------------------------------------------------
 ARENA_MIN_BYTES = 16 << 20  # below this a ring of small batches grows too often to be worth reserving
+ARENA_MARGIN = 1.25  # room above the batches measured
 
 
 def arena_capacity(batch_bytes: float, batches_in_flight: int, room: float, workers: int) -> int:
@@ -288,9 +339,83 @@ def arena_capacity(batch_bytes: float, batches_in_flight: int, room: float, work
     may still fill. 0 when that share cannot hold two batches: the batches
     would mostly miss the arena and it would only take space.
     """
-    wanted = max((batches_in_flight + 2) * batch_bytes * 1.25, ARENA_MIN_BYTES)
+    wanted = max((batches_in_flight + HELD_BATCHES) * batch_bytes * ARENA_MARGIN, ARENA_MIN_BYTES)
     share = room / max(1, workers)
     capacity = min(wanted, share)
     if capacity < 2 * batch_bytes or capacity <= 0:
         return 0
     return int(capacity) // (1 << 20) << 20 if capacity >= 1 << 20 else int(capacity)
+
+
+# -- when to decide, and what to do on a failure ----------------------------------------
+DECIDE_EVERY_WHEN_AMPLE = 8  # batches between decisions while shm is ample
+AMPLE_TARGET_OVER_LARGEST = 2  # "ample": the last target is at least this many largest batches
+FDS_EVERY = 16  # batches between fd readings (listing /proc/self/fd costs ~0.2 ms)
+FDS_PRESSING = 8  # read fds every batch once a batch's fds exceed 1/8 of the soft limit
+FDS_FAR = 64  # the fds are "far from their limit" while a batch's fds are under 1/64 of it
+ARENA_REPLACE_BELOW = 0.95  # an idle arena under this fraction of the planned capacity is replaced
+
+
+def decision_due(step: int, last_target: float, largest_batch: int, through_shm: bool, fds_per_batch: int,
+                 fd_soft_limit: Optional[int]) -> bool:
+    """While memory is tight, decide after every batch; with ample room (the last target at
+    least twice the largest batch seen, the fds far from their limit) every 8th batch is
+    enough: the decision would not change, and the workers' own free-space check guards
+    the batches in between."""
+    ample = (last_target >= AMPLE_TARGET_OVER_LARGEST * largest_batch and through_shm
+             and (fd_soft_limit is None or fds_per_batch * FDS_FAR < fd_soft_limit))
+    return not ample or step % DECIDE_EVERY_WHEN_AMPLE == 0
+
+
+def fds_due(step: int, fds_per_batch: int, fd_soft_limit: Optional[int]) -> bool:
+    """Whether to list the open fds now: every 16 batches, or every batch once a
+    batch's fds are a noticeable part of the limit."""
+    return fd_soft_limit is None or fds_per_batch * FDS_PRESSING > fd_soft_limit or step % FDS_EVERY == 0
+
+
+def fd_pressure(fds_per_batch: int, batches_in_flight: int, fds_in_use: int, fd_soft_limit: int,
+                headroom: float = 0.8) -> Optional[str]:
+    """Evidence that fds ran out: a sentence when the batches in flight carry enough fds to
+    reach the limit (on top of what is open), else None."""
+    incoming = fds_per_batch * (batches_in_flight + 1)
+    if fd_soft_limit <= 0 or fds_in_use + incoming <= headroom * fd_soft_limit:
+        return None
+    return (f"batches carry ~{fds_per_batch} fds each, {batches_in_flight} in flight, {fds_in_use} open: "
+            f"within reach of the fd limit {fd_soft_limit}")
+
+
+def strategy_after_failure(cause: str, strategy: str) -> Optional[str]:
+    """The sharing strategy to switch to after a failure, if any: only fds running out
+    while a batch was handed over call for ``file_system`` (one fd per batch, not per tensor)."""
+    return "file_system" if cause == "fds" and strategy != "file_system" else None
+
+
+def arena_plan(recent_batch_bytes: int, batches_in_flight: int, room: float, workers: int,
+               current: dict, idle: Callable[[int], bool]):
+    """Before new workers start: ``(capacity, workers to give a new arena)``, or None.
+
+    Each worker's arena is sized for the batches measured (see :func:`arena_capacity`);
+    a worker without one, or whose idle arena is clearly too small, gets a new one.
+    An arena a batch still lives on stays: replacing it would not give its room back."""
+    if not recent_batch_bytes or workers == 0:
+        return None
+    wanted = arena_capacity(recent_batch_bytes, batches_in_flight, room, workers)
+    stale = [w for w in range(workers) if w not in current
+             or (current[w].capacity < ARENA_REPLACE_BELOW * wanted and idle(w))]
+    if not wanted or not stale:
+        return None
+    return wanted, stale
+
+
+def _shallower(workers: int, prefetch: int):
+    """Pipeline depths from ``(workers, prefetch)`` down to ``(1, 1)``: fewer batches per
+    worker first, then fewer workers."""
+    for p in range(prefetch, 0, -1):
+        yield workers, p
+    for w in range(workers - 1, 0, -1):
+        yield w, 1
+
+
+def format_cost(value: float) -> str:
+    """A cost cap for people: ``no cap`` rather than ``inf``."""
+    return "no cap" if math.isinf(value) else f"{value:.4g}"

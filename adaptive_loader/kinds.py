@@ -63,3 +63,4 @@ class Cause(_Kind):
     WORKER_DIED = "worker_died"
     TIMEOUT = "timeout"  # no batch within the poll interval (not yet a stall)
     WORKERS_NOT_STARTING = "workers_not_starting"
+    LOST = "lost"  # a batch's hand-over broke with every worker alive and no sign of fd exhaustion

@@ -23,8 +23,9 @@ def linear_model(a=0.0, b=float(MiB), lo=1.0, hi=100.0, n=64, min_samples=16):
     return model
 
 
-def make_controller(model=None, *, user_max=1000.0, max_batch_size=None, min_cost=1.0, num_workers=2,
-                    prefetch_factor=2, **kwargs):
+def make_controller(model=None, *, user_max=1000.0, max_batch_size=None, min_cost=1.0, num_workers=1,
+                    prefetch_factor=1, **kwargs):
+    """One worker, one batch in flight by default: no pipeline to give up, so the budget moves."""
     return Controller(user_max_cost=user_max, max_batch_size=max_batch_size, min_cost=min_cost,
                       num_workers=num_workers, prefetch_factor=prefetch_factor, model=model, **kwargs)
 
@@ -212,20 +213,20 @@ def test_plenty_of_shm_keeps_the_user_cap():
 
 
 def test_budget_is_what_fits_per_slot():
-    # 1 MiB per unit of cost; 2 workers x 2 prefetch + 1 held slot = 5 slots
+    # 1 MiB per unit of cost; 1 worker x 1 prefetch + 1 held slot = 2 slots
     c = make_controller(linear_model(), user_max=1000.0)
     d = observe(c, 1000 * MiB)
-    assert d.per_batch_bytes == pytest.approx(0.8 * 1000 * MiB / 5)
-    assert d.max_cost == pytest.approx(160, rel=1e-6)
-    assert worst_batch_bytes(c, d.max_cost) * 5 <= 0.8 * 1000 * MiB * (1 + REL)
+    assert d.per_batch_bytes == pytest.approx(0.8 * 1000 * MiB / 2)
+    assert d.max_cost == pytest.approx(400, rel=1e-6)
+    assert worst_batch_bytes(c, d.max_cost) * 2 <= 0.8 * 1000 * MiB * (1 + REL)
 
 
 def test_budget_accounts_for_per_sample_bytes_and_min_cost():
     # 10 MiB per sample whatever its cost, plus 1 MiB per cost; samples cost at least 2
     c = make_controller(linear_model(a=10 * MiB, b=MiB, lo=2, hi=50), min_cost=2.0, user_max=1000.0)
     d = observe(c, 1000 * MiB)
-    # per batch 160 MiB; n <= X / 2 samples: X * (10 / 2 + 1) MiB <= 160 MiB
-    assert d.max_cost == pytest.approx(160 / 6, rel=1e-6)
+    # per batch 400 MiB; n <= X / 2 samples: X * (10 / 2 + 1) MiB <= 400 MiB
+    assert d.max_cost == pytest.approx(400 / 6, rel=1e-6)
     assert worst_batch_bytes(c, d.max_cost) <= d.per_batch_bytes * (1 + REL)
 
 
@@ -234,8 +235,8 @@ def test_max_batch_size_allows_a_larger_budget():
     free = 1000 * MiB
     plain = observe(make_controller(model, min_cost=2.0), free)
     capped = observe(make_controller(model, min_cost=2.0, max_batch_size=4), free)
-    # at most 4 samples: 4 * 10 MiB + X * 1 MiB <= 160 MiB
-    assert capped.max_cost == pytest.approx(120, rel=1e-6)
+    # at most 4 samples: 4 * 10 MiB + X * 1 MiB <= 400 MiB
+    assert capped.max_cost == pytest.approx(360, rel=1e-6)
     assert capped.max_cost > plain.max_cost
 
 
@@ -256,7 +257,7 @@ def test_shrinks_under_external_pressure_and_grows_back():
     assert observe(c, 100 * GiB).max_cost == 1000.0
     # someone else fills shm: 1000 MiB left
     decisions = [observe(c, 1000 * MiB) for _ in range(2)]
-    assert c.max_cost <= 160 * (1 + 1e-6)
+    assert c.max_cost <= 400 * (1 + 1e-6)
     assert worst_batch_bytes(c, c.max_cost) * slots(c) <= 1000 * MiB
     assert any(r.startswith("lower max_cost") for d in decisions for r in d.reasons)
     # and frees it again
@@ -282,25 +283,25 @@ def test_slow_squeeze_never_overfills():
 def test_hysteresis_ignores_small_changes():
     c = make_controller(linear_model(), user_max=1000.0)
     base = observe(c, 1000 * MiB).max_cost
-    assert base == pytest.approx(160, rel=1e-6)
+    assert base == pytest.approx(400, rel=1e-6)
     for free in (1050, 960, 1080, 1000, 1150):  # -4% .. +15%
         d = observe(c, free * MiB)
         assert d.max_cost == base
         assert d.reasons == []
     d = observe(c, 1300 * MiB)  # +30%: a clear rise
-    assert d.max_cost == pytest.approx(208, rel=1e-6)
+    assert d.max_cost == pytest.approx(520, rel=1e-6)
     assert len(d.reasons) == 1 and "raise max_cost" in d.reasons[0]
     d = observe(c, 700 * MiB)  # -46%
-    assert d.max_cost == pytest.approx(112, rel=1e-6)
+    assert d.max_cost == pytest.approx(280, rel=1e-6)
     assert len(d.reasons) == 1 and "lower max_cost" in d.reasons[0]
 
 
 def test_returns_to_the_user_cap_exactly():
-    c = make_controller(linear_model(), user_max=170.0)
-    assert observe(c, 500 * MiB).max_cost == pytest.approx(80, rel=1e-6)
-    assert observe(c, 1000 * MiB).max_cost == pytest.approx(160, rel=1e-6)
-    d = observe(c, 1100 * MiB)  # what fits is above the cap: back to the cap, though within the hysteresis
-    assert d.max_cost == 170.0
+    c = make_controller(linear_model(), user_max=450.0)
+    assert observe(c, 500 * MiB).max_cost == pytest.approx(200, rel=1e-6)
+    assert observe(c, 1000 * MiB).max_cost == pytest.approx(400, rel=1e-6)
+    d = observe(c, 1150 * MiB)  # what fits is above the cap: back to the cap, though within the hysteresis
+    assert d.max_cost == 450.0
     assert any("raise max_cost" in r for r in d.reasons)
 
 
@@ -309,7 +310,8 @@ def test_reasons_are_human_readable():
     d = observe(c, 1000 * MiB)
     [reason] = d.reasons
     assert isinstance(reason, str)
-    assert "max_cost" in reason and "1000" in reason and "160" in reason and "MiB" in reason
+    assert "max_cost" in reason and "1000" in reason and "400" in reason and "MiB" in reason
+    assert "inf" not in " ".join(observe(make_controller(linear_model(), user_max=math.inf), 10 * MiB).reasons)
 
 
 # -- Controller: shm share --------------------------------------------------------------------------
@@ -326,14 +328,14 @@ def test_held_batches_take_slots():
     free = 4 * GiB
     none_held = observe(make_controller(linear_model()), free, held=0).per_batch_bytes
     three_held = observe(make_controller(linear_model()), free, held=3).per_batch_bytes
-    assert none_held == pytest.approx(0.8 * free / 5)
-    assert three_held == pytest.approx(0.8 * free / 7)
+    assert none_held == pytest.approx(0.8 * free / 2)
+    assert three_held == pytest.approx(0.8 * free / 4)
 
 
 def test_our_own_batches_in_shm_count_as_usable():
     free, ours = 1 * GiB, 3 * GiB
     d = observe(make_controller(linear_model()), free, ours=ours)
-    assert d.per_batch_bytes == pytest.approx(0.8 * (free + ours) / 5)
+    assert d.per_batch_bytes == pytest.approx(0.8 * (free + ours) / 2)
 
 
 def test_local_world_size_halves_the_free_share():
@@ -350,72 +352,95 @@ def test_local_world_size_halves_the_free_share():
 def test_local_world_size_divides_only_the_free_space():
     free, ours = 2 * GiB, 1 * GiB
     d = observe(make_controller(linear_model()), free, ours=ours, local_world_size=4)
-    assert d.per_batch_bytes == pytest.approx(0.8 * (free / 4 + ours) / 5)
+    assert d.per_batch_bytes == pytest.approx(0.8 * (free / 4 + ours) / 2)
 
 
-# -- Controller: fewer in flight --------------------------------------------------------------------
+# -- Controller: fewer in flight before smaller batches ------------------------------------------------
 
-def heavy_model():
-    """About 101 MiB for a sample of cost 1."""
-    return linear_model(a=100 * MiB, b=MiB, lo=1, hi=100)
+def deep_controller(**kwargs):
+    """4 workers x 2 prefetch; batches of up to 100 cost units at 1 MiB each: 100 MiB at the cap."""
+    return make_controller(linear_model(), user_max=100.0, num_workers=4, prefetch_factor=2, **kwargs)
 
 
-def test_no_fewer_in_flight_when_one_sample_per_slot_fits():
-    c = make_controller(heavy_model(), num_workers=4, prefetch_factor=2)
-    d = observe(c, 10 * GiB)
+def test_no_fewer_in_flight_when_the_asked_batches_fit():
+    c = deep_controller()
+    d = observe(c, 1000 * MiB / 0.8)  # 9 slots x 100 MiB = 900 MiB fit
     assert (d.prefetch_factor, d.num_workers) == (None, None)
-    assert (c.num_workers, c.prefetch_factor) == (4, 2)
+    assert (c.num_workers, c.prefetch_factor, d.max_cost) == (4, 2, 100.0)
 
 
-def test_fewer_in_flight_lowers_prefetch_first():
-    c = make_controller(heavy_model(), num_workers=4, prefetch_factor=2)
-    smallest = c.model.sample_bytes(c.min_cost)
-    usable = 650 * MiB  # room for 6 one-sample batches: 1 held + 5 in flight < 4 x 2
-    d = observe(c, usable / 0.8)
-    assert d.prefetch_factor == 1
-    assert d.num_workers is None  # unchanged
+def test_fewer_in_flight_lowers_prefetch_first_and_keeps_the_batches():
+    c = deep_controller()
+    d = observe(c, 650 * MiB / 0.8)  # 4x2 needs 900 MiB, 4x1 needs 500 MiB
+    assert (d.prefetch_factor, d.num_workers) == (1, None)
     assert (c.num_workers, c.prefetch_factor) == (4, 1)
-    assert slots(c) * smallest <= usable
-    assert d.per_batch_bytes >= smallest
-    assert d.max_cost >= c.min_cost
+    assert d.max_cost == 100.0  # the user's batches are kept
     assert any(r.startswith("fewer batches in flight") and "4x2 -> 4x1" in r for r in d.reasons)
 
 
 def test_fewer_in_flight_lowers_workers_when_prefetch_1_is_not_enough():
-    c = make_controller(heavy_model(), num_workers=4, prefetch_factor=2)
-    smallest = c.model.sample_bytes(c.min_cost)
-    usable = 350 * MiB  # room for 3: 1 held + 2 in flight
-    d = observe(c, usable / 0.8)
+    c = deep_controller()
+    d = observe(c, 350 * MiB / 0.8)  # 4x1 needs 500, 3x1 400, 2x1 300 MiB
     assert (d.prefetch_factor, d.num_workers) == (1, 2)
-    assert (c.num_workers, c.prefetch_factor) == (2, 1)
-    assert slots(c) * smallest <= usable
-    assert any("fewer batches in flight" in r for r in d.reasons)
+    assert (c.num_workers, c.prefetch_factor, d.max_cost) == (2, 1, 100.0)
 
 
 def test_fewer_in_flight_counts_held_batches():
-    c = make_controller(heavy_model(), num_workers=4, prefetch_factor=2)
-    smallest = c.model.sample_bytes(c.min_cost)
-    usable = 1000 * MiB  # room for 9 one-sample batches, 4 of them held by the user
-    d = observe(c, usable / 0.8, held=4)
-    assert d.prefetch_factor == 1
-    assert slots(c, held=4) * smallest <= usable
+    c = deep_controller()
+    d = observe(c, 1000 * MiB / 0.8, held=4)  # 4x2 + 4 held needs 1200 MiB, 4x1 + 4 held 800 MiB
+    assert (c.num_workers, c.prefetch_factor, d.max_cost) == (4, 1, 100.0)
 
 
-def test_fewer_in_flight_stops_at_one_by_one():
-    c = make_controller(heavy_model(), num_workers=1, prefetch_factor=1)
-    d = observe(c, 50 * MiB)  # not even one sample fits
-    assert (d.prefetch_factor, d.num_workers) == (None, None)
+def test_the_budget_drops_only_once_one_by_one_is_not_enough():
+    c = deep_controller()
+    d = observe(c, 150 * MiB / 0.8)  # 1x1 + 1 held needs 200 MiB
     assert (c.num_workers, c.prefetch_factor) == (1, 1)
-    assert d.max_cost == c.min_cost
-    assert not any("fewer batches" in r for r in d.reasons)
+    assert d.max_cost == pytest.approx(75, rel=1e-6)  # 150 MiB over 2 slots
+    assert any("lower max_cost 100 -> 75" in r for r in d.reasons)
 
 
-def test_fewer_in_flight_down_to_one_worker_when_nothing_fits():
-    c = make_controller(heavy_model(), num_workers=4, prefetch_factor=3)
-    d = observe(c, 0)
-    assert (c.num_workers, c.prefetch_factor) == (1, 1)
-    assert (d.prefetch_factor, d.num_workers) == (1, 1)
-    assert d.max_cost == c.min_cost
+def test_the_budget_never_drops_below_the_floor():
+    assert observe(deep_controller(), 0).max_cost == 1.0  # min_cost
+    assert observe(deep_controller(floor_cost=50.0), 0).max_cost == 50.0  # min_batch_size's floor
+
+
+def test_depth_never_grows_within_an_epoch_and_is_restored_for_the_next():
+    c = deep_controller()
+    observe(c, 350 * MiB / 0.8)
+    observe(c, 100 * GiB)
+    assert (c.num_workers, c.prefetch_factor) == (2, 1)
+    assert c.restore_pipeline(4, 2) and (c.num_workers, c.prefetch_factor) == (4, 2)
+
+
+# -- Controller: the real memory limits ---------------------------------------------------------------
+
+def observe_memory(controller, *, available, budget=None, ours=0, shm_free=0, shm_road=False, ranks=1):
+    obs = Observation(shm_free=int(shm_free), ours_in_shm=0, held_batches=0, fds_in_use=16, fd_soft_limit=1 << 20,
+                      fd_hard_limit=1 << 20, fds_per_batch=1, local_world_size=ranks,
+                      memory_available=available, memory_budget=budget, ours_in_memory=ours, shm_road=shm_road)
+    return controller.decide(obs)
+
+
+def test_a_small_dev_shm_does_not_bind_batches_that_do_not_go_through_it():
+    c = deep_controller()
+    d = observe_memory(c, available=10 * GiB, shm_free=0)
+    assert (d.max_cost, c.num_workers, c.prefetch_factor) == (100.0, 4, 2)
+    assert c.limit == "memory"
+
+
+def test_dev_shm_binds_batches_that_go_through_it():
+    c = deep_controller()
+    observe_memory(c, available=10 * GiB, shm_free=350 * MiB / 0.8, shm_road=True)
+    assert (c.num_workers, c.prefetch_factor) == (2, 1) and c.limit == "/dev/shm"
+
+
+def test_the_smallest_of_memory_and_the_users_budget_wins_shared_among_ranks():
+    c = deep_controller()
+    observe_memory(c, available=10 * GiB, budget=int(700 * MiB / 0.8), ranks=2)  # 350 MiB for this rank
+    assert (c.num_workers, c.prefetch_factor) == (2, 1) and c.limit == "memory_budget"
+    c = deep_controller()
+    observe_memory(c, available=int(300 * MiB / 0.8), ours=int(50 * MiB / 0.8))  # 350 MiB with ours
+    assert (c.num_workers, c.prefetch_factor) == (2, 1) and c.limit == "memory"
 
 
 # -- Controller: file descriptors -------------------------------------------------------------------
@@ -427,9 +452,9 @@ def test_fds_well_below_the_limit_leave_it_alone():
 
 
 def test_fd_threshold_is_80_percent_of_the_soft_limit_counting_batches_in_flight():
-    # 2 workers x 2 prefetch + 1 = 5 batches of 1 storage each are on their way
-    at = observe(make_controller(linear_model()), 100 * GiB, fds=795, soft=1000, hard=4096, storages=1)
-    above = observe(make_controller(linear_model()), 100 * GiB, fds=796, soft=1000, hard=4096, storages=1)
+    # 1 worker x 1 prefetch + 1 = 2 batches of 1 storage each are on their way
+    at = observe(make_controller(linear_model()), 100 * GiB, fds=798, soft=1000, hard=4096, storages=1)
+    above = observe(make_controller(linear_model()), 100 * GiB, fds=799, soft=1000, hard=4096, storages=1)
     assert at.fd_soft_limit is None
     assert above.fd_soft_limit is not None
 
@@ -438,16 +463,16 @@ def test_fd_soft_limit_is_raised_toward_the_hard_limit():
     c = make_controller(linear_model())
     d = observe(c, 100 * GiB, fds=900, soft=1024, hard=1 << 20, storages=1)
     assert 1024 < d.fd_soft_limit <= 1 << 20
-    assert d.fd_soft_limit * 0.8 >= 900 + 5  # the projected fds fit under the new headroom
+    assert d.fd_soft_limit * 0.8 >= 900 + 2  # the projected fds fit under the new headroom
     assert d.sharing_strategy is None
     assert any("fd soft limit" in r and "1024" in r for r in d.reasons)
 
 
 def test_fd_soft_limit_counts_fds_per_batch():
     c = make_controller(linear_model())
-    d = observe(c, 100 * GiB, fds=100, soft=1024, hard=1 << 20, storages=200)  # ~1000 fds incoming
+    d = observe(c, 100 * GiB, fds=100, soft=1024, hard=1 << 20, storages=400)  # ~800 fds incoming
     assert d.fd_soft_limit is not None
-    assert d.fd_soft_limit * 0.8 >= 100 + 200 * 5
+    assert d.fd_soft_limit * 0.8 >= 100 + 400 * 2
 
 
 def test_fd_soft_limit_is_capped_at_the_hard_limit():

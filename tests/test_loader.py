@@ -142,7 +142,18 @@ def test_wrap_refuses_samplers_it_cannot_reproduce_and_takes_batch_size():
         AdaptiveLoader.wrap(subset)
     loader = AdaptiveLoader.wrap(DataLoader(dataset, batch_size=4, generator=torch.Generator().manual_seed(7)),
                                  batch_size=8, collate_fn=detection_collate)
-    assert loader.sampler.max_batch_size == 8 and loader.sampler.seed == 7
+    assert loader.sampler.max_batch_size == 8 and not loader.sampler.shuffle
+
+
+def test_wrap_shuffles_from_the_dataloaders_generator():
+    dataset = SegmentationDataset(COSTS, side=4)
+
+    def first_epoch(seed):
+        wrapped = DataLoader(dataset, batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(seed))
+        return list(AdaptiveLoader.wrap(wrapped, collate_fn=detection_collate).sampler)
+
+    assert first_epoch(7) == first_epoch(7)
+    assert first_epoch(7) != first_epoch(8)
 
 
 def test_unknown_or_bad_dataloader_keywords_fail_at_construction():
@@ -174,5 +185,5 @@ def test_leaving_early_still_ends_the_epoch_record_and_close_stops_everything(tm
                 break
     ends = [r for r in records if r.get("event") == "epoch_end"]
     assert len(ends) == 1 and ends[0]["data"]["completed"] is False
-    assert loader._dataloader is None
+    assert loader._pipeline.dataloader is None
     assert (tmp_path / "run.jsonl").read_text().count("epoch_end") == 1

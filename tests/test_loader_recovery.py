@@ -142,23 +142,30 @@ def test_resume_in_a_new_process_delivers_exactly_the_rest(tmp_path, replicas, r
     assert sorted(head + tail) == sorted(whole)  # this rank's share, each sample once
 
 
-def test_a_handover_error_counts_as_a_worker_death_only_once_a_worker_is_gone():
-    """An EOFError while opening a batch from live workers means their fds ran out (then the loader
-    switches to file_system), not that one died: the difference is whether every worker still runs."""
+def test_a_broken_handover_is_classified_by_evidence_not_by_which_worker_lives():
+    """An EOFError while opening a batch: a worker that exited is the cause if there is one (with
+    its exit status); else fds measurably within reach of the limit; else it is 'lost', which
+    rebuilds the iterator and switches nothing (the sharing strategy is process-wide)."""
     from torch.utils.data._utils import signal_handling
 
-    from adaptive_loader.loader import _workers_alive
+    from adaptive_loader.failures import classify
+    from adaptive_loader.kinds import Cause
 
     iterator = iter(torch.utils.data.DataLoader(Indexed(), batch_size=4, num_workers=2))
-    pids = tuple(w.pid for w in iterator._workers)
+    workers = list(iterator._workers)
+    pids = tuple(w.pid for w in workers)
     signal_handling._remove_worker_pids(id(iterator))  # the kill below is the test's, not a failure
     try:
         next(iterator)
-        assert _workers_alive(iterator)
+        calm, pressed = (lambda: None), (lambda: "batches carry ~300 fds each")
+        assert classify(EOFError(), workers, calm, wait=0.1).cause == Cause.LOST
+        assert classify(EOFError(), workers, pressed, wait=0.1).cause == Cause.FDS
+        assert classify(OSError(24, "Too many open files"), workers, calm).cause == Cause.FDS
         os.kill(pids[0], signal.SIGKILL)
-        iterator._workers[0].join(10)
-        assert not _workers_alive(iterator)
+        failure = classify(ConnectionResetError(), workers, pressed)
+        assert failure.cause == Cause.WORKER_DIED and "signal 9" in failure.evidence
     finally:
         signal_handling._set_worker_pids(id(iterator), pids)  # as _shutdown_workers expects
         iterator._shutdown_workers()
-    assert not _workers_alive(None)  # no iterator yet: nothing to blame on fds
+    wrapped = RuntimeError("Caught ValueError in DataLoader worker process 0.\nOriginal Traceback ...")
+    assert classify(wrapped, [], calm).cause is None  # the user's own error

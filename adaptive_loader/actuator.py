@@ -1,0 +1,111 @@
+"""The actuator: carries a decision out and says so.
+
+It sets the sampler's budget (across ranks, the agreed one, from an agreed
+global batch), tells the pipeline to raise the fd limit or switch the
+sharing strategy, counts each fallback, and emits one event per change.
+It decides nothing: every rule is the controller's.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Dict, Optional
+
+from . import distributed
+from .kinds import Event, Fallback
+from .ledger import Ledger
+from .pipeline import Pipeline
+from .sampler import BudgetBatchSampler
+
+__all__ = ["Actuator"]
+
+
+class Actuator:
+    def __init__(self, sampler: BudgetBatchSampler, pipeline: Pipeline, ledger: Ledger, telemetry: Any,
+                 group: Any, sync_every: int, user_max_cost: float) -> None:
+        self.sampler = sampler
+        self.pipeline = pipeline
+        self.ledger = ledger
+        self.telemetry = telemetry
+        self.group = group
+        self.sync_every = sync_every
+        self.user_max_cost = user_max_cost
+        self.fallbacks: Dict[str, int] = {}
+        self._warned_epoch: Optional[int] = None  # the budget went below the user's in this epoch, said so
+
+    def apply(self, decision: Any, epoch: int) -> bool:
+        """Carry ``decision`` out; True when the iterator must be rebuilt for it."""
+        rebuild = False
+        if self.sampler.num_replicas > 1:
+            self._agree_on_budget(decision, epoch)
+        elif decision.max_cost != self.sampler.max_cost:
+            self.set_budget(decision.max_cost)
+            self.event(Event.BUDGET, decision.reason("max_cost"), epoch,
+                       max_cost=finite_or_none(decision.max_cost), per_batch_bytes=decision.per_batch_bytes)
+            self._warn_if_below_asked(decision.max_cost, decision, epoch)
+        if decision.prefetch_factor is not None or decision.num_workers is not None:
+            self.count(Fallback.FEWER_IN_FLIGHT)
+            self.event(Event.FEWER_IN_FLIGHT, decision.reason("fewer batches"), epoch, level=logging.WARNING,
+                       num_workers=decision.num_workers, prefetch_factor=decision.prefetch_factor)
+            rebuild = True
+        if decision.fd_soft_limit is not None:
+            self.pipeline.set_fd_soft_limit(decision.fd_soft_limit)
+            self.count(Fallback.FD_LIMIT)
+            self.event(Event.FD_LIMIT, decision.reason("fd soft limit"), epoch, level=logging.WARNING,
+                       soft_limit=decision.fd_soft_limit)
+        if decision.sharing_strategy is not None:
+            self.switch_strategy(decision.sharing_strategy, decision.reason("file_system"), epoch)
+            rebuild = True
+        return rebuild
+
+    def _warn_if_below_asked(self, max_cost: float, decision: Any, epoch: int) -> None:
+        """Once per epoch: the batches got smaller than the user asked, how much and why."""
+        if max_cost >= self.user_max_cost or self._warned_epoch == epoch:
+            return
+        self._warned_epoch = epoch
+        asked = "your max_cost " + (f"{self.user_max_cost:g}" if math.isfinite(self.user_max_cost)
+                                    else "(none: the size cap alone)")
+        share = f" ({max_cost / self.user_max_cost:.0%} of it)" if math.isfinite(self.user_max_cost) else ""
+        self.telemetry.event(
+            Event.BUDGET.value, f"batches are smaller than asked this epoch: the cost budget is {max_cost:.4g}, "
+            f"below {asked}{share}, because the {decision.limit or 'memory'} limit leaves "
+            f"{decision.per_batch_bytes / 2**20:.1f} MiB per batch in flight even with "
+            f"fewer batches in flight. Fewer workers, a smaller prefetch_factor or more memory keep them whole.",
+            step=self.ledger.step, epoch=epoch, level=logging.WARNING, max_cost=finite_or_none(max_cost),
+            limit=decision.limit, below_asked=True)
+
+    def set_budget(self, max_cost: float) -> None:
+        self.sampler.max_cost = max_cost
+        self.sampler.warn_oversized = max_cost >= self.user_max_cost
+
+    def switch_strategy(self, strategy: str, why: str, epoch: int) -> None:
+        self.pipeline.set_sharing_strategy(strategy)
+        self.count(Fallback.SHARING_STRATEGY)
+        self.event(Event.SHARING_STRATEGY, f"sharing strategy -> {strategy} (process-wide until the loader "
+                   f"closes): {why}", epoch, level=logging.WARNING, strategy=strategy)
+
+    def count(self, kind: Fallback) -> None:
+        self.fallbacks[kind.value] = self.fallbacks.get(kind.value, 0) + 1
+
+    def event(self, kind: Event, message: str, epoch: int, level: int = logging.INFO, **data: Any) -> None:
+        self.telemetry.event(kind.value, message, step=self.ledger.step, epoch=epoch, level=level, **data)
+
+    def _agree_on_budget(self, decision: Any, epoch: int) -> None:
+        """Ranks must plan the same batches: every ``sync_every`` batches they take the
+        smallest proposed budget and apply it from a global batch none has planned yet."""
+        if self.group is None or self.ledger.feed.delivered % self.sync_every:
+            return
+        agreed, at = distributed.agree_on_minimum(self.group, decision.max_cost,
+                                                  -float(self.sampler.global_position))
+        at = int(-at)
+        if agreed != self.sampler.max_cost:
+            self.sampler.schedule_budget(at, agreed, self.sampler.max_batch_size)
+            self.sampler.warn_oversized = agreed >= self.user_max_cost
+            self.event(Event.BUDGET, f"ranks agreed on max_cost {agreed:.4g} from global batch {at} (this rank "
+                       f"proposed {decision.max_cost:.4g})", epoch, max_cost=finite_or_none(agreed),
+                       at_batch=at, per_batch_bytes=decision.per_batch_bytes)
+
+
+def finite_or_none(value: float) -> Optional[float]:
+    return None if math.isinf(value) else value

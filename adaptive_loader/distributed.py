@@ -1,0 +1,59 @@
+"""Ranks: the gloo group the budget is agreed over, and the agreement itself (mechanics only)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Tuple
+
+import torch
+
+__all__ = ["budget_group", "destroy_budget_group", "agree_on_minimum", "local_world_size"]
+
+logger = logging.getLogger("adaptive_loader")
+
+
+def budget_group(replicas: int) -> Any:
+    """A gloo group for agreeing on budgets, or None with one replica (or no process group)."""
+    if replicas == 1:
+        return None
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        logger.warning("%d replicas but no torch.distributed process group: the budget stays at max_cost, "
+                       "the other fallbacks still work", replicas)
+        return None
+    return dist.new_group(backend="gloo")
+
+
+def destroy_budget_group(group: Any) -> None:
+    """Shut the budget group's gloo threads down when the loader goes, at the latest at exit.
+
+    A group left alive is torn down by libtorch's static destructors after the
+    interpreter is gone, which can abort the process at exit. Destroying a
+    subgroup is local to this rank; if the whole package was destroyed first,
+    the group is already gone."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        try:
+            dist.destroy_process_group(group)
+        except ValueError:  # not a known group any more
+            pass
+
+
+def agree_on_minimum(group: Any, *values: float) -> Tuple[float, ...]:
+    """The element-wise minimum of ``values`` over the ranks of ``group`` (a collective)."""
+    import torch.distributed as dist
+
+    proposal = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(proposal, op=dist.ReduceOp.MIN, group=group)
+    return tuple(float(v) for v in proposal)
+
+
+def local_world_size() -> int:
+    """Ranks on this machine (they share its memory), from torchrun's ``LOCAL_WORLD_SIZE``."""
+    try:
+        return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        return 1

@@ -1,0 +1,215 @@
+"""One epoch: iterate, tell failures apart, recover, catch stalls.
+
+Per batch the loop reads in the order the docs describe: **record** the
+batch in the ledger and the cost model, **decide** if a decision is due,
+**act** on it, **show** it. An exception from the user's own code (a
+dataset or collate raising) surfaces and the epoch goes on with the next
+batch, as with DataLoader; a failure of the loader's own (a worker died,
+fds ran out, a hand-over broke) rebuilds the iterator over what was not
+delivered.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING, Any, Optional
+
+from . import _torch
+from . import controller as rules
+from .failures import Failure, classify, describe
+from .kinds import ARENA_ROADS, Cause, Event, Fallback, Road
+from .pipeline import next_watched
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .loader import AdaptiveLoader
+
+__all__ = ["EpochIterator", "LoaderStalled", "LoaderFailed", "after_batch", "Rate"]
+
+
+class LoaderStalled(RuntimeError):
+    """No batch arrived for ``stall_timeout`` seconds although workers were alive."""
+
+
+class LoaderFailed(RuntimeError):
+    """Recovery was tried ``max_restarts`` times without a batch getting through."""
+
+
+class EpochIterator:
+    """The iterator ``iter(loader)`` returns: one epoch of batches."""
+
+    def __init__(self, loader: "AdaptiveLoader", epoch: int) -> None:
+        self.loader = loader
+        self.epoch = epoch
+        self._dl_iter: Any = None
+        self._restarts = 0
+        self._done = False
+        loader._rate = Rate()
+        self._last_progress = self._wait_start = time.monotonic()
+
+    def __iter__(self) -> "EpochIterator":
+        return self
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __next__(self) -> Any:
+        if self._done:
+            raise StopIteration
+        loader = self.loader
+        while True:
+            if loader._pending_give_back:
+                self._dl_iter = loader._take_give_backs(self._dl_iter)
+            try:
+                if self._dl_iter is None:
+                    self._dl_iter = loader._start_iterator()
+                envelope = next_watched(self._dl_iter)
+                batch = envelope.open()
+            except StopIteration:
+                self.close(completed=True)
+                raise
+            except Exception as exc:  # classified: ours to recover from, or the user's
+                self._failed(exc)
+                continue
+            self._restarts = 0
+            indices = loader._ledger.feed.outstanding.popleft()
+            if loader._after_batch(indices, envelope.stats, batch, time.monotonic() - self._wait_start, self.epoch):
+                loader._pipeline.drop(self._dl_iter)
+                loader._ledger.feed.requeue_outstanding()
+                self._dl_iter = None
+            self._last_progress = self._wait_start = time.monotonic()  # the training step is not a stall
+            return batch
+
+    def close(self, completed: bool = False) -> None:
+        """End the epoch: stop the workers (persistent ones too if it was left early)."""
+        if self._done:
+            return
+        self._done = True
+        loader = self.loader
+        if self._dl_iter is not None:
+            loader._pipeline.stop(self._dl_iter, even_persistent=not completed)
+            self._dl_iter = None
+        if not completed:
+            loader._pipeline.drop()
+        loader._actuator.event(Event.EPOCH_END, f"epoch {self.epoch} {'done' if completed else 'left early'} "
+                               f"after {loader._ledger.step} batches in all", self.epoch, completed=completed,
+                               fallbacks=loader.fallbacks)
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # at interpreter exit the loader's parts may be gone already
+            pass
+
+    # -- failures --------------------------------------------------------------------------
+    def _failed(self, exc: Exception) -> None:
+        """Recover from ``exc``, or re-raise it (the epoch goes on after the user's own error)."""
+        loader = self.loader
+        if loader._pipeline.num_workers == 0:
+            failure = Failure(None, "raised in the main process")
+        else:
+            failure = classify(exc, _workers_of(self._dl_iter), loader._fd_pressure)
+        cause = failure.cause
+        if cause == Cause.TIMEOUT and self._dl_iter is None:
+            cause = Cause.WORKERS_NOT_STARTING  # e.g. persistent workers that did not answer a reset
+        if cause == Cause.TIMEOUT:
+            if time.monotonic() - self._last_progress >= loader.stall_timeout:
+                self._stall()
+            return
+        if cause is None:
+            if failure.evidence.startswith("not a loader failure"):
+                self.close()  # ours, unexpected: the epoch cannot go on
+            elif loader._ledger.feed.outstanding:  # the user's: that batch is consumed, as in DataLoader
+                loader._ledger.feed.outstanding.popleft()
+                loader._ledger.feed.delivered += 1
+            raise exc
+        self._restarts += 1
+        if self._restarts > loader.max_restarts:
+            self.close()
+            raise LoaderFailed(
+                f"{self._restarts - 1} recoveries in a row did not get a batch through; last error: "
+                f"{describe(exc)} ({failure.evidence}). {loader._resource_summary()}") from exc
+        self._recover(cause, failure, exc)
+        self._dl_iter, self._last_progress = None, time.monotonic()
+
+    def _recover(self, cause: Cause, failure: Failure, exc: Exception) -> None:
+        loader = self.loader
+        ledger, actuator = loader._ledger, loader._actuator
+        lost = sum(len(b) for b in ledger.feed.outstanding)
+        actuator.count(Fallback.RECOVERY)
+        actuator.event(Event.RECOVERY, f"{cause}: {describe(exc)} ({failure.evidence}); rebuilding the iterator, "
+                       f"{lost} undelivered samples go back to the epoch. {loader._resource_summary()}", self.epoch,
+                       level=logging.WARNING, cause=cause.value, requeued_samples=lost)
+        strategy = rules.strategy_after_failure(cause, loader._pipeline.sharing_strategy)
+        if strategy is not None:
+            actuator.switch_strategy(strategy, failure.evidence, self.epoch)
+            loader.controller.strategy_switched = True
+        loader._pipeline.drop(self._dl_iter)
+        ledger.feed.requeue_outstanding()
+
+    def _stall(self) -> None:
+        loader = self.loader
+        waited = time.monotonic() - self._last_progress
+        message = (f"no batch for {waited:.0f} s although the workers are alive (stall_timeout="
+                   f"{loader.stall_timeout:g} s). {loader._resource_summary()} If your samples take longer "
+                   f"to load, raise stall_timeout.")
+        loader._actuator.event(Event.STALL, message, self.epoch, level=logging.ERROR)
+        if self._dl_iter is not None:  # a stuck worker would keep the join waiting
+            loader._pipeline.drop(self._dl_iter, kill=True)
+            self._dl_iter = None
+        self.close()
+        raise LoaderStalled(message)
+
+
+def after_batch(loader: "AdaptiveLoader", indices: Any, stats: Any, batch: Any, wait_s: float, epoch: int) -> bool:
+    """One batch delivered: record, decide if due, act, show. True: the iterator must be
+    rebuilt for the decision taken."""
+    ledger, sampler, controller = loader._ledger, loader.sampler, loader.controller
+    costs = sampler.costs[indices]
+    pinned = loader._pipeline.pinning()
+    ledger.deliver(indices, loader._batch_cost(indices, costs), stats, batch, pinned, epoch)  # record
+    if stats.transport != Road.INLINE:
+        controller.model.observe(costs, stats.sample_bytes)
+    if stats.transport == Road.FILE:
+        loader._actuator.count(Fallback.OFF_SHM)
+        loader._actuator.event(Event.OFF_SHM, f"batch {ledger.step} ({len(indices)} samples) went through a "
+                               f"spill file: {stats.off_shm_reason}", epoch, level=logging.WARNING,
+                               bytes=stats.batch_bytes)
+    rate = loader._rate.update(len(indices))
+    fds = loader._fds
+    decide = loader._pipeline.num_workers > 0 and rules.decision_due(
+        ledger.step, ledger.last_target, ledger.largest_batch,
+        stats.transport in (Road.SHM, *ARENA_ROADS), stats.handles, fds.soft_limit if fds else None)
+    telemetry = loader._telemetry
+    if not (decide or telemetry.wants_batches):
+        return False
+    observation = loader._observe(stats)  # measure
+    rebuild = False
+    if decide:
+        decision = controller.decide(observation)  # decide
+        ledger.last_target = decision.per_batch_bytes
+        rebuild = loader._actuator.apply(decision, epoch)  # act
+    if telemetry.wants_batches:  # show
+        loader._record_batch(epoch, indices, costs, stats, observation, wait_s, rate)
+    return rebuild
+
+
+def _workers_of(iterator: Any) -> list:
+    return _torch.iterator_workers(iterator) if iterator is not None else []
+
+
+class Rate:
+    """Samples per second between one delivery and the previous, smoothed (for telemetry)."""
+
+    def __init__(self) -> None:
+        self._last: Optional[float] = None
+        self.value: Optional[float] = None
+
+    def update(self, samples: int) -> Optional[float]:
+        now = time.monotonic()
+        previous, self._last = self._last, now
+        if previous is None:
+            return None
+        rate = samples / max(now - previous, 1e-9)
+        self.value = rate if self.value is None else 0.8 * self.value + 0.2 * rate
+        return self.value

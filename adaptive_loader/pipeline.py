@@ -1,0 +1,215 @@
+"""The pipeline: the DataLoader, its workers, their arenas and spill files, and the process settings it needs.
+
+Mechanics only. It builds a DataLoader over the ledger's feed with the
+measuring collate, starts and stops iterators, reserves arenas the
+controller sized, raises the fd limit and switches the sharing strategy
+when told to (and puts the strategy back when the loader closes: it is
+process-wide while in force).
+"""
+
+from __future__ import annotations
+
+import logging
+import resource
+from typing import Any, Callable, Dict, Optional
+
+import torch
+import torch.multiprocessing
+from torch.utils.data import DataLoader, Dataset, default_collate
+
+from . import _torch
+from .arena import Arena
+from .arena import registry as arena_registry
+from .ledger import Ledger
+from .measure import ShmProbe
+from .transport import MeasuredCollate, WorkerSetup
+
+__all__ = ["Pipeline", "POLL_SECONDS", "next_watched"]
+
+logger = logging.getLogger("adaptive_loader")
+
+POLL_SECONDS = 1.0  # how often a waiting loader checks its workers
+
+
+class Pipeline:
+    """Owns the DataLoader the loader iterates, rebuilt whenever its settings change."""
+
+    def __init__(self, dataset: Dataset, ledger: Ledger, *, collate_fn: Optional[Callable], shm: ShmProbe,
+                 spill_dir: str, arena_owner: Optional[str], safety: float, stall_timeout: float,
+                 user_worker_init: Optional[Callable[[int], None]], dataloader_kwargs: Dict[str, Any],
+                 worker_rules: Any = None, arena_kind: Optional[str] = None) -> None:
+        self.dataset = dataset
+        self.ledger = ledger
+        self.collate_fn = collate_fn
+        self.shm = shm
+        self.spill_dir = spill_dir
+        self.arena_owner = arena_owner
+        self.arena_kind = arena_kind
+        self.safety = safety
+        self.stall_timeout = stall_timeout
+        self.user_worker_init = user_worker_init
+        self.dataloader_kwargs = dataloader_kwargs
+        self.worker_rules = worker_rules
+        self.strategy_at_start = torch.multiprocessing.get_sharing_strategy()
+        self.sharing_strategy = self.strategy_at_start
+        self.fd_soft_limit: Optional[int] = None
+        self.dataloader: Optional[DataLoader] = None
+        self.collate: Optional[MeasuredCollate] = None
+        self.num_workers = 0
+        self.prefetch_factor: Optional[int] = None
+
+    # -- building and iterating -------------------------------------------------------
+    def start_iterator(self, num_workers: int, prefetch_factor: Optional[int], arena_plan: Callable[[], Any],
+                       batch_bytes_hint: int) -> Any:
+        """An iterator over the feed, with a DataLoader (re)built if the depth changed."""
+        if self.dataloader is not None and (num_workers, prefetch_factor) != (self.num_workers,
+                                                                            self.prefetch_factor):
+            self.drop()
+        if self.dataloader is None:
+            self.num_workers, self.prefetch_factor = num_workers, prefetch_factor
+            self.dataloader = self._make_dataloader()
+        workers_running = self.dataloader.persistent_workers and self.live_iterator() is not None
+        if self.arena_owner is not None and not workers_running:
+            self.reserve_arenas(arena_plan())
+            # workers started now continue these arenas
+            self.collate.arenas = arena_registry.arenas_of(self.arena_owner)
+            self.collate.batch_bytes_hint = batch_bytes_hint
+        iterator = iter(self.dataloader)
+        if self.collate is not None:
+            self.collate.arenas = {}  # the workers have them now; here they would outlive the loader's use
+        _torch.detach_sigchld_watch(iterator)  # next_watched() registers them while waiting
+        return iterator
+
+    def live_iterator(self) -> Any:
+        return _torch.live_iterator(self.dataloader)
+
+    def pinning(self) -> bool:
+        """Whether batches really get pinned (torch turns pinning off without an accelerator)."""
+        iterator = self.live_iterator()
+        if iterator is not None:
+            return _torch.iterator_pins(iterator)
+        return bool(self.dataloader_kwargs.get("pin_memory")) and torch.cuda.is_available()
+
+    def stop(self, iterator: Any, even_persistent: bool = False, kill: bool = False) -> None:
+        """Stop the iterator's workers (persistent ones only when told). ``kill``: they may be
+        stuck in the user's code; do not wait for them to notice."""
+        persistent = self.dataloader is not None and self.dataloader.persistent_workers
+        if even_persistent or not persistent:
+            if kill:
+                for worker in _torch.iterator_workers(iterator):
+                    if worker.is_alive():
+                        worker.kill()
+            _torch.shutdown_workers(iterator)
+            if self.arena_owner is not None:
+                arena_registry.writers_stopped(self.arena_owner)
+
+    def drop(self, iterator: Any = None, kill: bool = False) -> None:
+        """Stop every worker and forget the DataLoader; the next iterator builds a new one."""
+        iterator = iterator or self.live_iterator()
+        if iterator is not None:
+            self.stop(iterator, even_persistent=True, kill=kill)
+        self.remove_spill_files()
+        self.dataloader = None
+
+    def close(self) -> None:
+        """Stop the workers, release the arenas, put the sharing strategy back."""
+        self.drop()
+        if self.arena_owner is not None:
+            arena_registry.forget(self.arena_owner)
+        if self.sharing_strategy != self.strategy_at_start:
+            torch.multiprocessing.set_sharing_strategy(self.strategy_at_start)
+            self.sharing_strategy = self.strategy_at_start
+
+    # -- what the actuator carries out --------------------------------------------------
+    def set_fd_soft_limit(self, limit: int) -> None:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard))
+        self.fd_soft_limit = limit
+
+    def set_sharing_strategy(self, strategy: str) -> None:
+        torch.multiprocessing.set_sharing_strategy(strategy)
+        self.sharing_strategy = strategy
+
+    def reserve_arenas(self, plan: Any) -> None:
+        """Reserve the arenas the controller planned (``plan``: capacity, workers), before workers start."""
+        if plan is None:
+            return
+        capacity, workers = plan
+        arena_registry.forget_workers(self.arena_owner, workers)
+        for worker in workers:
+            try:
+                arena = Arena.create(capacity, **self._arena_kind_kwargs())
+            except (RuntimeError, OSError) as exc:  # then the worker makes its own
+                logger.debug("arena of %d B for worker %d not reserved: %s", capacity, worker, exc)
+                return
+            arena_registry.receive(arena, arena.id, self.arena_owner, worker)
+
+    def current_arenas(self) -> Dict[int, Any]:
+        return arena_registry.arenas_of(self.arena_owner) if self.arena_owner is not None else {}
+
+    def arena_idle(self, worker: int) -> bool:
+        return arena_registry.idle(self.arena_owner, worker)
+
+    def arena_bytes(self) -> int:
+        return arena_registry.mapped_bytes(self.arena_owner) if self.arena_owner is not None else 0
+
+    def remove_spill_files(self) -> None:
+        if self.collate is not None:
+            self.collate.remove_spill_files()
+
+    # -- internals -------------------------------------------------------------------------
+    def _arena_kind_kwargs(self) -> Dict[str, Any]:
+        return {"kind": self.arena_kind} if self.arena_kind is not None else {}
+
+    def _make_dataloader(self) -> DataLoader:
+        kwargs = dict(self.dataloader_kwargs)
+        workers = self.num_workers
+        if workers > 0:
+            kwargs.update(prefetch_factor=self.prefetch_factor, timeout=min(POLL_SECONDS, self.stall_timeout),
+                          worker_init_fn=WorkerSetup(self.user_worker_init, self.sharing_strategy,
+                                                     self.fd_soft_limit))
+        else:
+            kwargs.pop("persistent_workers", None)
+            kwargs.pop("prefetch_factor", None)
+            if self.user_worker_init is not None:
+                kwargs["worker_init_fn"] = self.user_worker_init
+        allocated = _shared_counters(workers)
+        arena_sizes = _shared_counters(workers) if self.arena_owner is not None else None
+        self.ledger.workers_started(workers, allocated)
+        # the workers themselves never fill shm past the safety line: above it a batch goes to a file
+        keep_free = int((1 - self.safety) * self.shm.read().total)
+        extra: Dict[str, Any] = {}
+        if self.worker_rules is not None:
+            extra["rules"] = self.worker_rules
+        if self.arena_kind is not None:
+            extra["arena_kind"] = self.arena_kind
+        self.collate = MeasuredCollate(self.collate_fn or default_collate, self.shm.path, self.spill_dir,
+                                       shm_keep_free=keep_free, allocated=allocated,
+                                       arena_owner=self.arena_owner, arena_sizes=arena_sizes,
+                                       batches_in_flight=self.prefetch_factor or 1, workers=workers, **extra)
+        return DataLoader(self.dataset, batch_sampler=self.ledger.feed, num_workers=workers,
+                          collate_fn=self.collate, **kwargs)
+
+
+def next_watched(iterator: Any) -> Any:
+    """``next(iterator)`` with torch's SIGCHLD watch on: a worker dying now
+    interrupts even a read blocked on a half-sent message."""
+    workers = _torch.iterator_workers(iterator)
+    if not workers:
+        return next(iterator)
+    _torch.watch_workers(iterator, tuple(w.pid for w in workers))
+    try:
+        return next(iterator)
+    finally:
+        _torch.unwatch_workers(iterator)
+
+
+def _shared_counters(n: int) -> Optional[torch.Tensor]:
+    """``n`` int64 slots in shm that workers can add to; None when there are no
+    workers or shm cannot even hold that (then in-flight bytes are predicted)."""
+    if n == 0:
+        return None
+    try:
+        return torch.zeros(n, dtype=torch.int64).share_memory_()
+    except RuntimeError:
+        return None
