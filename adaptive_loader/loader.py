@@ -23,7 +23,8 @@ from typing import Any, Callable, Dict, Iterator, List, Optional
 
 import numpy as np
 import torch
-from torch.utils.data import BatchSampler, DataLoader, Dataset, IterableDataset, RandomSampler, SequentialSampler
+from torch.utils.data import (BatchSampler, DataLoader, Dataset, IterableDataset, RandomSampler, SequentialSampler,
+                              default_collate)
 
 from . import controller as rules
 from . import distributed
@@ -36,6 +37,7 @@ from .kinds import ARENA_ROADS, Road
 from .ledger import LastBatch, Ledger
 from .measure import ShmProbe, host_ram_available, read_fds, rss_of
 from .memory import read_memory, resolve_memory_budget
+from .options import check_dataloader_options, shuffle_seed, warn_worker_number
 from .pipeline import Pipeline
 from .sampler import DEFAULT_WINDOW, BudgetBatchSampler, _pack_bits, _unpack_bits
 from .telemetry import SinkSpec, Telemetry
@@ -77,7 +79,9 @@ class AdaptiveLoader:
         stall_timeout: seconds without a batch before :class:`LoaderStalled`
             (DataLoader's ``timeout``, if given, is used instead).
         max_restarts: recoveries in a row without progress before :class:`LoaderFailed`.
-        drop_last, window: passed to :class:`BudgetBatchSampler`.
+        drop_last, window, group_ids, cost: passed to :class:`BudgetBatchSampler`
+            (``group_ids``: batches never mix groups, e.g. aspect-ratio bins;
+            ``cost="padded"``: a batch costs ``len(batch) * max(cost)``).
         spill_dir: a directory on real disk (not tmpfs) under which a private
             directory is made for batches that cannot go through shared memory
             (default: the system temp directory).
@@ -108,16 +112,17 @@ class AdaptiveLoader:
                  safety: float = 0.8, stall_timeout: float = 300.0, max_restarts: int = 3, drop_last: bool = False,
                  window: int = DEFAULT_WINDOW, spill_dir: Optional[str] = None, num_replicas: Optional[int] = None,
                  rank: Optional[int] = None, sync_every: int = 8, arena: Any = True,
-                 memory_budget: Optional[float] = None, min_batch_size: int = 1,
-                 **dataloader_kwargs: Any) -> None:
+                 memory_budget: Optional[float] = None, min_batch_size: int = 1, group_ids: Any = None,
+                 cost: str = "sum", **dataloader_kwargs: Any) -> None:
         if isinstance(dataset, IterableDataset) or not hasattr(dataset, "__len__"):
             raise TypeError("AdaptiveLoader needs a map-style dataset with __len__ and __getitem__")
         max_batch_size = _take_batch_size_alias(max_batch_size, dataloader_kwargs)
         _refuse_own_keywords(dataloader_kwargs)
-        in_order = dataloader_kwargs.pop("in_order", True)
-        if in_order is not True:
+        _refuse_unknown_keywords(dataloader_kwargs)
+        opts = check_dataloader_options(num_workers=num_workers, seed=seed, **dataloader_kwargs)
+        num_workers = opts["num_workers"]
+        if not opts["in_order"]:
             raise ValueError("in_order=False is not supported: AdaptiveLoader matches batches to indices in order")
-        _check_dataloader_keywords(dataloader_kwargs, num_workers)
         _check_fraction("safety", safety)
         _check_positive("stall_timeout", stall_timeout)
         _check_int("max_restarts", max_restarts, 0)
@@ -130,11 +135,14 @@ class AdaptiveLoader:
         n = len(dataset)
         if max_cost is None and max_batch_size is None:
             max_batch_size = 1  # DataLoader's default batch_size
-        generator = dataloader_kwargs.get("generator")
+        sampler_options = {"group_ids": group_ids} if group_ids is not None else {}
+        if cost != "sum":
+            sampler_options["cost"] = cost
         self._costs_given = costs
         self._sampler_args = dict(max_cost=max_cost, max_batch_size=max_batch_size, shuffle=shuffle,
-                                  seed=_shuffle_seed(seed, generator, shuffle), drop_last=drop_last,
-                                  window=window, num_replicas=num_replicas, rank=rank)
+                                  seed=shuffle_seed(opts["seed"], opts["generator"]) if shuffle and opts["seed"] is None
+                                  else (opts["seed"] or 0), drop_last=drop_last, window=window,
+                                  num_replicas=num_replicas, rank=rank, **sampler_options)
         self.sampler = self._make_sampler(n)
         _check_int("min_batch_size", min_batch_size, 1)
         if self.sampler.max_batch_size is not None and min_batch_size > self.sampler.max_batch_size:
@@ -144,16 +152,17 @@ class AdaptiveLoader:
         self.user_max_cost = self.sampler.max_cost
         self.spill_dir = _check_spill_dir(spill_dir if spill_dir is not None else tempfile.gettempdir())
         self._shm = ShmProbe(shm_path)
-        prefetch_factor = dataloader_kwargs.pop("prefetch_factor", None)
-        if num_workers > 0 and prefetch_factor is None:
-            prefetch_factor = 2
-        self._asked = dict(num_workers=num_workers, prefetch_factor=prefetch_factor, in_order=in_order,
-                           timeout=dataloader_kwargs.pop("timeout", 0),
-                           worker_init_fn=dataloader_kwargs.pop("worker_init_fn", None))
+        self._asked = {key: opts[key] for key in ("num_workers", "prefetch_factor", "in_order", "timeout",
+                                                   "worker_init_fn")}
+        dataloader_kwargs = {key: opts[key] for key in ("persistent_workers", "pin_memory", "multiprocessing_context",
+                                                         "generator", "pin_memory_device")}
+        if not dataloader_kwargs["pin_memory_device"]:
+            del dataloader_kwargs["pin_memory_device"]  # older torch releases refuse the keyword's default
+        warn_worker_number(num_workers)
         self.stall_timeout = float(self._asked["timeout"]) if self._asked["timeout"] else float(stall_timeout)
         self.max_restarts = max_restarts
         self.safety = safety
-        self.collate_fn = collate_fn
+        self.collate_fn = collate_fn if collate_fn is not None else default_collate
         self._dataloader_kwargs = dataloader_kwargs
         self._telemetry = Telemetry(telemetry, total_samples=n, safety=safety)
         self._group = distributed.budget_group(self.sampler.num_replicas)  # a collective: all args are valid
@@ -200,9 +209,10 @@ class AdaptiveLoader:
         if not isinstance(dataloader, DataLoader):
             raise TypeError(f"wrap() takes a torch DataLoader, got {type(dataloader).__name__}")
         kwargs: Dict[str, Any] = dict(costs=costs, max_cost=max_cost, **_wrapped_sampling(dataloader))
+        kwargs.setdefault("drop_last", dataloader.drop_last)
         kwargs.update(
             num_workers=dataloader.num_workers, collate_fn=dataloader.collate_fn,
-            drop_last=dataloader.drop_last, pin_memory=dataloader.pin_memory, timeout=dataloader.timeout,
+            pin_memory=dataloader.pin_memory, timeout=dataloader.timeout,
             worker_init_fn=dataloader.worker_init_fn, generator=dataloader.generator,
             persistent_workers=dataloader.persistent_workers,
             multiprocessing_context=dataloader.multiprocessing_context)
@@ -233,7 +243,17 @@ class AdaptiveLoader:
     num_workers = property(lambda self: self._asked["num_workers"], doc="The workers asked for.")
     prefetch_factor = property(lambda self: self._asked["prefetch_factor"])
     timeout = property(lambda self: self._asked["timeout"])
-    worker_init_fn = property(lambda self: self._asked["worker_init_fn"])
+
+    @property
+    def worker_init_fn(self) -> Optional[Callable[[int], None]]:
+        """Called in each worker with its id; may be set (Lightning does), used from the next workers on."""
+        return self._asked["worker_init_fn"]
+
+    @worker_init_fn.setter
+    def worker_init_fn(self, fn: Optional[Callable[[int], None]]) -> None:
+        fn = check_dataloader_options(worker_init_fn=fn)["worker_init_fn"]
+        self._asked["worker_init_fn"] = fn
+        self._pipeline.set_worker_init(fn)
     in_order = property(lambda self: self._asked["in_order"])
     pin_memory = property(lambda self: bool(self._dataloader_kwargs.get("pin_memory", False)))
     pin_memory_device = property(lambda self: self._dataloader_kwargs.get("pin_memory_device", ""))
@@ -491,19 +511,6 @@ def _cost_array(costs: Any, n: int, dataset: Any) -> Any:
     return as_cost_array(costs, expected_len=n)
 
 
-def _shuffle_seed(seed: Optional[int], generator: Optional[torch.Generator], shuffle: bool) -> int:
-    """An explicit seed wins; else one draw from ``generator`` or torch's global RNG, as
-    RandomSampler draws its seed (only when shuffling: without it no RNG is touched)."""
-    if seed is not None:
-        _check_int("seed", seed, 0)
-        return seed
-    if not shuffle:
-        return 0
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
-    return int(torch.empty((), dtype=torch.int64).random_(generator=generator).item())
-
-
 def _arena_kind(arena: Any) -> Any:
     """``False``, or the kind of region the arenas live in (``True``: the default kind)."""
     if arena is True:
@@ -522,12 +529,13 @@ def _wrapped_sampling(dataloader: DataLoader) -> Dict[str, Any]:
         raise ValueError("wrap() needs a DataLoader that batches: this one has batch_size=None (one sample at "
                          "a time, no collation into batches). Use AdaptiveLoader(dataset, max_batch_size=1, "
                          "collate_fn=lambda b: b[0]) for that, or give the DataLoader a batch_size")
-    if type(batch_sampler) is BatchSampler:
-        sampler, batch_size, extra = dataloader.sampler, dataloader.batch_size, {}
+    extra: Dict[str, Any] = {}
+    if type(batch_sampler) is BatchSampler:  # made by DataLoader from batch_size=, or passed as batch_sampler=
+        sampler = batch_sampler.sampler
+        extra["drop_last"] = batch_sampler.drop_last
     elif hasattr(batch_sampler, "group_ids") and hasattr(batch_sampler, "sampler"):
         sampler = batch_sampler.sampler  # torchvision's GroupedBatchSampler
-        batch_size = getattr(batch_sampler, "batch_size", None)
-        extra = {"group_ids": np.asarray(batch_sampler.group_ids)}
+        extra["group_ids"] = np.asarray(batch_sampler.group_ids)
     else:
         raise ValueError(
             f"wrap() cannot reproduce the batch sampler {type(batch_sampler).__name__}: AdaptiveLoader plans "
@@ -542,12 +550,14 @@ def _wrapped_sampling(dataloader: DataLoader) -> Dict[str, Any]:
     if isinstance(sampler, RandomSampler) and (sampler.replacement or sampler.num_samples != len(sampler.data_source)):
         raise ValueError("wrap() cannot reproduce RandomSampler(replacement=True) or num_samples=: AdaptiveLoader "
                          "delivers every sample exactly once per epoch. Use a Subset for fewer samples per epoch")
+    batch_size = getattr(batch_sampler, "batch_size", None)
     if batch_size is None:
         raise ValueError(f"wrap(): the batch sampler {type(batch_sampler).__name__} has no batch_size; pass "
                          f"batch_size= to wrap()")
     shuffle = isinstance(sampler, RandomSampler)
-    generator = getattr(sampler, "generator", None) or dataloader.generator
-    return dict(max_batch_size=batch_size, shuffle=shuffle, generator=generator, **extra)
+    if shuffle:
+        extra["seed"] = shuffle_seed(None, getattr(sampler, "generator", None) or dataloader.generator)
+    return dict(max_batch_size=batch_size, shuffle=shuffle, **extra)
 
 
 def _take_batch_size_alias(max_batch_size: Optional[int], kwargs: Dict[str, Any]) -> Optional[int]:
@@ -571,24 +581,16 @@ def _refuse_own_keywords(kwargs: Dict[str, Any]) -> None:
 
 
 _OWN_OR_DERIVED = {"dataset", "batch_size", "shuffle", "sampler", "batch_sampler", "num_workers", "collate_fn",
-                   "drop_last", "in_order"}  # AdaptiveLoader's own parameters, or refused
+                   "drop_last"}  # AdaptiveLoader's own parameters, or refused
 
 
-def _check_dataloader_keywords(kwargs: Dict[str, Any], num_workers: Any) -> None:
-    """Unknown or malformed DataLoader keywords fail now, as DataLoader's would, not at the first batch."""
+def _refuse_unknown_keywords(kwargs: Dict[str, Any]) -> None:
+    """Unknown DataLoader keywords fail now, not at the first batch."""
     known = set(inspect.signature(DataLoader.__init__).parameters) - {"self"} - _OWN_OR_DERIVED
     unknown = sorted(set(kwargs) - known)
     if unknown:
         raise TypeError(f"unknown keyword(s) {', '.join(unknown)}: AdaptiveLoader passes on these DataLoader "
                         f"keywords: {', '.join(sorted(known))}")
-    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
-        raise ValueError(f"num_workers must be an int >= 0, got {num_workers!r}")
-    timeout = kwargs.get("timeout", 0)
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout >= 0:
-        raise ValueError(f"timeout must be a number >= 0, got {timeout!r}")
-    prefetch = kwargs.get("prefetch_factor")
-    if prefetch is not None and (isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 1):
-        raise ValueError(f"prefetch_factor must be an int >= 1, got {prefetch!r}")
 
 
 def _refuse_batch_sampler_as_sampler(sampler: Any) -> None:

@@ -57,6 +57,12 @@ class Pipeline:
         self.collate: Optional[MeasuredCollate] = None
         self.num_workers = 0
         self.prefetch_factor: Optional[int] = None
+        self._stale = False
+
+    def set_worker_init(self, fn: Optional[Callable[[int], None]]) -> None:
+        """The workers started from now on call ``fn`` (after the loader's own setup)."""
+        self.user_worker_init = fn
+        self._stale = True
 
     # -- building and iterating -------------------------------------------------------
     def start_iterator(self, num_workers: int, prefetch_factor: Optional[int], arena_plan: Callable[[], Any],
@@ -65,16 +71,21 @@ class Pipeline:
         if self.dataloader is not None and (num_workers, prefetch_factor) != (self.num_workers,
                                                                             self.prefetch_factor):
             self.drop()
+        if self._stale and self.live_iterator() is None:
+            self.dataloader = None  # e.g. a new worker_init_fn: the next workers must get it
         if self.dataloader is None:
             self.num_workers, self.prefetch_factor = num_workers, prefetch_factor
-            self.dataloader = self._make_dataloader()
+            with _torch.quiet_worker_number_warning():  # said once, at the loader's construction
+                self.dataloader = self._make_dataloader()
+            self._stale = False
         workers_running = self.dataloader.persistent_workers and self.live_iterator() is not None
         if self.arena_owner is not None and not workers_running:
             self.reserve_arenas(arena_plan())
             # workers started now continue these arenas
             self.collate.arenas = arena_registry.arenas_of(self.arena_owner)
             self.collate.batch_bytes_hint = batch_bytes_hint
-        iterator = iter(self.dataloader)
+        with _torch.quiet_worker_number_warning():
+            iterator = iter(self.dataloader)
         if self.collate is not None:
             self.collate.arenas = {}  # the workers have them now; here they would outlive the loader's use
         _torch.detach_sigchld_watch(iterator)  # next_watched() registers them while waiting
@@ -105,7 +116,7 @@ class Pipeline:
 
     def drop(self, iterator: Any = None, kill: bool = False) -> None:
         """Stop every worker and forget the DataLoader; the next iterator builds a new one."""
-        iterator = iterator or self.live_iterator()
+        iterator = iterator if iterator is not None else self.live_iterator()
         if iterator is not None:
             self.stop(iterator, even_persistent=True, kill=kill)
         self.remove_spill_files()
