@@ -23,7 +23,7 @@ __all__ = ["Actuator"]
 
 class Actuator:
     def __init__(self, sampler: BudgetBatchSampler, pipeline: Pipeline, ledger: Ledger, telemetry: Any,
-                 group: Any, sync_every: int, user_max_cost: float) -> None:
+                 group: Any, sync_every: int, user_max_cost: float, whole_batch_cost: float = math.inf) -> None:
         self.sampler = sampler
         self.pipeline = pipeline
         self.ledger = ledger
@@ -31,6 +31,7 @@ class Actuator:
         self.group = group
         self.sync_every = sync_every
         self.user_max_cost = user_max_cost
+        self.whole_batch_cost = whole_batch_cost  # a budget at least this cuts no batch the user asked for
         self.fallbacks: Dict[str, int] = {}
         self._warned_epoch: Optional[int] = None  # the budget went below the user's in this epoch, said so
 
@@ -61,7 +62,7 @@ class Actuator:
 
     def _warn_if_below_asked(self, max_cost: float, decision: Any, epoch: int) -> None:
         """Once per epoch: the batches got smaller than the user asked, how much and why."""
-        if max_cost >= self.user_max_cost or self._warned_epoch == epoch:
+        if max_cost >= min(self.user_max_cost, self.whole_batch_cost) or self._warned_epoch == epoch:
             return
         self._warned_epoch = epoch
         asked = "your max_cost " + (f"{self.user_max_cost:g}" if math.isfinite(self.user_max_cost)

@@ -353,7 +353,8 @@ AMPLE_TARGET_OVER_LARGEST = 2  # "ample": the last target is at least this many 
 FDS_EVERY = 16  # batches between fd readings (listing /proc/self/fd costs ~0.2 ms)
 FDS_PRESSING = 8  # read fds every batch once a batch's fds exceed 1/8 of the soft limit
 FDS_FAR = 64  # the fds are "far from their limit" while a batch's fds are under 1/64 of it
-ARENA_REPLACE_BELOW = 0.95  # an idle arena under this fraction of the planned capacity is replaced
+ARENA_REPLACE_BELOW = 0.95  # an idle arena under this fraction of the planned capacity is replaced,
+ARENA_REPLACE_ABOVE = 2.0  # and one above this many times it (the batches got smaller: give memory back)
 
 
 def decision_due(step: int, last_target: float, largest_batch: int, through_shm: bool, fds_per_batch: int,
@@ -395,13 +396,14 @@ def arena_plan(recent_batch_bytes: int, batches_in_flight: int, room: float, wor
     """Before new workers start: ``(capacity, workers to give a new arena)``, or None.
 
     Each worker's arena is sized for the batches measured (see :func:`arena_capacity`);
-    a worker without one, or whose idle arena is clearly too small, gets a new one.
+    a worker without one, or whose idle arena is clearly too small or twice too large,
+    gets a new one.
     An arena a batch still lives on stays: replacing it would not give its room back."""
     if not recent_batch_bytes or workers == 0:
         return None
     wanted = arena_capacity(recent_batch_bytes, batches_in_flight, room, workers)
-    stale = [w for w in range(workers) if w not in current
-             or (current[w].capacity < ARENA_REPLACE_BELOW * wanted and idle(w))]
+    stale = [w for w in range(workers) if w not in current or (idle(w) and not (
+             ARENA_REPLACE_BELOW * wanted <= current[w].capacity <= ARENA_REPLACE_ABOVE * wanted))]
     if not wanted or not stale:
         return None
     return wanted, stale

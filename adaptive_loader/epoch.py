@@ -105,11 +105,15 @@ class EpochIterator:
     def _failed(self, exc: Exception) -> None:
         """Recover from ``exc``, or re-raise it (the epoch goes on after the user's own error)."""
         loader = self.loader
-        if loader._pipeline.num_workers == 0:
+        starting = self._dl_iter is None
+        if loader._pipeline.num_workers == 0 and not (starting and loader.controller.num_workers):
             failure = Failure(None, "raised in the main process")
         else:
-            failure = classify(exc, _workers_of(self._dl_iter), loader._fd_pressure)
+            failure = classify(exc, _workers_of(self._dl_iter), loader._fd_pressure, starting=starting)
         cause = failure.cause
+        if cause == Cause.NO_SHM_FOR_WORKERS:
+            self._load_in_process(failure)
+            return
         if cause == Cause.TIMEOUT and self._dl_iter is None:
             cause = Cause.WORKERS_NOT_STARTING  # e.g. persistent workers that did not answer a reset
         if cause == Cause.TIMEOUT:
@@ -146,6 +150,17 @@ class EpochIterator:
             loader.controller.strategy_switched = True
         loader._pipeline.drop(self._dl_iter)
         ledger.feed.requeue_outstanding()
+
+    def _load_in_process(self, failure: Failure) -> None:
+        """The last rung: without even a few KiB of /dev/shm no worker can start; load here."""
+        loader = self.loader
+        loader._actuator.count(Fallback.IN_PROCESS)
+        loader._actuator.event(Event.IN_PROCESS, f"{failure.evidence}: loading in the main process (num_workers=0) "
+                               f"for the rest of this epoch; free some of /dev/shm to get the workers back",
+                               self.epoch, level=logging.WARNING)
+        loader.controller.num_workers = 0
+        loader._pipeline.drop()
+        loader._ledger.feed.requeue_outstanding()
 
     def _stall(self) -> None:
         loader = self.loader

@@ -24,6 +24,7 @@ from .kinds import Cause
 __all__ = ["Failure", "classify", "describe"]
 
 _FD_ERRNOS = {errno.EMFILE, errno.ENFILE}
+_NO_ROOM_ERRNOS = {errno.ENOSPC, errno.ENOMEM}
 EXIT_WAIT_SECONDS = 1.0  # a worker whose pipe broke is given this long to show it exited
 
 
@@ -36,13 +37,17 @@ class Failure:
 
 
 def classify(exc: BaseException, workers: List[Any], fd_pressure: Callable[[], Optional[str]],
-             wait: float = EXIT_WAIT_SECONDS) -> Failure:
+             wait: float = EXIT_WAIT_SECONDS, starting: bool = False) -> Failure:
     """The failure ``exc`` (raised by the DataLoader iterator) reports.
 
     ``workers`` are the iterator's worker processes; ``fd_pressure`` returns a
-    sentence when measured fds per batch put the fd limit in reach, else None.
+    sentence when measured fds per batch put the fd limit in reach, else None;
+    ``starting``: the iterator (and its workers) was being made.
     """
     text, msg = str(exc), _torch.messages
+    if starting and isinstance(exc, OSError) and exc.errno in _NO_ROOM_ERRNOS:
+        return Failure(Cause.NO_SHM_FOR_WORKERS, f"the workers could not start: {describe(exc)} (multiprocessing's "
+                                                 f"queues need a few KiB of /dev/shm for their semaphores)")
     raised_in = _torch.worker_raised(text)
     if raised_in == "worker":
         return Failure(None, "raised by the dataset or collate_fn in a worker")

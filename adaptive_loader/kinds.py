@@ -40,6 +40,7 @@ class Fallback(_Kind):
     FD_LIMIT = "fd_limit"  # the fd soft limit was raised
     SHARING_STRATEGY = "sharing_strategy"  # torch's sharing strategy switched to file_system
     RECOVERY = "recovery"  # the iterator was rebuilt after a failure
+    IN_PROCESS = "in_process"  # workers could not start (no /dev/shm at all): loading in the main process
 
 
 class Event(_Kind):
@@ -50,6 +51,7 @@ class Event(_Kind):
     FD_LIMIT = Fallback.FD_LIMIT.value
     SHARING_STRATEGY = Fallback.SHARING_STRATEGY.value
     RECOVERY = Fallback.RECOVERY.value
+    IN_PROCESS = Fallback.IN_PROCESS.value
     BUDGET = "budget"  # the cost budget moved
     STALL = "stall"  # no batch for stall_timeout seconds
     EPOCH_END = "epoch_end"  # an epoch finished or was left
@@ -63,4 +65,5 @@ class Cause(_Kind):
     WORKER_DIED = "worker_died"
     TIMEOUT = "timeout"  # no batch within the poll interval (not yet a stall)
     WORKERS_NOT_STARTING = "workers_not_starting"
+    NO_SHM_FOR_WORKERS = "no_shm_for_workers"  # not even multiprocessing's semaphores fit in /dev/shm
     LOST = "lost"  # a batch's hand-over broke with every worker alive and no sign of fd exhaustion

@@ -39,6 +39,7 @@ from .measure import ShmProbe, host_ram_available, read_fds, rss_of
 from .memory import read_memory, resolve_memory_budget
 from .options import check_dataloader_options, shuffle_seed, warn_worker_number
 from .pipeline import Pipeline
+from .region import MEMFD, SHM, memfd_available
 from .sampler import DEFAULT_WINDOW, BudgetBatchSampler, _pack_bits, _unpack_bits
 from .telemetry import SinkSpec, Telemetry
 
@@ -179,9 +180,11 @@ class AdaptiveLoader:
                                   spill_dir=self.spill_dir, arena_owner=arena_owner, safety=safety,
                                   stall_timeout=self.stall_timeout, user_worker_init=self._asked["worker_init_fn"],
                                   dataloader_kwargs=dataloader_kwargs,
-                                  arena_kind=arena_kind if isinstance(arena_kind, str) else None)
+                                  arena_kind=arena_kind if arena_kind is not False else None)
+        size_cap = self.sampler.max_batch_size
+        whole = size_cap * float(self.sampler.costs.max()) if size_cap is not None and n else math.inf
         self._actuator = Actuator(self.sampler, self._pipeline, self._ledger, self._telemetry, self._group,
-                                  sync_every, self.user_max_cost)
+                                  sync_every, self.user_max_cost, whole)
         self._dataset = dataset
         self._epochs_started = 0
         self._epoch_iterated = 0
@@ -396,18 +399,23 @@ class AdaptiveLoader:
 
     def _start_iterator(self) -> Any:
         controller = self.controller
-        prefetch = controller.prefetch_factor if self.num_workers else None
-        return self._pipeline.start_iterator(
-            controller.num_workers if self.num_workers else 0, prefetch, self._arena_plan,
-            int(controller.batch_bytes_bound()))
+        workers = controller.num_workers if self.num_workers else 0
+        hint = max(self._ledger.recent_batches, default=0)  # measured, not the model's worst case
+        return self._pipeline.start_iterator(workers, controller.prefetch_factor if workers else None,
+                                             self._arena_plan, hint)
 
     def _arena_plan(self) -> Any:
         ledger, pipeline = self._ledger, self._pipeline
         if not ledger.recent_batches:
             return None
         current = pipeline.current_arenas()
-        shm = self._shm.read()
-        room = shm.free + sum(a.nbytes for a in current.values()) - (1 - self.safety) * shm.total
+        held = sum(a.nbytes for a in current.values())
+        if pipeline.arena_kind == "memfd":
+            memory = read_memory()
+            room = self.safety * (memory.available / self._local_world_size + held)
+        else:
+            shm = self._shm.read()
+            room = shm.free + held - (1 - self.safety) * shm.total
         return rules.arena_plan(max(ledger.recent_batches), self.controller.prefetch_factor, room,
                                 self.controller.num_workers, current, pipeline.arena_idle)
 
@@ -512,12 +520,14 @@ def _cost_array(costs: Any, n: int, dataset: Any) -> Any:
 
 
 def _arena_kind(arena: Any) -> Any:
-    """``False``, or the kind of region the arenas live in (``True``: the default kind)."""
+    """``False``, or the kind of region the arenas live in (``True``: a memfd where there are memfds)."""
     if arena is True:
-        return True
+        return MEMFD if memfd_available() else SHM
     if arena is False:
         return False
-    if arena in ("memfd", "shm"):
+    if arena == MEMFD and not memfd_available():
+        raise ValueError("arena='memfd' needs os.memfd_create (Linux >= 3.17, Python >= 3.8); use arena='shm'")
+    if arena in (MEMFD, SHM):
         return arena
     raise ValueError(f"arena must be True, False, 'memfd' or 'shm', got {arena!r}")
 

@@ -13,6 +13,7 @@ import logging
 import resource
 from typing import Any, Callable, Dict, Optional
 
+import numpy as np
 import torch
 import torch.multiprocessing
 from torch.utils.data import DataLoader, Dataset, default_collate
@@ -22,6 +23,7 @@ from .arena import Arena
 from .arena import registry as arena_registry
 from .ledger import Ledger
 from .measure import ShmProbe
+from .region import MEMFD, SHM, SharedRegion, memfd_available
 from .transport import MeasuredCollate, WorkerSetup
 
 __all__ = ["Pipeline", "POLL_SECONDS", "next_watched"]
@@ -215,12 +217,38 @@ def next_watched(iterator: Any) -> Any:
         _torch.unwatch_workers(iterator)
 
 
-def _shared_counters(n: int) -> Optional[torch.Tensor]:
-    """``n`` int64 slots in shm that workers can add to; None when there are no
-    workers or shm cannot even hold that (then in-flight bytes are predicted)."""
+class SharedCounters:
+    """``n`` int64 slots in shared memory (a memfd: no /dev/shm needed) that the workers add
+    to, each to its own slot, so no lock. Pickling passes the region's fd (spawn, forkserver)."""
+
+    def __init__(self, region: SharedRegion, n: int) -> None:
+        self.region, self.n = region, n
+        self.values = region.array[:8 * n].view(np.int64)
+
+    def __getitem__(self, worker: int) -> int:
+        return int(self.values[worker])
+
+    def __setitem__(self, worker: int, value: int) -> None:
+        self.values[worker] = value
+
+    def tolist(self) -> list:
+        return self.values.tolist()
+
+    def sum(self) -> int:
+        return int(self.values.sum())
+
+    def __reduce__(self):
+        return SharedCounters, (self.region, self.n)
+
+
+def _shared_counters(n: int) -> Optional[SharedCounters]:
+    """``n`` counters the workers can add to; None when there are no workers or not even
+    that much shared memory can be had (then in-flight bytes are predicted)."""
     if n == 0:
         return None
-    try:
-        return torch.zeros(n, dtype=torch.int64).share_memory_()
-    except RuntimeError:
-        return None
+    for kind in (MEMFD, SHM) if memfd_available() else (SHM,):
+        try:
+            return SharedCounters(SharedRegion.create(8 * n, kind), n)
+        except OSError:
+            continue
+    return None
