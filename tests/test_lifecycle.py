@@ -1,0 +1,131 @@
+"""A loader's life as DataLoader users live it: iterators, close, stalls, a dataset that grows,
+a worker that dies, and the process-wide sharing strategy given back."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+import torch
+from torch.utils.data import Dataset
+
+from adaptive_loader import AdaptiveLoader, LoaderStalled
+
+
+class Numbers(Dataset):
+    def __init__(self, n=24):
+        self.n = n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        return torch.tensor([i])
+
+
+class Sleepy(Numbers):
+    def __getitem__(self, i):
+        if i == 5:
+            time.sleep(60)
+        return torch.tensor([i])
+
+
+class PoisonOnce(Numbers):
+    """Index 7 kills its worker the first time it is loaded (a marker file remembers)."""
+
+    def __init__(self, marker, n=24):
+        super().__init__(n)
+        self.marker = marker
+
+    def __getitem__(self, i):
+        if i == 7 and not os.path.exists(self.marker):
+            open(self.marker, "w").close()
+            os._exit(3)
+        return torch.tensor([i])
+
+
+def values(batches):
+    return sorted(int(v) for b in batches for v in b.flatten().tolist())
+
+
+def alive(workers):
+    return [w for w in workers if w.is_alive()]
+
+
+@pytest.mark.timeout(120)
+def test_a_second_iter_ends_the_first_cleanly():
+    loader = AdaptiveLoader(Numbers(), max_batch_size=4, num_workers=2)
+    first = iter(loader)
+    head = [next(first)]
+    workers = list(first._dl_iter._workers)
+    second = list(iter(loader))
+    assert values(second) == list(range(24))
+    with pytest.raises(StopIteration):
+        next(first)
+    assert values(head) and not alive(workers)
+    loader.close()
+
+
+@pytest.mark.timeout(120)
+def test_close_inside_the_loop_ends_the_epoch_cleanly():
+    loader = AdaptiveLoader(Numbers(), max_batch_size=4, num_workers=2, persistent_workers=True)
+    seen, workers = [], []
+    for batch in loader:
+        seen.append(batch)
+        if len(seen) == 2:
+            workers = list(loader._pipeline.live_iterator()._workers)
+            loader.close()
+    assert len(seen) == 2 and workers and not alive(workers)
+
+
+@pytest.mark.timeout(120)
+def test_a_stall_raises_about_when_stall_timeout_says():
+    loader = AdaptiveLoader(Sleepy(), max_batch_size=1, num_workers=2, stall_timeout=2)
+    start = time.monotonic()
+    with pytest.raises(LoaderStalled, match="stall_timeout=2"):
+        for _ in loader:
+            start = time.monotonic()  # the clock runs from the last batch delivered
+    late = time.monotonic() - start - 2
+    assert late < 3, f"raised {late:.1f} s after stall_timeout (the worker sleeps 60 s)"
+
+
+@pytest.mark.timeout(120)
+def test_a_dataset_that_grows_between_epochs_is_followed():
+    dataset = Numbers(10)
+    loader = AdaptiveLoader(dataset, max_batch_size=4, num_workers=2, shuffle=True)
+    assert values(loader) == list(range(10))
+    dataset.n = 14
+    assert values(loader) == list(range(14)) and len(loader) == 4
+    loader.close()
+
+
+def test_costs_that_no_longer_match_the_dataset_are_a_clear_error():
+    dataset = Numbers(10)
+    loader = AdaptiveLoader(dataset, costs=[1] * 10, max_cost=4)
+    assert values(loader) == list(range(10))
+    dataset.n = 12
+    with pytest.raises(ValueError, match="now has 12 samples but costs= was given for 10.*callable"):
+        iter(loader)
+
+
+@pytest.mark.timeout(180)
+def test_a_worker_killed_by_its_sample_is_a_death_not_an_fd_shortage(tmp_path):
+    """The poison sample's worker exits: the batches come again, every sample once, and the
+    process-wide sharing strategy stays as it was."""
+    strategy = torch.multiprocessing.get_sharing_strategy()
+    loader = AdaptiveLoader(PoisonOnce(str(tmp_path / "died")), max_batch_size=4, num_workers=2)
+    assert values(loader) == list(range(24))
+    assert loader.fallbacks.get("recovery") == 1 and "sharing_strategy" not in loader.fallbacks
+    assert torch.multiprocessing.get_sharing_strategy() == strategy
+    loader.close()
+
+
+def test_the_sharing_strategy_is_given_back_when_the_loader_closes():
+    before = torch.multiprocessing.get_sharing_strategy()
+    other = "file_system" if before != "file_system" else "file_descriptor"
+    loader = AdaptiveLoader(Numbers(), max_batch_size=4)
+    loader._actuator.switch_strategy(other, "a test", epoch=0)  # what an fd shortage would do
+    assert torch.multiprocessing.get_sharing_strategy() == other
+    loader.close()
+    assert torch.multiprocessing.get_sharing_strategy() == before
