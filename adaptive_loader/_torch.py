@@ -29,7 +29,7 @@ from torch.utils.data._utils import worker as _worker  # noqa: E402
 
 __all__ = ["collate", "collate_tensor_fn", "default_collate_fn_map", "pin_memory", "hidden_worker_info",
            "watch_workers", "unwatch_workers", "detach_sigchld_watch", "iterator_workers", "shutdown_workers",
-           "live_iterator", "iterator_pins", "new_shared_storage", "new_fd_storage", "share_fd", "messages",
+           "live_iterator", "iterator_pins", "new_shared_storage", "messages",
            "worker_raised"]
 
 
@@ -106,17 +106,6 @@ def new_shared_storage(nbytes: int) -> torch.UntypedStorage:
     return torch.UntypedStorage._new_shared(nbytes)
 
 
-# UntypedStorage._new_using_fd_cpu(nbytes) / ._share_fd_cpu_(): a storage on an unlinked shm file and
-# its fd. Checked: 2.1, 2.4, 2.13, 2.14 (2.4 does not fallocate it).
-
-def new_fd_storage(nbytes: int) -> torch.UntypedStorage:
-    return torch.UntypedStorage._new_using_fd_cpu(nbytes)
-
-
-def share_fd(storage: torch.UntypedStorage) -> Tuple[int, int]:
-    return storage._share_fd_cpu_()
-
-
 # -- messages ---------------------------------------------------------------------------------------------
 class messages:
     """Texts of torch's errors that the loader tells apart. Checked: 2.1, 2.4, 2.13, 2.14."""
@@ -141,3 +130,198 @@ def worker_raised(text: str) -> Optional[str]:
     if not text.startswith(messages.WORKER_RAISED):
         return None
     return "pin" if messages.PIN_THREAD in text else "worker"
+
+
+# -- the worker-count warning ----------------------------------------------------------------------
+# DataLoader.check_worker_number_rationality(self) reads only ``self.num_workers`` and warns "This
+# DataLoader will create N worker processes in total. ... excessive worker creation ..." when N exceeds
+# the CPUs this process may use. It is public but bound to a DataLoader; called here on a stand-in
+# holding num_workers alone. Checked: 2.1, 2.4, 2.13 (2.1 counts os.sched_getaffinity itself, 2.13 via
+# torch._utils.cpu_count; both read nothing else). Where it is missing, no warning.
+WORKER_NUMBER_WARNING = r"This DataLoader will create \d+ worker processes in total"
+
+
+def worker_number_warning(num_workers: int) -> Optional[str]:
+    """The text of torch's over-subscription warning for ``num_workers``, or None if it would not warn."""
+    import types
+    import warnings
+
+    from torch.utils.data import DataLoader
+
+    check = getattr(DataLoader, "check_worker_number_rationality", None)
+    if check is None:
+        return None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        check(types.SimpleNamespace(num_workers=num_workers))
+    return next((str(w.message) for w in caught if issubclass(w.category, UserWarning)), None)
+
+
+@contextlib.contextmanager
+def quiet_worker_number_warning() -> Iterator[None]:
+    """Silence torch's over-subscription warning, e.g. from a DataLoader built inside the loader, which
+    warns at its construction and at each iterator; the loader gives it once, at its own construction."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=WORKER_NUMBER_WARNING, category=UserWarning)
+        yield
+
+
+__all__ += ["WORKER_NUMBER_WARNING", "worker_number_warning", "quiet_worker_number_warning"]
+
+
+# -- tensor kinds the transport rebuilds ----------------------------------------------------------------
+# Tensor._indices() / ._values(): a sparse COO tensor's parts, coalesced or not (the public indices() /
+# values() refuse an uncoalesced tensor). torch._utils._get_obj_state / _set_obj_state: the Python state
+# of a tensor subclass (its __dict__ and slots) exactly as torch's own pickling saves and restores it
+# (_rebuild_from_type_v2). Checked: 2.13 (the one installed here). Where the state helpers are missing:
+# __dict__ alone.
+
+def coo_parts(tensor: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """A sparse COO tensor's indices and values, coalesced or not."""
+    return tensor._indices(), tensor._values()
+
+
+def tensor_state(tensor: torch.Tensor) -> Any:
+    """What pickling saves of a tensor subclass besides its data."""
+    import torch._utils as utils
+
+    get = getattr(utils, "_get_obj_state", None)
+    return get(tensor) if get is not None else dict(getattr(tensor, "__dict__", {}))
+
+
+def restore_tensor_state(tensor: torch.Tensor, state: Any) -> torch.Tensor:
+    """``tensor`` with the state :func:`tensor_state` took, as torch's unpickling restores it."""
+    import torch._utils as utils
+
+    if type(tensor).__setstate__ is not torch.Tensor.__setstate__:
+        tensor.__setstate__(state)
+        return tensor
+    put = getattr(utils, "_set_obj_state", None)
+    if put is not None:
+        return put(tensor, state)
+    for name, value in (state or {}).items():
+        setattr(tensor, name, value)
+    return tensor
+
+
+__all__ += ["coo_parts", "tensor_state", "restore_tensor_state"]
+
+
+# -- device memory (the step guard) ----------------------------------------------------------------
+# torch.OutOfMemoryError, the device-generic class (pytorch#121702, torch 2.5 on; checked 2.13, where
+# torch.cuda.OutOfMemoryError is the same class); torch.cuda.OutOfMemoryError alone before that (checked
+# 2.1, 2.4). The CPU allocator raises a plain RuntimeError "DefaultCPUAllocator: can't allocate memory"
+# (c10/core/impl/alloc_cpu.cpp; checked 2.1, 2.4, 2.13); MPS and XPU raised RuntimeErrors with the texts
+# below before they used OutOfMemoryError. torch.accelerator's memory functions (max_memory_allocated,
+# reset_peak_memory_stats, empty_cache, get_memory_info) are checked on 2.13 and missing on 2.1 and 2.4:
+# there torch.cuda's are used, and without an accelerator nothing is measured.
+OOM_TEXTS = ("DefaultCPUAllocator: can't allocate memory", "CUDA out of memory", "MPS backend out of memory",
+             "XPU out of memory")
+
+
+def oom_error_types() -> Tuple[type, ...]:
+    """The exception classes torch raises when a device runs out of memory."""
+    types = [getattr(torch, "OutOfMemoryError", None), getattr(torch.cuda, "OutOfMemoryError", None)]
+    return tuple(dict.fromkeys(t for t in types if isinstance(t, type)))
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is an allocator's out-of-memory error (an accelerator's, or the CPU's)."""
+    if isinstance(exc, oom_error_types()):
+        return True
+    return isinstance(exc, RuntimeError) and messages.any_of(str(exc), OOM_TEXTS)
+
+
+def _accelerator_memory(name: str) -> Any:
+    """``torch.accelerator.<name>`` where torch has it and an accelerator is there, else None."""
+    accelerator = getattr(torch, "accelerator", None)
+    function = getattr(accelerator, name, None)
+    if function is None or not accelerator.is_available():
+        return None
+    return function
+
+
+def device_in_use() -> bool:
+    """Whether an accelerator whose memory can be measured is present."""
+    return _accelerator_memory("max_memory_allocated") is not None or torch.cuda.is_available()
+
+
+def empty_device_cache() -> None:
+    """Give the caching allocator's unused blocks back to the device (nothing without one)."""
+    function = _accelerator_memory("empty_cache")
+    if function is not None:
+        function()
+    elif torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def device_peak_bytes() -> Optional[int]:
+    """Peak bytes allocated on the current accelerator since the last reset, or None."""
+    function = _accelerator_memory("max_memory_allocated")
+    if function is not None:
+        return int(function())
+    return int(torch.cuda.max_memory_allocated()) if torch.cuda.is_available() else None
+
+
+def reset_device_peak() -> None:
+    function = _accelerator_memory("reset_peak_memory_stats")
+    if function is not None:
+        function()
+    elif torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def device_memory_bytes() -> Optional[int]:
+    """Bytes this process may use on the current accelerator: its free memory plus what the
+    caching allocator holds, within ``set_per_process_memory_fraction`` on CUDA; None without one."""
+    function = _accelerator_memory("get_memory_info")
+    if function is not None:
+        free, total = function()
+    elif torch.cuda.is_available():
+        free, total = torch.cuda.mem_get_info()
+    else:
+        return None
+    usable = free
+    if torch.cuda.is_available():
+        usable += torch.cuda.memory_reserved()
+        fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)
+        if fraction is not None:
+            usable = min(usable, int(fraction() * total))
+    return int(min(usable, total))
+
+
+__all__ += ["OOM_TEXTS", "oom_error_types", "is_out_of_memory", "device_in_use", "empty_device_cache",
+            "device_peak_bytes", "reset_device_peak", "device_memory_bytes"]
+
+
+# -- layouts ------------------------------------------------------------------------------------------
+# torch.jagged (the layout of nested tensors built with layout=torch.jagged) is missing from torch 2.1;
+# the others here exist on every torch we claim. Checked: 2.1.2 (no jagged), 2.13, 2.14.1 (jagged).
+
+def tensor_layouts() -> dict:
+    """``str(layout) -> layout`` for the dense and sparse layouts, and jagged where this torch has it."""
+    names = ("strided", "sparse_coo", "sparse_csr", "sparse_csc", "sparse_bsr", "sparse_bsc", "jagged")
+    found = (getattr(torch, name, None) for name in names)
+    return {str(layout): layout for layout in found if isinstance(layout, torch.layout)}
+
+
+# -- the worker processes --------------------------------------------------------------------------------
+# Only torch >= 2.5 names a DataLoader worker process "pt_data_worker" (pytorch#128448); 2.1-2.4 leave the
+# parent's name, and CPython drops a started Process's target. So the workers are found where torch keeps
+# them: ``_workers`` of each live _MultiProcessingDataLoaderIter. Checked: 2.1.2, 2.13, 2.14.1.
+
+def dataloader_worker_pids() -> List[int]:
+    """Pids of this process's live DataLoader worker processes, of any iterator (for tests and the
+    stress harness: it walks every object the garbage collector tracks)."""
+    import gc
+
+    from torch.utils.data.dataloader import _MultiProcessingDataLoaderIter
+
+    # type(), not isinstance(): that reads __class__, which some lazy objects warn on
+    iterators = [obj for obj in gc.get_objects() if issubclass(type(obj), _MultiProcessingDataLoaderIter)]
+    return [w.pid for it in iterators for w in iterator_workers(it) if w.pid is not None and w.is_alive()]
+
+
+__all__ += ["tensor_layouts", "dataloader_worker_pids"]

@@ -6,11 +6,12 @@ is already mapped runs at ~25 GB/s. So each worker writes its batches into
 one region it reserved once, and only a small handle crosses the pipe; the
 main process builds the batch's tensors as views of the same region.
 
-The region is made by torch's fd allocator: ``shm_open(O_EXCL)`` with mode
-0600, ``posix_fallocate`` (the memory really exists, so a full ``/dev/shm``
-fails here, not later with SIGBUS), mapped, and unlinked at once: nobody
-else can open it, nothing is left behind if the job dies. Its fd travels to
-the main process once, with the first batch.
+The region is a :class:`~adaptive_loader.region.SharedRegion`: a memfd where
+the system has them (no ``/dev/shm`` mount bounds it; only RAM and the memory
+cgroup do), else an unlinked 0600 file in ``/dev/shm``. Either is reserved
+with ``posix_fallocate`` (a shortage fails at ``create``, never later with
+SIGBUS), nobody else can open it, nothing is left behind if the job dies.
+Its fd travels to the main process once, with the first batch.
 
 Space is handed out as a ring. Positions only grow (``position % capacity``
 is the place), each batch takes one contiguous range, and the main process
@@ -32,16 +33,14 @@ import threading
 import uuid
 import weakref
 from collections import deque
-from multiprocessing.reduction import DupFd
 from typing import Deque, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
-from torch.multiprocessing.reductions import rebuild_storage_fd
 
-from . import _torch
+from .region import MEMFD, SHM, SharedRegion, memfd_available
 
-__all__ = ["Arena", "RingWriter", "ArenaFull", "open_view", "registry"]
+__all__ = ["Arena", "RingWriter", "ArenaFull", "ArenaUnavailable", "open_view", "registry", "default_kind"]
 
 ALIGN = 64  # bytes; every allocation starts on such a boundary
 _HEADER = 64  # bytes before the ring: int64 slots below
@@ -52,35 +51,57 @@ class ArenaFull(Exception):
     """The ring has no contiguous room for this allocation now."""
 
 
+class ArenaUnavailable(OSError, RuntimeError):
+    """The memory for an arena could not be reserved (its errno says why: ENOSPC, ENOMEM...).
+
+    An OSError; also a RuntimeError, which is what callers written for torch's
+    shm allocator catch.
+    """
+
+
 def _aligned(nbytes: int) -> int:
     return -(-nbytes // ALIGN) * ALIGN
 
 
+def default_kind() -> str:
+    """``"memfd"`` where this system can make one, else ``"shm"``."""
+    return MEMFD if memfd_available() else SHM
+
+
 class Arena:
-    """One worker's region of shm: a header and a ring of ``capacity`` bytes.
+    """One worker's region of shared memory: a header and a ring of ``capacity`` bytes.
 
     Pickling it (to the main process, or to a worker started with spawn)
     passes its fd, whatever the sharing strategy.
     """
 
-    def __init__(self, storage: torch.UntypedStorage, arena_id: str) -> None:
-        self.storage = storage
+    def __init__(self, region: SharedRegion, arena_id: str) -> None:
+        self.region = region
         self.id = arena_id
-        self.nbytes = storage.nbytes()
+        self.kind = region.kind
+        self.nbytes = region.nbytes
         self.capacity = self.nbytes - _HEADER
-        whole = torch.empty(0, dtype=torch.uint8).set_(storage).numpy()
-        self.header = whole[:_HEADER].view(np.int64)
-        self.ring = whole[_HEADER:]
+        self.header = region.array[:_HEADER].view(np.int64)
+        self.ring = region.array[_HEADER:]
 
     @classmethod
-    def create(cls, capacity: int) -> "Arena":
-        """Reserve ``capacity`` bytes (plus the header) in shm; RuntimeError if shm cannot hold it."""
-        storage = _torch.new_fd_storage(_HEADER + _aligned(capacity))
-        return cls(storage, uuid.uuid4().hex)
+    def create(cls, capacity: int, kind: Optional[str] = None, shm_path: str = "/dev/shm") -> "Arena":
+        """Reserve ``capacity`` bytes (plus the header) of ``kind`` (``"memfd"``, ``"shm"``; by default
+        :func:`default_kind`); :class:`ArenaUnavailable` if the memory cannot be reserved."""
+        if isinstance(capacity, bool) or not isinstance(capacity, int):
+            raise TypeError(f"capacity must be an int, not {type(capacity).__name__}")
+        if capacity <= 0:
+            raise ValueError(f"capacity must be > 0 bytes, got {capacity}")
+        kind = default_kind() if kind is None else kind
+        try:
+            region = SharedRegion.create(_HEADER + _aligned(capacity), kind, shm_path)
+        except OSError as exc:
+            raise ArenaUnavailable(exc.errno, f"could not reserve a {kind} arena of "
+                                   f"{_HEADER + _aligned(capacity)} B: {exc.strerror}") from exc
+        return cls(region, uuid.uuid4().hex)
 
     def __reduce__(self):
-        fd, size = _torch.share_fd(self.storage)
-        return _rebuild_arena, (DupFd(fd), size, self.id)
+        return Arena, (self.region, self.id)
 
     def map_pages(self) -> None:
         """Map the whole region into this process's page tables, before writing into it.
@@ -96,10 +117,6 @@ class Arena:
     def ring_tensor(self, offset: int, nbytes: int) -> torch.Tensor:
         """Bytes ``[offset, offset + nbytes)`` of the ring, as a uint8 tensor (worker side)."""
         return torch.from_numpy(self.ring[offset:offset + nbytes])
-
-
-def _rebuild_arena(dup_fd, size: int, arena_id: str) -> Arena:
-    return Arena(rebuild_storage_fd(torch.UntypedStorage, dup_fd, size), arena_id)
 
 
 class RingWriter:

@@ -1,11 +1,18 @@
-"""The shm arena: the ring itself, the main process's views and their release, and the arena
-through real DataLoader workers (fork and spawn, either sharing strategy)."""
+"""The arena: the ring itself, the main process's views and their release, and the arena
+through real DataLoader workers (fork and spawn, either sharing strategy); memfd and /dev/shm
+regions, reserved for real, in real small /dev/shm namespaces."""
 
+import errno
 import gc
+import json
 import mmap
 import os
 import resource
+import shutil
 import stat
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -13,10 +20,13 @@ import torch.multiprocessing
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from adaptive_loader import AdaptiveLoader
-from adaptive_loader.arena import ALIGN, Arena, ArenaFull, RingWriter, open_view, registry
+from adaptive_loader.arena import ALIGN, Arena, ArenaFull, ArenaUnavailable, RingWriter, default_kind, open_view, registry
 from adaptive_loader.controller import ARENA_MIN_BYTES, Controller, Observation, arena_capacity
-from adaptive_loader.transport import ARENA, SHM, MeasuredCollate
+from adaptive_loader.kinds import ARENA_ROADS, Road
+from adaptive_loader.region import MEMFD, SHM, memfd_available
+from adaptive_loader.transport import MeasuredCollate
 
+from stress.sandbox import sandbox_available, sandbox_command
 from test_transport import RichDataset, assert_same, rich_sample
 
 pytestmark = pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="no /dev/shm on this machine")
@@ -30,15 +40,40 @@ def fill(writer, nbytes, value):
 
 # -- the ring, worker side -------------------------------------------------------------------------
 
-def test_create_reserves_an_unlinked_private_region():
-    arena = Arena.create(1 << 20)
-    fd, size = arena.storage._share_fd_cpu_()
-    info = os.fstat(fd)
+KINDS = [pytest.param(MEMFD, marks=pytest.mark.skipif(not memfd_available(), reason="no memfd_create here")), SHM]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_create_reserves_an_unlinked_private_region(kind):
+    arena = Arena.create(1 << 20, kind=kind)
+    info = os.fstat(arena.region.fileno())
+    assert arena.kind == kind
     assert stat.S_IMODE(info.st_mode) == 0o600  # nobody else may open it...
     assert info.st_nlink == 0  # ...and it has no name left to open it by
-    assert size == arena.nbytes
+    assert info.st_size == arena.nbytes
     assert arena.capacity == arena.nbytes - 64 >= 1 << 20
     assert info.st_blocks * 512 >= arena.nbytes  # posix_fallocate: the pages exist now
+
+
+def test_the_default_kind_is_memfd_where_there_is_one():
+    assert default_kind() == (MEMFD if memfd_available() else SHM)
+    assert Arena.create(4096).kind == default_kind()
+
+
+def test_bad_arguments_are_refused_at_create():
+    with pytest.raises(ValueError, match="kind must be 'memfd' or 'shm', got 'tmpfs'"):
+        Arena.create(4096, kind="tmpfs")
+    with pytest.raises(ValueError, match="capacity must be > 0 bytes, got 0"):
+        Arena.create(0)
+    with pytest.raises(TypeError, match="capacity must be an int, not float"):
+        Arena.create(4096.0)
+
+
+def test_a_shortage_is_an_oserror_with_its_errno(tmp_path):
+    with pytest.raises(ArenaUnavailable) as caught:
+        Arena.create(4096, kind=SHM, shm_path=str(tmp_path / "missing"))
+    assert isinstance(caught.value, OSError) and isinstance(caught.value, RuntimeError)
+    assert caught.value.errno == errno.ENOENT and "could not reserve a shm arena" in str(caught.value)
 
 
 def faults_writing_the_ring_in_a_child(arena, map_first):
@@ -279,7 +314,7 @@ def test_every_batch_goes_through_the_arena_intact(collate):
     loader._after_batch = spy
     with loader:
         assert sum(1 for _ in loader) == 12
-    assert transports == [ARENA] * 12
+    assert len(transports) == 12 and set(transports) <= set(ARENA_ROADS)
     assert new_arenas == 2  # one per worker, reused by all their batches
 
 
@@ -289,7 +324,7 @@ def test_rich_samples_round_trip_through_the_arena(tmp_path):
     try:
         loader = DataLoader(RichDataset(), batch_size=3, num_workers=1, collate_fn=collate, timeout=60)
         for k, envelope in enumerate(loader):
-            assert envelope.stats.transport == ARENA and envelope.stats.handles <= 1
+            assert envelope.stats.transport in ARENA_ROADS and envelope.stats.handles <= 1
             assert_same(envelope.open(), default_collate([rich_sample(i) for i in range(3 * k, 3 * k + 3)]))
     finally:
         registry.forget("t-rich")
@@ -303,7 +338,7 @@ def test_held_batches_fill_the_arena_and_the_rest_take_a_shm_block():
     original = loader._after_batch
 
     def spy(indices, stats, batch, wait_s, epoch):
-        if stats.transport != ARENA:
+        if stats.transport not in ARENA_ROADS:
             misses.append((stats.transport, stats.arena_miss))
         return original(indices, stats, batch, wait_s, epoch)
 
@@ -312,7 +347,7 @@ def test_held_batches_fill_the_arena_and_the_rest_take_a_shm_block():
         for batch in loader:
             kept.append(batch)  # a user who keeps every batch: the rings cannot be reused
     assert sorted(v for b in kept for v in values_of(b)) == list(range(64))
-    assert misses and all(t == SHM and "arena full" in why for t, why in misses)
+    assert misses and all(t == Road.SHM and "arena full" in why for t, why in misses)
 
 
 @pytest.mark.timeout(120)
@@ -339,20 +374,36 @@ def shm_used():
     return (st.f_blocks - st.f_bfree) * st.f_frsize
 
 
+def arenas_mapped():
+    """Bytes this process maps of our regions, memfd (``/memfd:adaptive_loader``) or /dev/shm file."""
+    total = 0
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            if "adaptive_loader" in line:
+                lo, hi = line.split()[0].split("-")
+                total += int(hi, 16) - int(lo, 16)
+    return total
+
+
 @pytest.mark.timeout(120)
-def test_close_gives_the_arenas_back_once_the_last_batch_is_dropped():
+@pytest.mark.parametrize("kind", KINDS)
+def test_close_gives_the_arenas_back_once_the_last_batch_is_dropped(kind):
     gc.collect()
-    before = shm_used()
-    loader = AdaptiveLoader(Floats(n=16, numel=1 << 20), max_batch_size=4, num_workers=2)
+    before, shm_before = arenas_mapped(), shm_used()
+    loader = AdaptiveLoader(Floats(n=16, numel=1 << 20), max_batch_size=4, num_workers=2, arena=kind)
     last = None
     for last in loader:
         pass
     loader.close()
-    assert shm_used() - before >= 2 * ARENA_MIN_BYTES  # the last batch keeps its arena mapped
+    assert arenas_mapped() - before >= 2 * ARENA_MIN_BYTES  # the last batch keeps its arena mapped
+    if kind == SHM:
+        assert shm_used() - shm_before >= 2 * ARENA_MIN_BYTES
     assert values_of(last) == sorted(values_of(last)) and len(values_of(last)) == 4
     del last
     gc.collect()
-    assert shm_used() - before < ARENA_MIN_BYTES
+    assert arenas_mapped() - before < ARENA_MIN_BYTES
+    if kind == SHM:
+        assert shm_used() - shm_before < ARENA_MIN_BYTES
 
 
 @pytest.mark.timeout(180)
@@ -366,13 +417,14 @@ def test_spawned_workers_and_the_file_system_strategy(context, strategy):
                                 telemetry=lambda r: transports.append(r.get("transport")))
         with loader:
             assert sorted(v for batch in loader for v in values_of(batch)) == list(range(16))
-        assert [t for t in transports if t] == [ARENA] * 4
+        roads = [t for t in transports if t]
+        assert len(roads) == 4 and set(roads) <= set(ARENA_ROADS)
     finally:
         torch.multiprocessing.set_sharing_strategy(previous)
 
 
-def test_arena_must_be_a_bool():
-    with pytest.raises(TypeError, match="arena must be True or False"):
+def test_arena_must_be_a_bool_or_a_kind():
+    with pytest.raises(ValueError, match="arena must be True, False, 'memfd' or 'shm', got 'yes'"):
         AdaptiveLoader(Floats(), num_workers=2, arena="yes")
 
 
@@ -382,7 +434,7 @@ def test_arena_off_sends_a_new_block_per_batch():
     with AdaptiveLoader(Floats(n=16), max_batch_size=4, num_workers=2, arena=False,
                         telemetry=lambda r: transports.append(r.get("transport"))) as loader:
         assert sorted(v for batch in loader for v in values_of(batch)) == list(range(16))
-    assert [t for t in transports if t] == [SHM] * 4
+    assert [t for t in transports if t] == [Road.SHM] * 4
 
 
 def test_a_pinned_copy_releases_the_ring_at_once(monkeypatch, tmp_path):
@@ -401,7 +453,7 @@ def test_a_pinned_copy_releases_the_ring_at_once(monkeypatch, tmp_path):
     try:
         samples = [{"x": torch.full((1000,), float(i))} for i in range(4)]
         envelope = collate(samples)
-        assert envelope.stats.transport == ARENA
+        assert envelope.stats.transport in ARENA_ROADS
         writer = collate._writer
         assert writer.room() < writer.arena.capacity
         pinned = envelope.pin_memory().open()
@@ -436,3 +488,137 @@ def test_a_collate_that_runs_out_of_shm_in_the_arena_path_goes_off_shm(monkeypat
         assert_same(envelope.open(), [torch.ones(10), torch.zeros(10)])
     finally:
         registry.forget("t-enospc")
+
+
+# -- real memory, not /dev/shm: memfd arenas in a small /dev/shm, shm arenas refused at once ----------
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SANDBOX, WHY_NOT = sandbox_available()
+needs_sandbox = pytest.mark.skipif(not SANDBOX, reason=f"no private /dev/shm can be made here: {WHY_NOT}")
+needs_memfd = pytest.mark.skipif(not memfd_available(), reason="os.memfd_create is missing or refused here")
+
+MEMFD_IN_SMALL_SHM = textwrap.dedent("""
+    import json, os
+    import numpy as np
+    from torch.utils.data import DataLoader, Dataset
+    from adaptive_loader.arena import Arena
+
+    def used():
+        st = os.statvfs("/dev/shm")
+        return (st.f_blocks - st.f_bfree) * st.f_frsize
+
+    class Half(Dataset):  # the worker checks the main process's half, then fills its own
+        def __init__(self, arena):
+            self.arena = arena
+
+        def __len__(self):
+            return 1
+
+        def __getitem__(self, i):
+            ring = self.arena.ring
+            half = ring.size // 2
+            seen = int(ring[:half:4096].astype(np.int64).sum())
+            ring[half:] = 2
+            return {"seen": seen, "used_in_worker": used()}
+
+    if __name__ == "__main__":  # spawned workers import this file again
+        out = {"total": os.statvfs("/dev/shm").f_blocks * os.statvfs("/dev/shm").f_frsize}
+        arena = Arena.create(256 << 20, kind="memfd")
+        out["kind"] = arena.kind
+        out["blocks"] = os.fstat(arena.region.fileno()).st_blocks * 512
+        half = arena.ring.size // 2
+        arena.ring[:half] = 1
+        for context in ("fork", "spawn"):
+            arena.ring[half:] = 0
+            [batch] = DataLoader(Half(arena), batch_size=None, num_workers=1, multiprocessing_context=context,
+                                 timeout=60)
+            out[context] = {"seen": int(batch["seen"]), "used_in_worker": int(batch["used_in_worker"]),
+                            "worker_half": int(arena.ring[half::4096].astype(np.int64).sum())}
+        out["pages"] = len(range(0, half, 4096))
+        out["worker_pages"] = len(range(half, arena.ring.size, 4096))
+        out["used_in_main"] = used()
+        out["left"] = os.listdir("/dev/shm")
+        print(json.dumps(out))
+""")
+
+SHM_TOO_BIG = textwrap.dedent("""
+    import errno, json, os
+    from adaptive_loader.arena import Arena, ArenaUnavailable
+
+    out = {"before": os.listdir("/dev/shm")}
+    try:
+        Arena.create(96 << 20, kind="shm")
+        out["created"] = True
+    except ArenaUnavailable as exc:
+        out.update(created=False, errno=exc.errno, oserror=isinstance(exc, OSError), message=str(exc))
+    small = Arena.create(8 << 20, kind="shm")  # what does fit is reserved for real
+    out["small_blocks"] = os.fstat(small.region.fileno()).st_blocks * 512
+    out["small_nbytes"] = small.nbytes
+    out["listed_while_open"] = os.listdir("/dev/shm")
+    del small
+    out["left"] = os.listdir("/dev/shm")
+    print(json.dumps(out))
+""")
+
+
+def run_in_small_shm(script, tmp_path, shm_bytes=64 << 20, timeout=150):
+    """Run ``script`` (a file, so that spawned workers can import it) in a private ``shm_bytes`` /dev/shm."""
+    path = tmp_path / "child.py"
+    path.write_text(script)
+    command = sandbox_command([sys.executable, str(path)], shm_bytes)
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env)
+    assert done.returncode == 0, f"exit {done.returncode} (SIGBUS is -7 / 135): {done.stderr[-3000:]}"
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@needs_memfd
+@needs_sandbox
+@pytest.mark.timeout(240)
+def test_a_memfd_arena_four_times_bigger_than_a_64_mib_dev_shm_works_and_leaves_it_empty(tmp_path):
+    out = run_in_small_shm(MEMFD_IN_SMALL_SHM, tmp_path)
+    assert out["total"] == 64 << 20 and out["kind"] == MEMFD
+    assert out["blocks"] >= 256 << 20  # reserved for real, in RAM
+    for context in ("fork", "spawn"):
+        assert out[context]["seen"] == out["pages"]  # the worker reads what the main process wrote...
+        assert out[context]["worker_half"] == 2 * out["worker_pages"]  # ...and the main process the worker's
+        assert out[context]["used_in_worker"] <= 1 << 20  # a few KiB of queue semaphores at most
+    assert out["used_in_main"] <= 1 << 20 and out["left"] == []
+
+
+@needs_sandbox
+@pytest.mark.timeout(180)
+def test_a_shm_arena_bigger_than_a_small_dev_shm_fails_at_create_not_with_sigbus(tmp_path):
+    out = run_in_small_shm(SHM_TOO_BIG, tmp_path)
+    assert out["created"] is False and out["oserror"] is True
+    assert out["errno"] == errno.ENOSPC and "could not reserve a shm arena" in out["message"]
+    assert out["small_blocks"] >= out["small_nbytes"]  # posix_fallocate, whatever the torch version
+    assert out["before"] == out["listed_while_open"] == out["left"] == []  # never a name in /dev/shm
+
+
+NOBODY_OPENS = "import sys\ntry:\n    open(sys.argv[1], 'r+b')\nexcept PermissionError:\n    sys.exit(13)\n"
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None,
+                    reason="needs root and setpriv to act as the user nobody")
+def test_another_user_cannot_open_a_region_file_while_it_has_a_name(tmp_path):
+    """The file exists under its name only between open and unlink; in that window it is 0600."""
+    from adaptive_loader.region import _new_shm_file
+
+    path = os.path.join("/dev/shm", f"adaptive_loader_test_{os.getpid()}")
+    old_umask = os.umask(0)  # the mode is ours, not the umask's
+    try:
+        fd = _new_shm_file(path)
+    finally:
+        os.umask(old_umask)
+    try:
+        assert stat.S_IMODE(os.fstat(fd).st_mode) == 0o600
+        os.chmod(path, 0o600)
+        as_nobody = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", sys.executable, "-c",
+                     NOBODY_OPENS, path]
+        assert subprocess.run(as_nobody, timeout=60).returncode == 13  # refused
+        os.chmod(path, 0o666)  # the control: the same user can open a file that lets it
+        assert subprocess.run(as_nobody, timeout=60).returncode == 0
+    finally:
+        os.close(fd)
+        os.unlink(path)
