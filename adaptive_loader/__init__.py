@@ -1,7 +1,9 @@
 """adaptive_loader: batches under a cost budget, and a DataLoader that never runs out of shm."""
 
+from .costs import aspect_ratio_groups, coco_costs
 from .loader import AdaptiveLoader, LoaderFailed, LoaderStalled
 from .sampler import BudgetBatchSampler
 
-__all__ = ["AdaptiveLoader", "BudgetBatchSampler", "LoaderFailed", "LoaderStalled"]
+__all__ = ["AdaptiveLoader", "BudgetBatchSampler", "LoaderFailed", "LoaderStalled", "aspect_ratio_groups",
+           "coco_costs"]
 __version__ = "0.1.0"

@@ -7,6 +7,10 @@ largest free item going to the tightest batch it fits. Items that fit nowhere
 are left over; the sampler carries them into the next pool, where they meet
 fresh partners. Everything is numpy, so a pool of a few thousand items costs a
 few hundred microseconds, not a Python loop per item.
+
+:func:`pack_padded` is the kernel for padded collates, where a batch costs
+``len(batch) * max(cost)``: it sorts the pool by cost and cuts it into runs,
+each as long as its largest item allows (buckets by cost).
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import math
 
 import numpy as np
 
-__all__ = ["pack_pool"]
+__all__ = ["pack_pool", "pack_padded", "padded_capacity"]
 
 
 def pack_pool(costs: np.ndarray, max_cost: float, max_batch_size: int) -> np.ndarray:
@@ -75,6 +79,53 @@ def pack_pool(costs: np.ndarray, max_cost: float, max_batch_size: int) -> np.nda
         open_batches, room = open_batches[by_room], room[by_room]
     batch_of[order] = assigned
     return batch_of
+
+
+def pack_padded(costs: np.ndarray, max_cost: float, max_batch_size: int, leave_partial: bool = True) -> np.ndarray:
+    """Assign items to batches whose cost is ``len(batch) * max(cost)``.
+
+    Largest first, each batch takes the next ``padded_capacity`` items of its
+    first (largest) item. For one pool this needs the fewest batches possible:
+    in any packing, the batch of the largest item holds at most that many
+    items, and swapping in the next largest ones never makes another batch
+    worse. With ``leave_partial``, a final batch that is not full is left over
+    (``-1``) when it is not the only one, so it can meet the next pool.
+
+    Same arguments and result as :func:`pack_pool`.
+    """
+    n = len(costs)
+    batch_of = np.full(n, -1, np.int64)
+    if n == 0:
+        return batch_of
+    order = np.argsort(-costs, kind="stable")
+    cap = padded_capacity(costs[order], max_cost, max_batch_size)  # non-decreasing along the order
+    run_end = np.append(np.flatnonzero(np.diff(cap)) + 1, n)
+    starts = []
+    start = 0
+    for end in run_end.tolist():  # one step per capacity level, not per batch
+        if start >= end:
+            continue
+        width = int(cap[start])
+        count = -(-(end - start) // width)
+        starts.append(start + width * np.arange(count, dtype=np.int64))
+        start += width * count
+    first = np.concatenate(starts)
+    assigned = np.searchsorted(first, np.arange(n), side="right") - 1
+    if leave_partial and len(first) > 1 and n - first[-1] < cap[first[-1]]:
+        assigned[first[-1]:] = -1
+    batch_of[order] = assigned
+    return batch_of
+
+
+def padded_capacity(costs: np.ndarray, max_cost: float, max_batch_size: int) -> np.ndarray:
+    """How many items a padded batch led by each item may hold (at least 1)."""
+    x = np.asarray(costs, np.float64)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        cap = np.floor(max_cost / x)
+        cap[(x == 0) | np.isnan(cap)] = np.inf
+        cap -= (cap * x > max_cost) & np.isfinite(cap)  # the division may round up to the next integer
+    cap = np.clip(cap, 1, max_batch_size)
+    return cap.astype(np.int64)
 
 
 def _batch_count(x: np.ndarray, max_cost: float, max_batch_size: int) -> int:

@@ -9,14 +9,15 @@ from typing import Any, Dict, Iterator, List, Optional
 import numpy as np
 from torch.utils.data import Sampler
 
-from .costs import as_cost_array
-from .packing import pack_pool
+from .costs import as_cost_array, as_group_array
+from .packing import pack_padded, pack_pool
 
 __all__ = ["BudgetBatchSampler"]
 
 DEFAULT_WINDOW = 8192
 _NO_SIZE_CAP = 2**62  # max_batch_size=None
 _STATE_VERSION = 1
+COST_MODES = ("sum", "padded")
 
 
 class BudgetBatchSampler(Sampler[List[int]]):
@@ -26,7 +27,8 @@ class BudgetBatchSampler(Sampler[List[int]]):
 
     Args:
         costs: one non-negative number per sample (objects per image, voxels,
-            frames...), or ``None`` for cost 1 each (then give ``num_samples``).
+            frames...), a callable ``costs(index)`` (give ``num_samples``), or
+            ``None`` for cost 1 each (then give ``num_samples``).
         max_cost: cap on the summed cost of a batch (``None``: no cost cap).
         max_batch_size: cap on the number of samples in a batch (``None``: none).
         shuffle: shuffle with ``seed`` and the epoch (see :meth:`set_epoch`).
@@ -40,6 +42,15 @@ class BudgetBatchSampler(Sampler[List[int]]):
             ``torch.distributed``, else one replica). Every rank plans the same
             batches and takes every ``num_replicas``-th one, so each rank yields
             the same number of batches and together they cover every index once.
+        group_ids: one int per sample (e.g. :func:`~adaptive_loader.costs.aspect_ratio_groups`);
+            a batch never mixes two groups. ``None``: one group.
+        cost: how a batch's cost is counted against ``max_cost``: ``"sum"`` of
+            the samples' costs (a collate that keeps samples apart or
+            concatenates them), or ``"padded"``: ``len(batch) * max(cost)`` (a
+            collate that pads every sample to the largest).
+        quadratic: each sample counts ``c + quadratic * c**2`` instead of ``c``
+            (attention-like costs), in both modes; so a padded batch counts
+            ``len(batch) * (m + quadratic * m**2)`` with ``m`` its largest cost.
 
     Every index comes exactly once per epoch (``drop_last`` aside). A sample
     whose own cost exceeds ``max_cost`` gets a batch of its own, with one
@@ -60,6 +71,9 @@ class BudgetBatchSampler(Sampler[List[int]]):
         num_samples: Optional[int] = None,
         num_replicas: Optional[int] = None,
         rank: Optional[int] = None,
+        group_ids: Any = None,
+        cost: str = "sum",
+        quadratic: float = 0.0,
     ) -> None:
         cost_array = as_cost_array(costs, expected_len=num_samples)
         if cost_array is None:
@@ -70,7 +84,23 @@ class BudgetBatchSampler(Sampler[List[int]]):
             cost_array.setflags(write=False)
         if max_cost is None and max_batch_size is None:
             raise ValueError("give max_cost, max_batch_size or both: otherwise a batch has no bound")
+        if not isinstance(cost, str):
+            raise TypeError(f"cost must be one of {COST_MODES}, got {type(cost).__name__}")
+        if cost not in COST_MODES:
+            raise ValueError(f"cost must be one of {COST_MODES}, got {cost!r}")
+        self.cost = cost
+        self.quadratic = _check_quadratic(quadratic)
+        self.group_ids = as_group_array(group_ids, expected_len=len(cost_array))
         self._costs = cost_array
+        self._unit = cost_array
+        if self.quadratic:
+            with np.errstate(over="ignore"):
+                self._unit = cost_array + self.quadratic * cost_array**2
+            bad = np.flatnonzero(~np.isfinite(self._unit))
+            if len(bad):
+                raise ValueError(f"quadratic={self.quadratic!r} makes costs[{int(bad[0])}] = "
+                                 f"{cost_array[bad[0]]:g} count as infinity")
+            self._unit.setflags(write=False)
         self._max_cost = math.inf
         self._max_batch_size = _NO_SIZE_CAP
         self._budget = (self._max_cost, self._max_batch_size)
@@ -83,7 +113,7 @@ class BudgetBatchSampler(Sampler[List[int]]):
         self.drop_last = bool(drop_last)
         self.window = _check_int("window", window, minimum=1)
         self.epoch = 0
-        self._uniform = bool(len(cost_array) == 0 or np.all(cost_array == cost_array[0]))
+        self._uniform = bool(len(cost_array) == 0 or np.all(self._unit == self._unit[0]))
         self.num_replicas, self.rank = _replicas_and_rank(num_replicas, rank)
         if self.num_replicas > 1 and self.drop_last:
             raise ValueError("drop_last=True is not supported with several replicas: each rank already gets "
@@ -135,6 +165,20 @@ class BudgetBatchSampler(Sampler[List[int]]):
         """The validated per-sample costs (read-only)."""
         return self._costs
 
+    @property
+    def unit_costs(self) -> np.ndarray:
+        """Each sample's cost in the budget's units, ``c + quadratic * c**2``: what a batch of it alone costs."""
+        return self._unit
+
+    def batch_cost(self, indices: Any) -> float:
+        """What a batch of these indices counts against ``max_cost`` under this sampler's ``cost`` mode."""
+        unit = self._unit[np.asarray(indices, dtype=np.int64)]
+        if len(unit) == 0:
+            return 0.0
+        if self.cost == "padded":
+            return float(len(unit) * unit.max())
+        return float(unit.sum())
+
     # -- epochs and iteration -------------------------------------------------
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose shuffle the next iteration uses."""
@@ -175,7 +219,7 @@ class BudgetBatchSampler(Sampler[List[int]]):
                 plan.next_k = k
                 if replicas > 1 and (plan.chunk_first + k - 1) % replicas != rank:
                     continue  # another rank's batch
-                if len(batch) == 1 and not warned and self._costs[batch[0]] > self._max_cost:
+                if len(batch) == 1 and not warned and self._unit[batch[0]] > self._max_cost:
                     warned = True
                     if self.warn_oversized:
                         self._warn_oversized(batch[0])
@@ -303,14 +347,15 @@ class BudgetBatchSampler(Sampler[List[int]]):
             order = np.random.default_rng([self.seed, self.epoch]).permutation(n)
         else:
             order = np.arange(n)
-        return _EpochPlan(order, self._costs, self.window, self.shuffle, self._uniform,
+        return _EpochPlan(order, self._unit, self.window, self.shuffle, self._uniform,
                           seed=(self.seed, self.epoch), epoch=self.epoch,
-                          consumed_by_index=consumed_by_index)
+                          consumed_by_index=consumed_by_index, padded=self.cost == "padded",
+                          groups=self.group_ids)
 
     def _warn_oversized(self, index: int) -> None:
-        n_over = int(np.count_nonzero(self._costs > self._max_cost))
+        n_over = int(np.count_nonzero(self._unit > self._max_cost))
         warnings.warn(
-            f"sample {index} has cost {self._costs[index]:g} > max_cost {self._max_cost:g}; it gets a "
+            f"sample {index} has cost {self._unit[index]:g} > max_cost {self._max_cost:g}; it gets a "
             f"batch of its own ({n_over} sample(s) exceed max_cost; warned once per epoch)",
             stacklevel=3,
         )
@@ -326,9 +371,12 @@ class _EpochPlan:
     written lazily (``_sync_consumed``) to keep the per-batch path short.
     """
 
-    def __init__(self, order, costs, window, shuffle, uniform, *, seed, epoch, consumed_by_index=None):
+    def __init__(self, order, costs, window, shuffle, uniform, *, seed, epoch, consumed_by_index=None,
+                 padded=False, groups=None):
         self.order = order
         self.costs_at = costs[order]
+        self.padded = padded
+        self.groups_at = None if groups is None else groups[order]
         self.window = window
         self.shuffle = shuffle
         self.uniform = uniform
@@ -452,11 +500,9 @@ class _EpochPlan:
         while True:
             pool = self._pull_fresh(target)
             last = self.cursor >= len(self.order)
-            pos, batch, self.pool = _pack_positions(pool, self.costs_at, max_cost, max_batch_size,
-                                                    self.uniform, last)
+            pos, batch, self.pool = self._pack(pool, max_cost, max_batch_size, last)
             while last and len(self.pool):  # end of epoch: pack the leftovers too
-                more_pos, more_batch, self.pool = _pack_positions(
-                    self.pool, self.costs_at, max_cost, max_batch_size, self.uniform, last)
+                more_pos, more_batch, self.pool = self._pack(self.pool, max_cost, max_batch_size, last)
                 offset = int(batch.max()) + 1 if len(batch) else 0
                 pos, batch = np.concatenate([pos, more_pos]), np.concatenate([batch, more_batch + offset])
             if replicas > 1 and len(pos):
@@ -475,7 +521,7 @@ class _EpochPlan:
             return
         rank = self._batch_rank(pos, batch, n_batches)
         if last and drop_last:  # the least filled batch of the epoch goes last, to be dropped
-            fill = np.bincount(batch, self.costs_at[pos], n_batches) / max_cost
+            fill = _batch_totals(self.costs_at[pos], batch, n_batches, self.padded) / max_cost
             fill += np.bincount(batch, minlength=n_batches) / max_batch_size
             worst = int(np.argmin(fill))
             rank[rank > rank[worst]] -= 1
@@ -485,7 +531,7 @@ class _EpochPlan:
         sizes = np.bincount(batch, minlength=n_batches)[np.argsort(rank)]
         self.bounds = [0, *np.cumsum(sizes).tolist()]
         if last and drop_last and _under_half_full(self.chunk_pos[self.bounds[-2] :], self.costs_at,
-                                                   max_cost, max_batch_size):
+                                                   max_cost, max_batch_size, self.padded):
             self.dropped = self.chunk_pos[self.bounds[-2] :]
             self.consumed[self.dropped] = True  # dropped: counts as used
             self.chunk_pos = self.chunk_pos[: self.bounds[-2]]
@@ -493,6 +539,26 @@ class _EpochPlan:
         self.chunk_idx = self.order[self.chunk_pos].tolist()
         self.chunk_batches = len(self.bounds) - 1
         self.chunk_budget = (max_cost, max_batch_size)
+
+    def _pack(self, pool: np.ndarray, max_cost: float, max_batch_size: int, last: bool):
+        """:func:`_pack_positions` for each group of the pool apart; batch ids run on across groups."""
+        if self.groups_at is None:
+            return _pack_positions(pool, self.costs_at, max_cost, max_batch_size, self.uniform, last, self.padded)
+        groups = self.groups_at[pool]
+        by_group = np.argsort(groups, kind="stable")  # keeps each group's positions ascending
+        cuts = np.flatnonzero(np.diff(groups[by_group])) + 1
+        positions, batches, leftovers = [], [], []
+        offset = 0
+        for members in np.split(pool[by_group], cuts):
+            pos, batch, rest = _pack_positions(members, self.costs_at, max_cost, max_batch_size, self.uniform,
+                                               last, self.padded)
+            positions.append(pos)
+            batches.append(batch + offset)
+            leftovers.append(rest)
+            offset += int(batch.max()) + 1 if len(batch) else 0
+        if not positions:
+            return pool, pool, pool
+        return np.concatenate(positions), np.concatenate(batches), np.sort(np.concatenate(leftovers))
 
     def _batch_rank(self, pos: np.ndarray, batch: np.ndarray, n_batches: int) -> np.ndarray:
         """Yield rank of each batch: random with the epoch's seed, or by first position."""
@@ -528,7 +594,7 @@ def _make_multiple(pos: np.ndarray, batch: np.ndarray, replicas: int):
 
 
 def _pack_positions(pool: np.ndarray, costs_at: np.ndarray, max_cost: float, max_batch_size: int,
-                    uniform: bool, last: bool):
+                    uniform: bool, last: bool, padded: bool = False):
     """Pack pool positions into batches.
 
     Returns ``(positions, batch_ids, leftover)``: the placed positions with the
@@ -545,6 +611,8 @@ def _pack_positions(pool: np.ndarray, costs_at: np.ndarray, max_cost: float, max
         batch_of = np.arange(len(fits)) // per_batch
         if not last:  # a partial batch waits for the next pool
             batch_of[len(fits) - len(fits) % per_batch :] = -1
+    elif padded:
+        batch_of = pack_padded(fit_costs, max_cost, max_batch_size, leave_partial=not last)
     else:
         batch_of = pack_pool(fit_costs, max_cost, max_batch_size)
     placed = batch_of >= 0
@@ -562,8 +630,28 @@ def _unpack_bits(data: bytes, count: int) -> np.ndarray:
     return np.unpackbits(np.frombuffer(data, dtype=np.uint8), count=count).astype(bool)
 
 
-def _under_half_full(positions: np.ndarray, costs_at: np.ndarray, max_cost: float, max_batch_size: int) -> bool:
-    return len(positions) < max_batch_size / 2 and float(costs_at[positions].sum()) < max_cost / 2
+def _under_half_full(positions: np.ndarray, costs_at: np.ndarray, max_cost: float, max_batch_size: int,
+                     padded: bool = False) -> bool:
+    costs = costs_at[positions]
+    total = len(costs) * float(costs.max(initial=0.0)) if padded else float(costs.sum())
+    return len(positions) < max_batch_size / 2 and total < max_cost / 2
+
+
+def _batch_totals(costs: np.ndarray, batch: np.ndarray, n_batches: int, padded: bool) -> np.ndarray:
+    """Each batch's cost: the sum of its costs, or (padded) its size times its largest cost."""
+    if not padded:
+        return np.bincount(batch, costs, n_batches)
+    largest = np.zeros(n_batches)
+    np.maximum.at(largest, batch, costs)
+    return largest * np.bincount(batch, minlength=n_batches)
+
+
+def _check_quadratic(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"quadratic must be a number, got {type(value).__name__}")
+    if not value >= 0 or math.isinf(value):
+        raise ValueError(f"quadratic must be finite and >= 0, got {value!r}")
+    return float(value)
 
 
 def _finite_or_none(value: float) -> Optional[float]:

@@ -1,10 +1,19 @@
 """A Mask R-CNN-style training loop with AdaptiveLoader, on synthetic data (torch only).
 
-Each image has 10 to 1,200 instance masks, its target is a dict of ``boxes``, ``labels`` and
-``masks`` as torchvision's detection models take them, and the collate is the usual
-``tuple(zip(*batch))``. The cost of an image is its number of objects, so a batch is capped by
-the objects it holds (``--max-cost``) as well as by images (``--max-batch-size``), and
-AdaptiveLoader lowers that cap when /dev/shm gets tight.
+The data is described the way COCO describes it: an instances annotation dict (``images`` with
+their width and height, ``annotations`` with a box each) that the example makes up. Each image
+has 10 to 1,200 instances and one of three shapes (wide, square, tall); its target is a dict of
+``boxes``, ``labels`` and ``masks`` as torchvision's detection models take them, and the collate
+is the usual ``tuple(zip(*batch))``. From the annotations alone:
+
+- ``coco_costs`` counts the objects of each image: the cost, so a batch is capped by the objects
+  it holds (``--max-cost``) as well as by images (``--max-batch-size``), and AdaptiveLoader
+  lowers that cap when /dev/shm gets tight. (With a real dataset:
+  ``coco_costs("annotations/instances_train2017.json", return_sizes=True)``.)
+- ``aspect_ratio_groups`` bins the image sizes as torchvision's detection reference does, and
+  ``group_ids=`` keeps every batch within one bin, so the images of a batch stack without padding.
+- ``--cost padded`` is for a collate that pads each sample to the largest of its batch: a batch
+  then counts ``len(batch) * max(objects)`` instead of the sum.
 
 The model is deliberately tiny (a few convolutions predicting a foreground mask and the object
 count); what the example shows is the loop around it::
@@ -34,37 +43,61 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from adaptive_loader import AdaptiveLoader
+from adaptive_loader.costs import aspect_ratio_groups, coco_costs
+
+
+def make_coco_annotations(n_images: int, side: int = 32, num_classes: int = 5, seed: int = 0) -> dict:
+    """A COCO-style instances dict: images of three shapes, 10 to 1,200 boxes each."""
+    rng = np.random.default_rng(seed)
+    shapes = [(side * 3 // 2, side), (side, side), (side, side * 3 // 2)]  # (width, height): 1.5, 1, 0.67
+    images, annotations = [], []
+    for image_id in range(1, n_images + 1):  # COCO ids start at 1; the list order is the dataset order
+        width, height = shapes[rng.integers(len(shapes))]
+        images.append({"id": image_id, "file_name": f"{image_id:06d}.jpg", "width": width, "height": height})
+        n = int(rng.integers(10, 1201))
+        x0, y0 = rng.integers(width, size=n), rng.integers(height, size=n)
+        w, h = rng.integers(1, width - x0 + 1), rng.integers(1, height - y0 + 1)
+        labels = rng.integers(1, num_classes, size=n)
+        for box in zip(x0.tolist(), y0.tolist(), w.tolist(), h.tolist(), labels.tolist()):
+            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "bbox": list(box[:4]),
+                                "category_id": box[4], "iscrowd": 0})
+    return {"images": images, "annotations": annotations,
+            "categories": [{"id": c, "name": f"class{c}"} for c in range(1, num_classes)]}
 
 
 class SyntheticInstances(Dataset):
-    """Image ``i`` holds ``num_objects[i]`` rectangles, each an instance with a box, a label and a mask.
+    """Index ``i`` is the ``i``-th image of a COCO-style dict: its boxes, labels and box-shaped masks.
 
-    Everything is generated from ``(seed, i)``, so a worker produces the same sample every time.
+    The pixels are drawn from ``(seed, i)``, so a worker produces the same sample every time.
     """
 
-    def __init__(self, num_objects: np.ndarray, side: int = 32, num_classes: int = 5, seed: int = 0) -> None:
-        self.num_objects = np.asarray(num_objects)
-        self.side, self.num_classes, self.seed = side, num_classes, seed
+    def __init__(self, coco: dict, seed: int = 0) -> None:
+        self.sizes = [(im["width"], im["height"]) for im in coco["images"]]
+        row = {im["id"]: i for i, im in enumerate(coco["images"])}
+        per_image = [[] for _ in coco["images"]]
+        for ann in coco["annotations"]:
+            per_image[row[ann["image_id"]]].append([*ann["bbox"], ann["category_id"]])
+        self.objects = [np.array(rows, np.int64).reshape(-1, 5) for rows in per_image]  # x, y, w, h, class
+        self.seed = seed
 
     def __len__(self) -> int:
-        return len(self.num_objects)
+        return len(self.objects)
 
     def __getitem__(self, i: int):
-        n, s = int(self.num_objects[i]), self.side
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
-        corners = torch.randint(0, s, (n, 2, 2), generator=g)
-        lo, hi = corners.min(dim=1).values, corners.max(dim=1).values + 1  # (n, 2) as (x, y)
-        boxes = torch.cat([lo, hi], dim=1).float()  # x0, y0, x1, y1
-        ys = torch.arange(s).view(1, s, 1)
-        xs = torch.arange(s).view(1, 1, s)
+        width, height = self.sizes[i]
+        objects = torch.from_numpy(self.objects[i])
+        lo, hi = objects[:, 0:2], objects[:, 0:2] + objects[:, 2:4]  # (n, 2) as (x, y)
+        ys = torch.arange(height).view(1, height, 1)
+        xs = torch.arange(width).view(1, 1, width)
         masks = ((ys >= lo[:, 1, None, None]) & (ys < hi[:, 1, None, None])
                  & (xs >= lo[:, 0, None, None]) & (xs < hi[:, 0, None, None])).to(torch.uint8)
         coverage = masks.sum(0, dtype=torch.float32)
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
         image = torch.stack([coverage / coverage.max().clamp(min=1), (coverage > 0).float(),
-                             torch.rand(s, s, generator=g)])
+                             torch.rand(height, width, generator=g)])
         target = {
-            "boxes": boxes,
-            "labels": torch.randint(1, self.num_classes, (n,), generator=g),
+            "boxes": torch.cat([lo, hi], dim=1).float(),  # x0, y0, x1, y1
+            "labels": objects[:, 4],
             "masks": masks,
             "image_id": i,
         }
@@ -94,7 +127,7 @@ class TinyMaskNet(torch.nn.Module):
 
 
 def loss_fn(model: TinyMaskNet, images, targets) -> torch.Tensor:
-    images = torch.stack(images)
+    images = torch.stack(images)  # one shape per batch: the aspect-ratio groups see to it
     foreground = torch.stack([(t["masks"].sum(0) > 0).float() for t in targets])
     log_count = torch.tensor([math.log1p(len(t["labels"])) / math.log(1201) for t in targets])  # in (0, 1]
     mask_logits, count = model(images)
@@ -116,9 +149,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--images", type=int, default=96, help="images in the synthetic dataset")
-    p.add_argument("--side", type=int, default=32, help="image and mask side in pixels")
+    p.add_argument("--side", type=int, default=32, help="short image side in pixels (the long one is 1.5x)")
     p.add_argument("--max-cost", type=float, default=2000, help="cap on the objects in one batch")
     p.add_argument("--max-batch-size", type=int, default=8, help="cap on the images in one batch")
+    p.add_argument("--cost", choices=["sum", "padded"], default="sum",
+                   help="sum: a batch counts its objects (this collate keeps images apart); padded: "
+                        "len(batch) * max(objects), for a collate that pads to the largest")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lr", type=float, default=0.01)
@@ -134,11 +170,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     torch.manual_seed(args.seed)
-    num_objects = np.random.default_rng(args.seed).integers(10, 1201, args.images)  # the costs: objects per image
-    dataset = SyntheticInstances(num_objects, side=args.side, seed=args.seed)
-    loader = AdaptiveLoader(dataset, costs=num_objects, max_cost=args.max_cost, max_batch_size=args.max_batch_size,
-                            num_workers=args.workers, collate_fn=collate, shuffle=True, seed=args.seed,
-                            telemetry=args.telemetry, persistent_workers=args.workers > 0)
+    coco = make_coco_annotations(args.images, side=args.side, seed=args.seed)
+    dataset = SyntheticInstances(coco, seed=args.seed)
+    objects, sizes = coco_costs(coco, return_sizes=True)  # the costs: objects per image, in dataset order
+    groups = aspect_ratio_groups(sizes)  # torchvision's bins (k=3); here three shapes, three groups
+    loader = AdaptiveLoader(dataset, costs=objects, group_ids=groups, cost=args.cost, max_cost=args.max_cost,
+                            max_batch_size=args.max_batch_size, num_workers=args.workers, collate_fn=collate,
+                            shuffle=True, seed=args.seed, telemetry=args.telemetry,
+                            persistent_workers=args.workers > 0)
     try:
         return train(args, dataset, loader)
     finally:

@@ -10,6 +10,7 @@ import pytest
 from torch.utils.data import BatchSampler, RandomSampler
 
 from adaptive_loader import BudgetBatchSampler
+from packing_table import bound
 
 SEED_N = 100_000
 EPOCH_N = 1_000_000
@@ -31,6 +32,18 @@ def test_packing_ratio_seed_distribution(benchmark, window):
     ratio = n_batches / lower_bound(costs, 1500, 10)
     benchmark.extra_info.update(batches=n_batches, ratio_to_lower_bound=round(ratio, 4))
     assert ratio <= 1.01
+
+
+@pytest.mark.parametrize("mode, groups", [("sum", 3), ("padded", 1), ("padded", 3)])
+def test_packing_ratio_groups_and_padded(benchmark, mode, groups):
+    """The lower bounds are those of packing_table.py (which prints the full table)."""
+    costs = seed_costs(SEED_N).astype(np.float64)
+    group_ids = np.random.default_rng(1).integers(0, groups, SEED_N) if groups > 1 else None
+    sampler = BudgetBatchSampler(costs, max_cost=1500, max_batch_size=10, group_ids=group_ids, cost=mode)
+    n_batches = benchmark.pedantic(lambda: sum(1 for _ in sampler), rounds=3, iterations=1)
+    ratio = n_batches / bound(mode, costs, group_ids, 1500)
+    benchmark.extra_info.update(batches=n_batches, ratio_to_lower_bound=round(ratio, 4))
+    assert 1 <= ratio <= 1.02
 
 
 def test_epoch_1m_torch_batch_sampler(benchmark):
