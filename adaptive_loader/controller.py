@@ -15,7 +15,7 @@ from typing import Callable, List, Optional, Tuple
 import numpy as np
 
 __all__ = ["CostModel", "Observation", "Decision", "Controller", "arena_capacity", "arena_plan", "decision_due",
-           "fds_due", "fd_pressure", "strategy_after_failure", "format_cost", "HELD_BATCHES"]
+           "fds_due", "memory_due", "fd_pressure", "strategy_after_failure", "format_cost", "HELD_BATCHES"]
 
 
 #: Batches an arena must hold besides those in flight: one the user still holds, and the room a
@@ -353,6 +353,7 @@ AMPLE_TARGET_OVER_LARGEST = 2  # "ample": the last target is at least this many 
 FDS_EVERY = 16  # batches between fd readings (listing /proc/self/fd costs ~0.2 ms)
 FDS_PRESSING = 8  # read fds every batch once a batch's fds exceed 1/8 of the soft limit
 FDS_FAR = 64  # the fds are "far from their limit" while a batch's fds are under 1/64 of it
+MEMORY_EVERY_SECONDS = 0.05  # reading the memory cgroup and /proc/meminfo costs ~0.2 ms: at most 20 a second
 ARENA_REPLACE_BELOW = 0.95  # an idle arena under this fraction of the planned capacity is replaced,
 ARENA_REPLACE_ABOVE = 2.0  # and one above this many times it (the batches got smaller: give memory back)
 
@@ -372,6 +373,11 @@ def fds_due(step: int, fds_per_batch: int, fd_soft_limit: Optional[int]) -> bool
     """Whether to list the open fds now: every 16 batches, or every batch once a
     batch's fds are a noticeable part of the limit."""
     return fd_soft_limit is None or fds_per_batch * FDS_PRESSING > fd_soft_limit or step % FDS_EVERY == 0
+
+
+def memory_due(seconds_since_last_reading: float) -> bool:
+    """Whether to read the memory limits again (what is left changes slower than batches come)."""
+    return seconds_since_last_reading >= MEMORY_EVERY_SECONDS
 
 
 def fd_pressure(fds_per_batch: int, batches_in_flight: int, fds_in_use: int, fd_soft_limit: int,

@@ -180,7 +180,7 @@ def after_batch(loader: "AdaptiveLoader", indices: Any, stats: Any, batch: Any, 
     """One batch delivered: record, decide if due, act, show. True: the iterator must be
     rebuilt for the decision taken."""
     ledger, sampler, controller = loader._ledger, loader.sampler, loader.controller
-    costs = sampler.costs[indices]
+    costs = sampler.unit_costs[indices]  # the units the budget counts in
     pinned = loader._pipeline.pinning()
     ledger.deliver(indices, loader._batch_cost(indices, costs), stats, batch, pinned, epoch)  # record
     if stats.transport != Road.INLINE:

@@ -16,7 +16,7 @@ from typing import Any, Callable, Deque, Dict, Iterator, List, Optional
 import torch
 
 from .kinds import ARENA_ROADS, Road
-from .measure import _leaves
+from .measure import leaves
 from .sampler import BudgetBatchSampler
 
 __all__ = ["Feed", "HeldBatches", "LastBatch", "Ledger"]
@@ -83,7 +83,7 @@ class HeldBatches:
         self._next_id = 0
 
     def track(self, batch: Any, nbytes: int) -> None:
-        anchor = next((leaf for leaf in _leaves(batch) if isinstance(leaf, torch.Tensor)), None)
+        anchor = next((leaf for leaf in leaves(batch) if isinstance(leaf, torch.Tensor)), None)
         if anchor is None:
             return
         key = self._next_id

@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import tempfile
+import time
 import uuid
 import weakref
 from typing import Any, Callable, Dict, Iterator, List, Optional
@@ -31,7 +32,7 @@ from . import distributed
 from .actuator import Actuator, finite_or_none
 from .arena import registry as arena_registry
 from .controller import Controller, Observation
-from .costs import as_cost_array
+from .costs import as_cost_array, as_group_array
 from .epoch import EpochIterator, LoaderFailed, LoaderStalled, Rate, after_batch
 from .kinds import ARENA_ROADS, Road
 from .ledger import LastBatch, Ledger
@@ -82,7 +83,8 @@ class AdaptiveLoader:
         max_restarts: recoveries in a row without progress before :class:`LoaderFailed`.
         drop_last, window, group_ids, cost: passed to :class:`BudgetBatchSampler`
             (``group_ids``: batches never mix groups, e.g. aspect-ratio bins;
-            ``cost="padded"``: a batch costs ``len(batch) * max(cost)``).
+            ``cost="padded"``: a batch costs ``len(batch) * max(cost)``; ``quadratic=q``: a
+            sample costs ``c + q * c**2``; see docs/sampler.md).
         spill_dir: a directory on real disk (not tmpfs) under which a private
             directory is made for batches that cannot go through shared memory
             (default: the system temp directory).
@@ -114,7 +116,7 @@ class AdaptiveLoader:
                  window: int = DEFAULT_WINDOW, spill_dir: Optional[str] = None, num_replicas: Optional[int] = None,
                  rank: Optional[int] = None, sync_every: int = 8, arena: Any = True,
                  memory_budget: Optional[float] = None, min_batch_size: int = 1, group_ids: Any = None,
-                 cost: str = "sum", **dataloader_kwargs: Any) -> None:
+                 cost: str = "sum", quadratic: float = 0.0, **dataloader_kwargs: Any) -> None:
         if isinstance(dataset, IterableDataset) or not hasattr(dataset, "__len__"):
             raise TypeError("AdaptiveLoader needs a map-style dataset with __len__ and __getitem__")
         max_batch_size = _take_batch_size_alias(max_batch_size, dataloader_kwargs)
@@ -129,16 +131,18 @@ class AdaptiveLoader:
         _check_int("max_restarts", max_restarts, 0)
         _check_int("sync_every", sync_every, 1)
         arena_kind = _arena_kind(arena)
-        self._memory = read_memory()
+        self._memory, self._memory_read_at = read_memory(), time.monotonic()
         if memory_budget is not None:
             resolve_memory_budget(memory_budget, self._memory.limit)  # the TypeError/ValueError now
         self.memory_budget = memory_budget
         n = len(dataset)
         if max_cost is None and max_batch_size is None:
             max_batch_size = 1  # DataLoader's default batch_size
-        sampler_options = {"group_ids": group_ids} if group_ids is not None else {}
-        if cost != "sum":
-            sampler_options["cost"] = cost
+        sampler_options: Dict[str, Any] = {}
+        if group_ids is not None:
+            sampler_options["group_ids"] = as_group_array(group_ids, expected_len=n, dataset=dataset)
+        if cost != "sum" or quadratic:
+            sampler_options.update(cost=cost, quadratic=quadratic)
         self._costs_given = costs
         self._sampler_args = dict(max_cost=max_cost, max_batch_size=max_batch_size, shuffle=shuffle,
                                   seed=shuffle_seed(opts["seed"], opts["generator"]) if shuffle and opts["seed"] is None
@@ -182,7 +186,7 @@ class AdaptiveLoader:
                                   dataloader_kwargs=dataloader_kwargs,
                                   arena_kind=arena_kind if arena_kind is not False else None)
         size_cap = self.sampler.max_batch_size
-        whole = size_cap * float(self.sampler.costs.max()) if size_cap is not None and n else math.inf
+        whole = size_cap * float(self.sampler.unit_costs.max()) if size_cap is not None and n else math.inf
         self._actuator = Actuator(self.sampler, self._pipeline, self._ledger, self._telemetry, self._group,
                                   sync_every, self.user_max_cost, whole)
         self._dataset = dataset
@@ -436,8 +440,11 @@ class AdaptiveLoader:
         fds = self._fds
         arena_bytes = self._pipeline.arena_bytes()
         ours = ledger.held.bytes_alive() + ledger.in_flight_bytes(self.controller.model.expected_bytes,
-                                                                  self.sampler.costs) + arena_bytes
-        memory = self._memory = read_memory()
+                                                                  self.sampler.unit_costs) + arena_bytes
+        now = time.monotonic()
+        if rules.memory_due(now - self._memory_read_at):
+            self._memory, self._memory_read_at = read_memory(), now
+        memory = self._memory
         budget = None if self.memory_budget is None else resolve_memory_budget(self.memory_budget, memory.limit)
         road = stats.transport
         shm_road = road == Road.ARENA or (road == Road.SHM and getattr(stats, "block_kind", "shm") == "shm")
@@ -483,7 +490,7 @@ class AdaptiveLoader:
         return BudgetBatchSampler(cost_array, num_samples=n, **self._sampler_args)
 
     def _make_controller(self) -> Controller:
-        costs = self.sampler.costs
+        costs = self.sampler.unit_costs
         positive = costs[costs > 0]
         min_cost = float(positive.min()) if len(positive) else 0.0
         floor = min_cost + (self.min_batch_size - 1) * (float(costs.mean()) if len(costs) else 0.0)
@@ -514,9 +521,7 @@ class AdaptiveLoader:
 
 # -- argument checks and conversions ---------------------------------------------------
 def _cost_array(costs: Any, n: int, dataset: Any) -> Any:
-    if "dataset" in inspect.signature(as_cost_array).parameters:
-        return as_cost_array(costs, expected_len=n, dataset=dataset)
-    return as_cost_array(costs, expected_len=n)
+    return as_cost_array(costs, expected_len=n, dataset=dataset)
 
 
 def _arena_kind(arena: Any) -> Any:

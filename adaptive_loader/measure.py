@@ -16,7 +16,10 @@ import numpy as np
 import psutil
 import torch
 
-__all__ = ["footprint", "ShmProbe", "ShmState", "FdState", "read_fds", "host_ram_available", "rss_of"]
+from . import _torch
+
+__all__ = ["footprint", "leaves", "dense_parts", "byte_span", "ShmProbe", "ShmState", "FdState", "read_fds",
+           "host_ram_available", "rss_of"]
 
 
 def footprint(obj: Any, *, own_bytes: bool = False) -> Tuple[int, int]:
@@ -26,36 +29,85 @@ def footprint(obj: Any, *, own_bytes: bool = False) -> Tuple[int, int]:
     bytes, memoryviews or ranges; each container once). A tensor counts its
     whole storage once, however many views of it appear: that is what sharing
     it moves to shm. With ``own_bytes`` a tensor counts only the bytes it
-    spans (a row of a dataset-wide tensor weighs one row): the better guess of
-    what it adds to a batch once collated. A numpy array counts its own bytes,
-    since it is pickled by value. Everything else counts as zero.
+    spans in its storage, views of one storage counted once where they
+    overlap (a row of a dataset-wide tensor weighs one row, an expanded tensor
+    its storage, not its expansion): the better guess of what it adds to a
+    batch. Sparse and nested tensors count the tensors that hold their values
+    and indices. A numpy array counts its own bytes, since it is pickled by
+    value. Everything else counts as zero.
     """
-    seen: set = set()
-    storages: set = set()
-    total = 0
-    for leaf in _leaves(obj):
-        if isinstance(leaf, torch.Tensor):
-            storage = leaf.untyped_storage()
-            storage_key = (storage.data_ptr(), storage.nbytes())
-            storages.add(storage_key)
-            if own_bytes:
-                key, nbytes = (leaf.data_ptr(), leaf.nbytes), leaf.nbytes
-            else:
-                key, nbytes = storage_key, storage.nbytes()
-        else:
+    storages: Dict[tuple, int] = {}  # storage key -> its bytes
+    spans: Dict[tuple, List[Tuple[int, int]]] = {}  # storage key -> byte ranges of it that tensors span
+    arrays: Dict[tuple, int] = {}
+    for leaf in leaves(obj):
+        if not isinstance(leaf, torch.Tensor):
             key = (leaf.__array_interface__["data"][0], leaf.nbytes)  # the same key as a tensor on its buffer
-            nbytes = leaf.nbytes
-            storages.add(key)
-        if key not in seen:
-            seen.add(key)
-            total += nbytes
-    return total, len(storages)
+            arrays[key] = leaf.nbytes
+            continue
+        for part in dense_parts(leaf):
+            try:
+                storage = part.untyped_storage()
+                key = (storage.data_ptr(), storage.nbytes())
+                size = storage.nbytes()
+                span = byte_span(part)
+            except (RuntimeError, NotImplementedError):  # a tensor without a storage of its own
+                key, size, span = ("object", id(part)), part.nbytes, (0, part.nbytes)
+            storages[key] = size
+            spans.setdefault(key, []).append(span)
+    total = 0
+    for key, size in storages.items():
+        total += _union(spans[key]) if own_bytes else size
+    for key, size in arrays.items():
+        if key not in storages:
+            total += size
+    return total, len(storages) + sum(1 for key in arrays if key not in storages)
+
+
+def _union(ranges: List[Tuple[int, int]]) -> int:
+    total, end = 0, None
+    for lo, hi in sorted(ranges):
+        if end is None or lo > end:
+            total += hi - lo
+            end = hi
+        elif hi > end:
+            total += hi - end
+            end = hi
+    return total
+
+
+def byte_span(tensor: torch.Tensor) -> Tuple[int, int]:
+    """The bytes ``[lo, hi)`` of its storage that a strided tensor reads (empty for no elements)."""
+    itemsize = tensor.element_size()
+    lo = tensor.storage_offset() * itemsize
+    if tensor.numel() == 0:
+        return lo, lo
+    extent = 1 + sum((n - 1) * s for n, s in zip(tensor.shape, tensor.stride()))
+    return lo, lo + extent * itemsize
+
+
+def dense_parts(tensor: torch.Tensor) -> List[torch.Tensor]:
+    """The strided tensors that hold a tensor's data: itself if strided; the indices and values of
+    a sparse tensor; the components of a nested one."""
+    layout = tensor.layout
+    if tensor.is_nested:
+        if layout == torch.jagged:
+            return [tensor.values(), tensor.offsets()] + ([tensor.lengths()] if tensor.lengths() is not None else [])
+        return list(tensor.unbind())
+    if layout == torch.strided:
+        return [tensor]
+    if layout == torch.sparse_coo:
+        return list(_torch.coo_parts(tensor))
+    if layout in (torch.sparse_csr, torch.sparse_bsr):
+        return [tensor.crow_indices(), tensor.col_indices(), tensor.values()]
+    if layout in (torch.sparse_csc, torch.sparse_bsc):
+        return [tensor.ccol_indices(), tensor.row_indices(), tensor.values()]
+    return []  # mkldnn and other opaque layouts: nothing we can count
 
 
 _NOT_CONTAINERS = (str, bytes, bytearray, memoryview, range)
 
 
-def _leaves(obj: Any) -> Iterable[Any]:
+def leaves(obj: Any) -> Iterable[Any]:
     """Tensors and arrays inside mappings, sequences and sets, depth first."""
     stack = [obj]
     visited: set = set()
@@ -68,6 +120,9 @@ def _leaves(obj: Any) -> Iterable[Any]:
                 continue
             visited.add(id(item))
             stack.extend(item.values() if isinstance(item, Mapping) else item)
+
+
+_leaves = leaves  # the old name, until every caller uses ``leaves``
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,8 @@ from .arena import registry as arena_registry
 from .ledger import Ledger
 from .measure import ShmProbe
 from .region import MEMFD, SHM, SharedRegion, memfd_available
+from .routing import WorkerRules
+from .spill import SpillDir
 from .transport import MeasuredCollate, WorkerSetup
 
 __all__ = ["Pipeline", "POLL_SECONDS", "next_watched"]
@@ -39,19 +41,18 @@ class Pipeline:
     def __init__(self, dataset: Dataset, ledger: Ledger, *, collate_fn: Optional[Callable], shm: ShmProbe,
                  spill_dir: str, arena_owner: Optional[str], safety: float, stall_timeout: float,
                  user_worker_init: Optional[Callable[[int], None]], dataloader_kwargs: Dict[str, Any],
-                 worker_rules: Any = None, arena_kind: Optional[str] = None) -> None:
+                 arena_kind: Optional[str] = None) -> None:
         self.dataset = dataset
         self.ledger = ledger
         self.collate_fn = collate_fn
         self.shm = shm
-        self.spill_dir = spill_dir
+        self.spill = SpillDir.create(spill_dir)  # private (0700), one per loader; a dead run's are removed
         self.arena_owner = arena_owner
         self.arena_kind = arena_kind
         self.safety = safety
         self.stall_timeout = stall_timeout
         self.user_worker_init = user_worker_init
         self.dataloader_kwargs = dataloader_kwargs
-        self.worker_rules = worker_rules
         self.strategy_at_start = torch.multiprocessing.get_sharing_strategy()
         self.sharing_strategy = self.strategy_at_start
         self.fd_soft_limit: Optional[int] = None
@@ -129,6 +130,7 @@ class Pipeline:
         self.drop()
         if self.arena_owner is not None:
             arena_registry.forget(self.arena_owner)
+        self.spill.close()
         if self.sharing_strategy != self.strategy_at_start:
             torch.multiprocessing.set_sharing_strategy(self.strategy_at_start)
             self.sharing_strategy = self.strategy_at_start
@@ -191,15 +193,13 @@ class Pipeline:
         self.ledger.workers_started(workers, allocated)
         # the workers themselves never fill shm past the safety line: above it a batch goes to a file
         keep_free = int((1 - self.safety) * self.shm.read().total)
-        extra: Dict[str, Any] = {}
-        if self.worker_rules is not None:
-            extra["rules"] = self.worker_rules
-        if self.arena_kind is not None:
-            extra["arena_kind"] = self.arena_kind
-        self.collate = MeasuredCollate(self.collate_fn or default_collate, self.shm.path, self.spill_dir,
+        rules = WorkerRules(keep_free=keep_free, batches_in_flight=self.prefetch_factor or 1, workers=max(1, workers))
+        extra = {"arena_kind": self.arena_kind} if self.arena_kind is not None else {}
+        self.collate = MeasuredCollate(self.collate_fn or default_collate, self.shm.path, self.spill,
                                        shm_keep_free=keep_free, allocated=allocated,
                                        arena_owner=self.arena_owner, arena_sizes=arena_sizes,
-                                       batches_in_flight=self.prefetch_factor or 1, workers=workers, **extra)
+                                       batches_in_flight=self.prefetch_factor or 1, workers=workers,
+                                       rules=rules, **extra)
         return DataLoader(self.dataset, batch_sampler=self.ledger.feed, num_workers=workers,
                           collate_fn=self.collate, **kwargs)
 

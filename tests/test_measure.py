@@ -235,3 +235,23 @@ def test_rss_of_a_dead_pid_is_none():
 
 def test_rss_of_empty_list():
     assert rss_of([]) == {}
+
+
+def test_footprint_of_sparse_tensors_counts_indices_and_values():
+    coo = torch.sparse_coo_tensor(torch.tensor([[0, 1, 2], [1, 0, 2]]), torch.ones(3), (3, 3))  # uncoalesced
+    assert footprint(coo) == (2 * 3 * 8 + 3 * 4, 2)
+    csr = torch.eye(3).to_sparse_csr()
+    assert footprint(csr, own_bytes=True) == (4 * 8 + 3 * 8 + 3 * 4, 3)
+
+
+def test_footprint_of_nested_tensors_counts_their_values():
+    strided = torch.nested.nested_tensor([torch.zeros(2, 3), torch.ones(4, 3)])
+    assert footprint(strided, own_bytes=True)[0] == 6 * 3 * 4
+    jagged = torch.nested.nested_tensor([torch.zeros(2, 3), torch.ones(4, 3)], layout=torch.jagged)
+    assert footprint(jagged) == (6 * 3 * 4 + 3 * 8, 2)
+
+
+def test_footprint_own_bytes_of_an_expanded_tensor_is_its_storage():
+    assert footprint(torch.zeros(4).expand(1000, 4), own_bytes=True) == (16, 1)
+    t = torch.arange(100.0)
+    assert footprint([t[:10], t[5:20], t[50:60]], own_bytes=True) == ((20 + 10) * 4, 1)  # overlaps once

@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset, default_collate
 from torch.utils.data._utils import worker as torch_worker
 
 from adaptive_loader.measure import footprint
+from adaptive_loader.region import memfd_available
 from adaptive_loader.transport import (
     pack_batch, unpack_batch,
     FILE, INLINE, SHM, BatchStats, Envelope, MeasuredCollate, WorkerSetup, _collate_without_shm,
@@ -23,10 +24,27 @@ needs_dev_shm = pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="no /de
 
 
 def make_stats(**over):
-    values = dict(sample_bytes=[8, 8], sample_storages=[1, 1], batch_bytes=16, batch_storages=1, handles=0, transport=FILE,
-                  off_shm_reason="test", worker_id=0, worker_pid=os.getpid(), collate_seconds=0.0)
+    values = dict(sample_bytes=[8, 8], batch_bytes=16, batch_storages=1, handles=0, transport=FILE,
+                  off_shm_reason="test", worker_id=0, worker_pid=os.getpid())
     values.update(over)
     return BatchStats(**values)
+
+
+def spilled(batch, tmp_path):
+    """An envelope of ``batch`` written through the spill road by a collate in a (fake) worker."""
+    collate = MeasuredCollate(lambda xs: xs[0], "/dev/shm", str(tmp_path), shm_keep_free=1 << 62, arena_kind="shm")
+    saved = torch_worker._worker_info
+    torch_worker._worker_info = FakeWorkerInfo()
+    try:
+        env = collate([batch])
+    finally:
+        torch_worker._worker_info = saved
+    assert env.stats.transport == FILE
+    return env, collate
+
+
+def spill_files(collate):
+    return sorted(os.listdir(collate.spill.path))
 
 
 def assert_same(a, b):
@@ -93,41 +111,38 @@ def test_envelope_shm_opens_handles_once():
     env = Envelope(handles, make_stats(transport=SHM, off_shm_reason=None))
     first = env.open()
     assert_same(first, batch)
-    assert first["x"].is_shared()
     assert env.open() is first  # a second open does not unpickle again
 
 
+@needs_dev_shm
 def test_envelope_file_opens_and_removes_the_spill_file(tmp_path):
     batch = {"x": torch.arange(4), "names": ["a", "b"]}
-    path = tmp_path / "batch.pkl"
-    path.write_bytes(pickle.dumps(batch))
-    env = Envelope(str(path), make_stats(transport=FILE))
+    env, collate = spilled(batch, tmp_path)
+    [name] = spill_files(collate)
     first = env.open()
     assert_same(first, batch)
-    assert not path.exists()
+    assert spill_files(collate) == []
     assert env.open() is first
 
 
+@needs_dev_shm
 def test_envelope_survives_pickling(tmp_path):
-    stats = make_stats(transport=FILE)
-    path = tmp_path / "batch.pkl"
-    path.write_bytes(pickle.dumps([torch.arange(3)]))
-    env = pickle.loads(pickle.dumps(Envelope(str(path), stats)))
-    assert env.stats == stats
-    assert_same(env.open(), [torch.arange(3)])
+    env, _ = spilled([torch.arange(3)], tmp_path)
+    again = pickle.loads(pickle.dumps(env))
+    assert again.stats == env.stats
+    assert_same(again.open(), [torch.arange(3)])
 
 
+@needs_dev_shm
 def test_envelope_pin_memory_round_trip_without_tensors(tmp_path):
     batch = {"names": ["a", "b"], "n": 3}
-    path = tmp_path / "batch.pkl"
-    path.write_bytes(pickle.dumps(batch))
-    stats = make_stats(transport=FILE)
-    pinned = Envelope(str(path), stats).pin_memory()
+    env, collate = spilled(batch, tmp_path)
+    pinned = env.pin_memory()
     assert isinstance(pinned, Envelope)
-    assert pinned.stats is stats
+    assert pinned.stats is env.stats
     assert pinned.open() == batch
     assert pinned.open() is pinned.open()
-    assert not path.exists()
+    assert spill_files(collate) == []
 
 
 def test_envelope_pin_memory_round_trip_with_tensors():
@@ -147,7 +162,8 @@ def test_envelope_pin_memory_round_trip_with_tensors():
 
 def test_measured_collate_outside_a_worker_is_inline(tmp_path):
     samples = [FloatDataset()[i] for i in range(3)]
-    env = MeasuredCollate(default_collate, "/nonexistent/shm/path", str(tmp_path))(samples)  # no shm inline
+    collate = MeasuredCollate(default_collate, "/nonexistent/shm/path", str(tmp_path))  # no shm inline
+    env = collate(samples)
     assert isinstance(env, Envelope)
     s = env.stats
     assert s.transport == INLINE
@@ -155,11 +171,12 @@ def test_measured_collate_outside_a_worker_is_inline(tmp_path):
     assert s.worker_id == -1
     assert s.worker_pid == os.getpid()
     assert s.sample_bytes == [10 * 4 + 8] * 3
-    assert s.sample_storages == [2] * 3
     assert (s.batch_bytes, s.batch_storages) == (3 * 10 * 4 + 3 * 8, 2)
-    assert s.collate_seconds >= 0
     assert_same(env.open(), default_collate(samples))
-    assert list(tmp_path.iterdir()) == []
+    assert [p.name for p in tmp_path.iterdir()] == [os.path.basename(collate.spill.path)]
+    assert spill_files(collate) == []  # the loader's private spill directory, empty
+    del collate
+    assert list(tmp_path.iterdir()) == []  # removed with the collate that made it
 
 
 def test_measured_collate_per_sample_bytes_vary_with_samples(tmp_path):
@@ -193,15 +210,18 @@ def fake_worker(monkeypatch):
 @needs_dev_shm
 def test_measured_collate_in_a_worker_puts_the_batch_in_shm(fake_worker, tmp_path):
     samples = [FloatDataset()[i] for i in range(4)]
-    env = MeasuredCollate(lambda xs: [s["x"].clone() for s in xs], "/dev/shm", str(tmp_path))(samples)
+    collate = MeasuredCollate(lambda xs: [s["x"].clone() for s in xs], "/dev/shm", str(tmp_path))
+    env = collate(samples)
     assert env.stats.transport == SHM
+    assert env.stats.block_kind == ("memfd" if memfd_available() else "shm")
     assert env.stats.off_shm_reason is None
     assert env.stats.worker_id == 3
+    assert env.stats.handles == 1
     assert (env.stats.batch_bytes, env.stats.batch_storages) == (4 * 40, 4)
     out = env.open()
-    assert all(t.is_shared() for t in out)
     assert_same(out, [s["x"] for s in samples])
-    assert list(tmp_path.iterdir()) == []  # nothing spilled
+    assert len({t.untyped_storage().data_ptr() for t in out}) == 4  # four storages again, as sent
+    assert spill_files(collate) == []  # nothing spilled
 
 
 @needs_dev_shm
@@ -213,13 +233,15 @@ def test_measured_collate_spills_to_a_file_when_it_would_not_fit(fake_worker, tm
         calls.append(get_worker_info())
         return default_collate(xs)
 
-    env = MeasuredCollate(collate, "/dev/shm", str(tmp_path), shm_keep_free=1 << 62)(samples)
+    measured = MeasuredCollate(collate, "/dev/shm", str(tmp_path), shm_keep_free=1 << 62, arena_kind="shm")
+    env = measured(samples)
     assert env.stats.transport == FILE
     assert "shm has" in env.stats.off_shm_reason
     assert calls == [None]  # collated once, with the worker hidden, so not into shm
-    [spilled] = list(tmp_path.iterdir())
+    [name] = spill_files(measured)
+    assert os.stat(os.path.join(measured.spill.path, name)).st_mode & 0o777 == 0o600
     out = env.open()
-    assert not spilled.exists()
+    assert spill_files(measured) == []
     assert not out["x"].is_shared()
     assert_same(out, default_collate(samples))
 
@@ -255,8 +277,9 @@ def test_measured_collate_counts_shm_bytes_in_its_worker_slot(fake_worker, tmp_p
     expected[FakeWorkerInfo.id] = env1.stats.batch_bytes + env2.stats.batch_bytes
     assert allocated.tolist() == expected
     # a batch spilled to a file occupies none of it
-    MeasuredCollate(default_collate, "/dev/shm", str(tmp_path), shm_keep_free=1 << 62,
-                    allocated=allocated)(samples).open()
+    spilling = MeasuredCollate(default_collate, "/dev/shm", str(tmp_path), shm_keep_free=1 << 62, arena_kind="shm",
+                               allocated=allocated)
+    assert spilling(samples).stats.transport == FILE
     assert allocated.tolist() == expected
 
 
@@ -271,15 +294,16 @@ def test_measured_collate_reraises_other_errors(fake_worker, tmp_path):
 
 @needs_dev_shm
 def test_remove_spill_files_removes_only_its_own(fake_worker, tmp_path):
-    mine = MeasuredCollate(default_collate, "/dev/shm", str(tmp_path), shm_keep_free=1 << 62)
-    other = MeasuredCollate(default_collate, "/dev/shm", str(tmp_path), shm_keep_free=1 << 62)
+    mine = MeasuredCollate(default_collate, "/dev/shm", str(tmp_path), shm_keep_free=1 << 62, arena_kind="shm")
+    other = MeasuredCollate(default_collate, "/dev/shm", str(tmp_path), shm_keep_free=1 << 62, arena_kind="shm")
     samples = [FloatDataset()[i] for i in range(2)]
     mine(samples), mine(samples)
     theirs = other(samples)
     (tmp_path / "unrelated.pkl").write_bytes(b"x")
-    assert len(list(tmp_path.iterdir())) == 4
+    assert (len(spill_files(mine)), len(spill_files(other))) == (2, 1)
     assert mine.remove_spill_files() == 2
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([os.path.basename(theirs.payload), "unrelated.pkl"])
+    assert spill_files(mine) == [] and len(spill_files(other)) == 1
+    assert (tmp_path / "unrelated.pkl").exists()
     assert_same(theirs.open(), default_collate(samples))
 
 
@@ -399,25 +423,23 @@ def test_dataloader_worker_sends_batches_through_shm(tmp_path):
         seen += 1
         assert isinstance(env, Envelope)
         s = env.stats
-        assert s.transport == SHM
+        assert s.transport == SHM and s.handles == 1
         assert s.off_shm_reason is None
         assert s.worker_id == 0
         assert s.worker_pid != os.getpid()
         assert s.sample_bytes == [10 * 4 + 8] * 4
-        assert s.sample_storages == [2] * 4
         assert (s.batch_bytes, s.batch_storages) == (4 * (10 * 4 + 8), 2)
         batch = env.open()
-        assert batch["x"].is_shared() and batch["y"].is_shared()
         assert_same(batch, default_collate([ds[i] for i in range(4 * k, 4 * k + 4)]))
     assert seen == 2
-    assert list(tmp_path.iterdir()) == []
+    assert spill_files(loader.collate_fn) == []
 
 
 @needs_dev_shm
 @pytest.mark.timeout(120)
 def test_dataloader_worker_spills_batches_to_files_when_shm_is_kept_free(tmp_path):
     ds = RichDataset()
-    collate = MeasuredCollate(default_collate, "/dev/shm", str(tmp_path), shm_keep_free=1 << 62)
+    collate = MeasuredCollate(default_collate, "/dev/shm", str(tmp_path), shm_keep_free=1 << 62, arena_kind="shm")
     loader = DataLoader(ds, batch_size=3, num_workers=1, collate_fn=collate, timeout=60)
     seen = 0
     for k, env in enumerate(loader):
@@ -429,8 +451,8 @@ def test_dataloader_worker_spills_batches_to_files_when_shm_is_kept_free(tmp_pat
         assert s.worker_id == 0
         assert s.worker_pid != os.getpid()
         assert s.sample_bytes == [footprint(x)[0] for x in samples]
-        assert s.sample_storages == [footprint(x)[1] for x in samples] == [7] * 3
-        assert os.path.dirname(env.payload) == str(tmp_path)
+        assert os.path.dirname(env.payload[0]) == collate.spill.path
+        assert os.path.dirname(collate.spill.path) == str(tmp_path)
         batch = env.open()
         assert_same(batch, default_collate(samples))
         assert batch["bf16"].dtype == torch.bfloat16
@@ -441,7 +463,7 @@ def test_dataloader_worker_spills_batches_to_files_when_shm_is_kept_free(tmp_pat
         assert not any(t.is_shared() for t in (batch["bf16"], batch["mask"], batch["nested"]["list"][0]))
         assert (s.batch_bytes, s.batch_storages) == footprint(batch)
     assert seen == 2
-    assert list(tmp_path.iterdir()) == []  # every spill file removed once opened
+    assert spill_files(collate) == []  # every spill file removed once opened
 
 
 def _as_list(samples):
@@ -453,7 +475,8 @@ def _as_list(samples):
 def test_dataloader_spill_keeps_numpy_arrays_and_odd_dtypes_identical(tmp_path):
     ds = RichDataset()
     loader = DataLoader(ds, batch_size=2, num_workers=1, timeout=60,
-                        collate_fn=MeasuredCollate(_as_list, "/dev/shm", str(tmp_path), shm_keep_free=1 << 62))
+                        collate_fn=MeasuredCollate(_as_list, "/dev/shm", str(tmp_path), shm_keep_free=1 << 62,
+                                                   arena_kind="shm"))
     seen = 0
     for k, env in enumerate(loader):
         seen += 1
@@ -483,7 +506,7 @@ def test_a_batch_of_many_tensors_travels_in_one_shm_block(tmp_path):
         assert envelope.stats.transport == SHM and envelope.stats.handles == 1
         images, targets, ids = envelope.open()
         storages = {t.untyped_storage().data_ptr() for t in images + tuple(x["masks"] for x in targets)}
-        assert len(storages) == 1 and images[0].is_shared()
+        assert len(storages) == 2 * len(ids)  # each tensor its own storage again, all in one block
         for image, target, i in zip(images, targets, ids):
             assert torch.equal(image, torch.full((3, 4), float(i)))
             assert torch.equal(target["masks"], torch.full((i + 1, 2, 2), i, dtype=torch.uint8))
@@ -500,3 +523,63 @@ def test_pack_batch_keeps_special_tensors_as_they_are():
     assert torch.equal(batch[2], view) and batch[2].shape == (3,)
     assert torch.equal(batch[3], torch.tensor([1 - 2j]))
     assert batch[2].data_ptr() == batch[4].data_ptr()  # the same tensor twice stays one region
+
+
+# -- no torch shm of ours, and the rules --------------------------------------------------------------
+
+@needs_dev_shm
+def test_default_collate_in_a_worker_leaves_no_torch_file_in_dev_shm(fake_worker, tmp_path, restore_sharing_strategy):
+    """Under file_system every torch shm allocation is a named /dev/shm file (a failed one stays): the block
+    road stacks in ordinary memory and copies into one unnamed region instead."""
+    torch.multiprocessing.set_sharing_strategy("file_system")
+    before = {n for n in os.listdir("/dev/shm") if n.startswith("torch_")}
+    collate = MeasuredCollate(default_collate, "/dev/shm", str(tmp_path), arena_kind="shm")
+    envelope = collate([FloatDataset()[i] for i in range(4)])
+    assert envelope.stats.transport == SHM and envelope.stats.block_kind == "shm"
+    assert {n for n in os.listdir("/dev/shm") if n.startswith("torch_")} <= before
+    assert not any(n.startswith("adaptive_loader") for n in os.listdir("/dev/shm"))  # unlinked at once
+    assert_same(envelope.open(), default_collate([FloatDataset()[i] for i in range(4)]))
+
+
+def test_worker_rules_are_plain_numbers():
+    from adaptive_loader.routing import WorkerRules
+
+    rules = WorkerRules(keep_free=100, batches_in_flight=2, workers=2)
+    assert rules.off_shm(901, 1000) is not None and rules.off_shm(900, 1000) is None
+    assert rules.off_shm(10 ** 12, 0, kind="memfd") is None  # a memfd is not bounded by /dev/shm
+    assert rules.keep_arena(119, 100) and not rules.keep_arena(120, 100)
+    assert rules.arena_tight(399, 100) and not rules.arena_tight(400, 100)
+    assert rules.fds_to_spare(10, 1024, 60) and not rules.fds_to_spare(10, 1024, 63)
+    with pytest.raises(ValueError):
+        WorkerRules(workers=0)
+    with pytest.raises(TypeError):
+        WorkerRules(keep_free=1.5)
+
+
+def test_transport_takes_its_rules_from_the_caller(tmp_path):
+    """The worker calls the rules it is given; it does not import the decide layer."""
+    import ast
+
+    import adaptive_loader.transport as transport
+
+    class Never:
+        keep_free = 0
+
+        def off_shm(self, needed, free, kind="shm"):
+            return "told so"
+
+        def fds_to_spare(self, *args):
+            return True
+
+        def read_fds_now(self, n):
+            return True
+
+    imported = {n.module for n in ast.walk(ast.parse(open(transport.__file__).read()))
+                if isinstance(n, ast.ImportFrom) and n.col_offset == 0}
+    assert not {"controller", "routing"} & imported
+    collate = MeasuredCollate(_as_list, "/dev/shm", str(tmp_path), rules=Never())
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch_worker, "_worker_info", FakeWorkerInfo())
+        envelope = collate([torch.ones(2)])
+    assert envelope.stats.transport == FILE and envelope.stats.off_shm_reason == "told so"
+    assert_same(envelope.open(), [torch.ones(2)])
