@@ -8,7 +8,7 @@ from typing import Any, Tuple
 
 import torch
 
-__all__ = ["budget_group", "destroy_budget_group", "agree_on_minimum", "local_world_size"]
+__all__ = ["budget_group", "destroy_budget_group", "agree_on_minimum", "smallest_int", "local_world_size"]
 
 logger = logging.getLogger("adaptive_loader")
 
@@ -49,6 +49,15 @@ def agree_on_minimum(group: Any, *values: float) -> Tuple[float, ...]:
     proposal = torch.tensor(values, dtype=torch.float64)
     dist.all_reduce(proposal, op=dist.ReduceOp.MIN, group=group)
     return tuple(float(v) for v in proposal)
+
+
+def smallest_int(group: Any, value: int) -> int:
+    """The smallest ``value`` over the ranks of ``group`` (a collective), exact for any int64."""
+    import torch.distributed as dist
+
+    proposal = torch.tensor([value], dtype=torch.int64)
+    dist.all_reduce(proposal, op=dist.ReduceOp.MIN, group=group)
+    return int(proposal.item())
 
 
 def local_world_size() -> int:

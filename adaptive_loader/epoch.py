@@ -38,9 +38,9 @@ class LoaderFailed(RuntimeError):
 class EpochIterator:
     """The iterator ``iter(loader)`` returns: one epoch of batches."""
 
-    def __init__(self, loader: "AdaptiveLoader", epoch: int) -> None:
+    def __init__(self, loader: "AdaptiveLoader") -> None:
         self.loader = loader
-        self.epoch = epoch
+        self.epoch: Optional[int] = None  # set when the epoch starts, at the first next()
         self._dl_iter: Any = None
         self._restarts = 0
         self._done = False
@@ -57,6 +57,9 @@ class EpochIterator:
         if self._done:
             raise StopIteration
         loader = self.loader
+        if self.epoch is None:
+            self.epoch = loader._start_epoch()
+            self._last_progress = self._wait_start = time.monotonic()
         while True:
             if loader._pending_give_back:
                 self._dl_iter = loader._take_give_backs(self._dl_iter)
@@ -85,6 +88,8 @@ class EpochIterator:
         if self._done:
             return
         self._done = True
+        if self.epoch is None:  # never started
+            return
         loader = self.loader
         if self._dl_iter is not None:
             loader._pipeline.stop(self._dl_iter, even_persistent=not completed)

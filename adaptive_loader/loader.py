@@ -173,6 +173,10 @@ class AdaptiveLoader:
         self._group = distributed.budget_group(self.sampler.num_replicas)  # a collective: all args are valid
         if self._group is not None:
             weakref.finalize(self, distributed.destroy_budget_group, self._group)
+        if self.sampler.num_replicas > 1 and shuffle and opts["seed"] is None:
+            # every rank must shuffle alike: the ranks' draws are agreed on (DistributedSampler's 0 without a group)
+            seed = distributed.smallest_int(self._group, self.sampler.seed) if self._group is not None else 0
+            self.sampler.seed = self._sampler_args["seed"] = seed
         self.controller = self._make_controller()
         self._local_world_size = distributed.local_world_size()
         self._ledger = Ledger(self.sampler)
@@ -328,9 +332,8 @@ class AdaptiveLoader:
         previous = self._active() if self._active is not None else None
         if previous is not None:
             previous.close()  # like a new DataLoader iterator: the old one's workers go
-        self._start_epoch()
-        iterator = EpochIterator(self, self.sampler.epoch)
-        self._active = weakref.ref(iterator)
+        iterator = EpochIterator(self)  # the epoch starts at its first next(), as a generator's would:
+        self._active = weakref.ref(iterator)  # Lightning sets the sampler's epoch after iter()
         return iterator
 
     def guard(self, **options: Any) -> Any:
@@ -387,7 +390,7 @@ class AdaptiveLoader:
         return None
 
     # -- what the epoch runner uses ----------------------------------------------
-    def _start_epoch(self) -> None:
+    def _start_epoch(self) -> int:
         untouched = self.sampler.epoch == self._epoch_iterated  # nobody set an epoch since the last one
         if self._epochs_started and untouched and not self._epoch_chosen and not self._resuming:
             self.sampler.set_epoch(self.sampler.epoch + 1)  # reshuffle like DataLoader(shuffle=True)
@@ -400,6 +403,7 @@ class AdaptiveLoader:
         self._pending_give_back = []
         self._ledger.feed.start(iter(self.sampler), skip=self._skip_on_resume)
         self._skip_on_resume = 0
+        return self.sampler.epoch
 
     def _start_iterator(self) -> Any:
         controller = self.controller

@@ -106,7 +106,7 @@ def test_costs_that_no_longer_match_the_dataset_are_a_clear_error():
     assert values(loader) == list(range(10))
     dataset.n = 12
     with pytest.raises(ValueError, match="now has 12 samples but costs= was given for 10.*callable"):
-        iter(loader)
+        next(iter(loader))
 
 
 @pytest.mark.timeout(180)
