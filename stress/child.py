@@ -1,8 +1,11 @@
-"""One scenario run, inside the sandbox. Started by :mod:`stress.harness`.
+"""One scenario run, inside the sandbox. Started by the harness (``harness.py``).
 
 It reports through files on real disk, so the harness can read them even
-after killing it: ``progress`` gets one JSON line of indices per batch,
-``peak`` the highest shm use seen so far, ``result`` the outcome at the end.
+after killing it: ``progress`` gets one JSON line of indices per batch (and an
+``epoch N`` line before each epoch), ``timeline`` one ``[seconds, epoch,
+samples, shm used]`` line per batch, ``usage`` ``[seconds, shm used, memory
+used]`` every 0.2 s, ``peak`` the highest shm use seen so far, ``result.json``
+the outcome at the end.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import os
 import threading
 import time
 import traceback
+from typing import Optional
 
 from .scenarios import get
 
@@ -20,22 +24,79 @@ from .scenarios import get
 LOADERS = ("vanilla", "adaptive", "adaptive-no-arena")
 
 
-class _PeakShm(threading.Thread):
-    """Samples /dev/shm use every few ms and keeps the maximum in a file."""
+def shm_used() -> int:
+    st = os.statvfs("/dev/shm")
+    return (st.f_blocks - st.f_bfree) * st.f_frsize
 
-    def __init__(self, path: str) -> None:
+
+def memory_limit() -> int:
+    """The smallest of this process's memory cgroup limit (v2 or v1, at the usual mount) and the host's RAM."""
+    import psutil
+
+    limits = [psutil.virtual_memory().total]
+    try:
+        with open("/proc/self/cgroup") as f:
+            groups = [line.strip().split(":", 2) for line in f if line.strip()]
+    except OSError:
+        groups = []
+    for _, controllers, path in groups:
+        if controllers == "":
+            candidates = [f"/sys/fs/cgroup{path}/memory.max"]
+        elif "memory" in controllers.split(","):
+            candidates = [f"/sys/fs/cgroup/memory{path}/memory.limit_in_bytes",
+                          "/sys/fs/cgroup/memory/memory.limit_in_bytes"]
+        else:
+            continue
+        for candidate in candidates:
+            try:
+                with open(candidate) as f:
+                    text = f.read().strip()
+            except OSError:
+                continue
+            if text.isdigit():
+                limits.append(int(text))
+            break
+    return min(limits)
+
+
+def memory_used() -> Optional[int]:
+    """Proportional set size of this process and its workers (shared pages split, not counted twice)."""
+    import psutil
+
+    total = 0
+    try:
+        me = psutil.Process()
+        for proc in [me, *me.children(recursive=True)]:
+            try:
+                total += proc.memory_full_info().pss
+            except (psutil.Error, AttributeError):
+                pass
+    except psutil.Error:
+        return None
+    return total
+
+
+class _Usage(threading.Thread):
+    """Samples /dev/shm every few ms (the peak, in a file) and, every 0.2 s, shm and memory use."""
+
+    def __init__(self, directory: str, start: float) -> None:
         super().__init__(daemon=True)
-        self.path, self.peak = path, 0
+        self.path, self.peak, self.start_time = os.path.join(directory, "peak"), 0, start
+        self.usage = open(os.path.join(directory, "usage"), "w", buffering=1)
 
     def run(self) -> None:
-        last_written = -1
+        last_written, next_usage = -1, 0.0
         while True:
-            st = os.statvfs("/dev/shm")
-            self.peak = max(self.peak, (st.f_blocks - st.f_bfree) * st.f_frsize)
+            used = shm_used()
+            self.peak = max(self.peak, used)
             if self.peak != last_written:
                 with open(self.path, "w") as f:
                     f.write(str(self.peak))
                 last_written = self.peak
+            now = time.monotonic()
+            if now >= next_usage:
+                self.usage.write(json.dumps([round(now - self.start_time, 3), used, memory_used()]) + "\n")
+                next_usage = now + 0.2
             time.sleep(0.005)
 
 
@@ -52,17 +113,23 @@ def main() -> None:
     p.add_argument("--loader", choices=LOADERS, required=True)
     p.add_argument("--shm-bytes", type=int, required=True)
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--dir", required=True)
     p.add_argument("--telemetry")
     args = p.parse_args()
 
     setup = get(args.scenario).build(args.shm_bytes, args.workers, args.quick)
-    peak = _PeakShm(os.path.join(args.dir, "peak"))
-    peak.start()
-    progress = open(os.path.join(args.dir, "progress"), "w", buffering=1)
-    result = {"outcome": "ok", "error": None, "fallbacks": {}}
+    if setup.prepare is not None:
+        setup.prepare()
     start = time.monotonic()
+    with open(os.path.join(args.dir, "limits.json"), "w") as f:
+        json.dump({"memory_limit": memory_limit(), "start": start}, f)
+    usage = _Usage(args.dir, start)
+    usage.start()
+    progress = open(os.path.join(args.dir, "progress"), "w", buffering=1)
+    timeline = open(os.path.join(args.dir, "timeline"), "w", buffering=1)
+    result = {"outcome": "ok", "error": None, "fallbacks": {}}
     loader = None
     try:
         if args.loader == "vanilla":
@@ -76,13 +143,21 @@ def main() -> None:
                                     **setup.adaptive)
         progress.write("start\n")
         kept = []
-        for step, batch in enumerate(loader, 1):
-            progress.write(json.dumps(setup.check(batch)) + "\n")
-            if setup.keep_batches:
-                kept.append(batch)
-            del batch
-            if setup.on_batch is not None:
-                setup.on_batch(step)
+        step = 0
+        for epoch in range(args.epochs):
+            if hasattr(loader, "set_epoch"):
+                loader.set_epoch(epoch)
+            progress.write(f"epoch {epoch}\n")
+            for batch in loader:
+                step += 1
+                indices = setup.check(batch)
+                progress.write(json.dumps(indices) + "\n")
+                timeline.write(json.dumps([round(time.monotonic() - start, 4), epoch, len(indices), shm_used()]) + "\n")
+                if setup.keep_batches:
+                    kept.append(batch)
+                del batch
+                if setup.on_batch is not None:
+                    setup.on_batch(step)
     except Exception as exc:  # the outcome we measure, not a bug of the harness
         result["outcome"] = "crash"
         result["error"] = _short_error(exc)
@@ -91,8 +166,13 @@ def main() -> None:
         if setup.on_end is not None:
             setup.on_end()
     result["seconds"] = time.monotonic() - start
-    result["peak_shm_used_bytes"] = peak.peak
+    result["peak_shm_used_bytes"] = usage.peak
     result["fallbacks"] = getattr(loader, "fallbacks", {}) if args.loader != "vanilla" else {}
+    if args.loader != "vanilla" and loader is not None:
+        try:
+            loader.close()  # ends the telemetry with its run_end record
+        except Exception:  # noqa: BLE001 - the outcome is already measured
+            traceback.print_exc()
     with open(os.path.join(args.dir, "result.json"), "w") as f:
         json.dump(result, f)
     os._exit(0)  # do not wait on worker teardown: the outcome is written

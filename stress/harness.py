@@ -11,7 +11,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from .sandbox import sandbox_command
 from .scenarios import get
@@ -19,45 +19,56 @@ from .scenarios import get
 __all__ = ["run_case", "RESULT_FIELDS"]
 
 #: The keys of every result, in order (documented in docs/stress.md).
-RESULT_FIELDS = ("scenario", "loader", "outcome", "expected", "delivered", "missing", "duplicated",
-                 "shm_size_bytes", "peak_shm_used_bytes", "seconds", "samples_per_s", "fallbacks", "error")
+RESULT_FIELDS = ("scenario", "loader", "outcome", "epochs", "expected", "delivered", "missing", "duplicated",
+                 "batches", "mean_batch_size", "shm_size_bytes", "peak_shm_used_bytes", "seconds", "samples_per_s",
+                 "fallbacks", "error")
 
-_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_HERE = os.path.dirname(os.path.abspath(__file__))
+# From a clone the harness is the top-level package ``stress`` (its parent goes on the child's path);
+# installed, it is ``adaptive_loader.stress`` and already importable.
+_PACKAGE = __package__ or "stress"
+_PATH_FOR_CHILD = os.path.dirname(_HERE) if _PACKAGE == "stress" else None
 
 
 def run_case(scenario: str, loader: str, *, shm_bytes: int, workers: int = 2, quick: bool = False,
-             hang_after: float = 20.0, max_seconds: float = 600.0, telemetry: Optional[str] = None,
-             log_path: Optional[str] = None, on_progress=None) -> Dict[str, Any]:
+             epochs: int = 1, hang_after: float = 20.0, max_seconds: float = 600.0, telemetry: Optional[str] = None,
+             log_path: Optional[str] = None, timeline: Optional[str] = None, on_progress=None,
+             on_tick=None) -> Dict[str, Any]:
     """Run one scenario with one loader in a private /dev/shm of ``shm_bytes``.
 
     A run that delivers nothing new for ``hang_after`` seconds (after it has
     started) is killed and reported as a ``hang``. ``on_progress(delivered)``
-    is called as batches arrive.
+    is called as batches arrive, ``on_tick(delivered, idle_s, limit_s)`` every
+    0.1 s; ``timeline`` names a JSON file to write the run's time series to
+    (for :mod:`picture`).
     """
     spec = get(scenario)
     with tempfile.TemporaryDirectory(prefix="adaptive-stress-") as work:
-        argv = [sys.executable, "-m", "stress.child", "--scenario", scenario, "--loader", loader,
-                "--shm-bytes", str(shm_bytes), "--workers", str(workers), "--dir", work]
+        argv = [sys.executable, "-m", f"{_PACKAGE}.child", "--scenario", scenario, "--loader", loader,
+                "--shm-bytes", str(shm_bytes), "--workers", str(workers), "--epochs", str(epochs), "--dir", work]
         if quick:
             argv.append("--quick")
         if telemetry and loader != "vanilla":
             argv += ["--telemetry", os.path.abspath(telemetry)]
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [_REPO_ROOT, os.environ.get("PYTHONPATH")])),
-                   PYTHONUNBUFFERED="1")
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        if _PATH_FOR_CHILD:
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [_PATH_FOR_CHILD, os.environ.get("PYTHONPATH")]))
         log = open(log_path or os.path.join(work, "log"), "w")
         started = time.monotonic()
-        proc = subprocess.Popen(sandbox_command(argv, shm_bytes, nofile=spec.nofile), cwd=_REPO_ROOT, env=env,
-                                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        proc = subprocess.Popen(sandbox_command(argv, shm_bytes, nofile=spec.nofile), cwd=_PATH_FOR_CHILD or work,
+                                env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 start_new_session=True)
-        hung = _watch(proc, os.path.join(work, "progress"), hang_after, max_seconds, on_progress)
-        seconds = time.monotonic() - started
+        hung, ended = _watch(proc, os.path.join(work, "progress"), hang_after, max_seconds, on_progress, on_tick)
+        child_start = (_read_json(os.path.join(work, "limits.json")) or {}).get("start")
+        # the same clock in the child: a hang's seconds count from its loop's start, like an ok run's
+        seconds = ended - (child_start if child_start and child_start > started else started)
         log.close()
-        delivered = _read_progress(os.path.join(work, "progress"))
+        per_epoch = _read_epochs(os.path.join(work, "progress"))
         child = _read_json(os.path.join(work, "result.json"))
         peak = _read_int(os.path.join(work, "peak"))
         tail = _tail(log_path or os.path.join(work, "log"))
-    expected = len(spec.build(shm_bytes, workers, quick).dataset)
-    counts = Counter(delivered)
+        series = _read_series(work) if timeline else None
+    n = len(spec.build(shm_bytes, workers, quick).dataset)
     if hung:
         outcome, error = "hang", f"no batch for {hang_after:g} s; killed. Last error in its log: {tail}"
     elif child is None:
@@ -65,20 +76,32 @@ def run_case(scenario: str, loader: str, *, shm_bytes: int, workers: int = 2, qu
     else:
         outcome, error = child["outcome"], child["error"]
         seconds = child["seconds"]
-    return {
-        "scenario": scenario, "loader": loader, "outcome": outcome, "expected": expected,
-        "delivered": len(counts), "missing": len(set(range(expected)) - set(counts)),
-        "duplicated": sum(c - 1 for c in counts.values()), "shm_size_bytes": shm_bytes,
+    per_epoch += [[] for _ in range(epochs - len(per_epoch))]
+    counts = [Counter(indices) for indices in per_epoch[:epochs]]
+    received = sum(len(indices) for indices in per_epoch)
+    batches = sum(len(b) for b in per_epoch.batches)
+    result = {
+        "scenario": scenario, "loader": loader, "outcome": outcome, "epochs": epochs, "expected": n * epochs,
+        "delivered": sum(len(c) for c in counts), "missing": sum(len(set(range(n)) - set(c)) for c in counts),
+        "duplicated": sum(v - 1 for c in counts for v in c.values()), "batches": batches,
+        "mean_batch_size": round(received / batches, 2) if batches else None, "shm_size_bytes": shm_bytes,
         "peak_shm_used_bytes": peak, "seconds": round(seconds, 3),
-        "samples_per_s": round(len(delivered) / seconds, 1) if seconds > 0 else None,
+        "samples_per_s": round(received / seconds, 1) if seconds > 0 else None,
         "fallbacks": (child or {}).get("fallbacks", {}), "error": error,
     }
+    if timeline:
+        with open(timeline, "w") as f:
+            json.dump(dict(series, scenario=scenario, loader=loader, outcome=outcome, error=error,
+                           hang_after=hang_after, shm_size_bytes=shm_bytes, seconds=seconds,
+                           samples_per_s=result["samples_per_s"], mean_batch_size=result["mean_batch_size"]), f)
+    return result
 
 
-def _watch(proc: subprocess.Popen, progress: str, hang_after: float, max_seconds: float, on_progress) -> bool:
-    """Wait for ``proc``; kill its process group on a stall. True if it hung."""
+def _watch(proc: subprocess.Popen, progress: str, hang_after: float, max_seconds: float, on_progress,
+           on_tick=None) -> Tuple[bool, float]:
+    """Wait for ``proc``; kill its process group on a stall. (Whether it hung, when it ended or was killed.)"""
     begun = time.monotonic()
-    last_size, last_change, started = -1, time.monotonic(), False
+    last_size, last_change, started, delivered = -1, time.monotonic(), False, 0
     while proc.poll() is None:
         time.sleep(0.1)
         size = os.path.getsize(progress) if os.path.exists(progress) else 0
@@ -86,13 +109,61 @@ def _watch(proc: subprocess.Popen, progress: str, hang_after: float, max_seconds
         if size != last_size:
             last_size, last_change = size, now
             started = started or size > 0
-            if on_progress is not None and size > 0:
-                on_progress(len(_read_progress(progress)))
+            if size > 0:
+                delivered = len(_read_progress(progress))
+                if on_progress is not None:
+                    on_progress(delivered)
         limit = hang_after if started else max(hang_after, 120.0)  # imports and worker start are slow
+        if on_tick is not None:
+            on_tick(delivered, now - last_change, limit)
         if now - last_change > limit or now - begun > max_seconds:
             _kill_group(proc)
-            return True
-    return False
+            return True, now
+    return False, time.monotonic()
+
+
+class _Epochs(list):
+    """Indices received, one list per epoch; ``batches``: the batches' sizes, per epoch."""
+
+    batches: List[List[int]]
+
+
+def _read_epochs(path: str) -> _Epochs:
+    out = _Epochs()
+    out.batches = []
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                if line.startswith("epoch "):
+                    out.append([])
+                    out.batches.append([])
+                elif line.startswith("[") and out:
+                    try:
+                        indices = json.loads(line)
+                    except json.JSONDecodeError:  # a line cut short by a kill
+                        continue
+                    out[-1] += indices
+                    out.batches[-1].append(len(indices))
+    return out
+
+
+def _read_series(work: str) -> Dict[str, Any]:
+    """The child's time series: batches ``[s, epoch, samples, shm used]``, usage ``[s, shm, memory]``."""
+    def rows(name: str) -> List[list]:
+        out = []
+        try:
+            with open(os.path.join(work, name)) as f:
+                for line in f:
+                    try:
+                        out.append(json.loads(line))
+                    except json.JSONDecodeError:
+                        pass
+        except OSError:
+            pass
+        return out
+
+    limits = _read_json(os.path.join(work, "limits.json")) or {}
+    return {"batches": rows("timeline"), "usage": rows("usage"), "memory_limit": limits.get("memory_limit")}
 
 
 def _kill_group(proc: subprocess.Popen) -> None:

@@ -7,7 +7,8 @@ from typing import Any, Dict, List, Sequence
 __all__ = ["results_table", "side_by_side"]
 
 _COLUMNS = [("scenario", "scenario"), ("loader", "loader"), ("outcome", "outcome"), ("delivered", "delivered"),
-            ("missing", "missing"), ("duplicated", "dup"), ("peak_shm_used_bytes", "peak shm"),
+            ("missing", "missing"), ("duplicated", "dup"), ("mean_batch_size", "per batch"),
+            ("peak_shm_used_bytes", "peak shm"),
             ("seconds", "seconds"), ("samples_per_s", "samples/s"), ("fallbacks", "fallbacks")]
 
 
@@ -40,8 +41,9 @@ def results_table(results: Sequence[Dict[str, Any]]) -> str:
 def side_by_side(vanilla: Dict[str, Any], adaptive: Dict[str, Any]) -> str:
     """The demo's closing table: one column per loader."""
     keys = [("outcome", "outcome"), ("delivered", "samples delivered"), ("missing", "missing"),
-            ("duplicated", "duplicated"), ("peak_shm_used_bytes", "peak /dev/shm used"),
-            ("seconds", "seconds"), ("samples_per_s", "samples/s"), ("fallbacks", "fallbacks")]
+            ("duplicated", "duplicated"), ("mean_batch_size", "samples per batch (mean)"),
+            ("peak_shm_used_bytes", "peak /dev/shm used"),
+            ("seconds", "seconds"), ("samples_per_s", "samples/s (samples ÷ seconds)"), ("fallbacks", "fallbacks")]
     rows = [["", "DataLoader", "AdaptiveLoader"]]
     rows += [[title, _cell(key, vanilla), _cell(key, adaptive)] for key, title in keys]
     widths = [max(len(row[i]) for row in rows) for i in range(3)]

@@ -4,6 +4,7 @@ which samples arrived and that their bytes arrived intact."""
 
 from __future__ import annotations
 
+import io
 import os
 import signal
 from typing import Any, Dict, List, Sequence
@@ -12,8 +13,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-__all__ = ["SegmentationDataset", "VolumeDataset", "GiantSampleDataset", "ManyTensorsDataset", "MixedDataset",
-           "detection_collate", "kill_one_worker"]
+__all__ = ["SegmentationDataset", "CocoStyleDataset", "VolumeDataset", "GiantSampleDataset", "ManyTensorsDataset",
+           "MixedDataset", "detection_collate", "kill_one_worker"]
 
 
 def detection_collate(batch: List[Any]) -> tuple:
@@ -50,6 +51,81 @@ class SegmentationDataset(Dataset):
         for image, target, i in zip(images, targets, ids):
             assert int(target["image_id"]) == i and float(image.flatten()[0]) == i, f"sample {i} corrupted"
             assert target["masks"].numel() == 0 or int(target["masks"].flatten()[-1]) == i % 251
+        return list(ids)
+
+
+class CocoStyleDataset(Dataset):
+    """A COCO-style instance-segmentation set made up in memory: JPEG bytes per image and, per
+    object, a polygon; ``__getitem__`` decodes the JPEG and draws each polygon into a uint8 mask
+    (PIL ``ImageDraw``), as a torchvision detection pipeline does. Call :meth:`prepare` once
+    before the workers start (it encodes the JPEGs); image ``i`` has ``objects[i]`` masks."""
+
+    def __init__(self, n: int, width: int = 320, height: int = 240, max_objects: int = 150, seed: int = 0) -> None:
+        rng = np.random.default_rng(seed)
+        self.width, self.height, self.seed = width, height, seed
+        self.objects = rng.integers(1, max_objects + 1, n)
+        self._jpegs: List[bytes] = []
+
+    def __len__(self) -> int:
+        return len(self.objects)
+
+    def prepare(self) -> "CocoStyleDataset":
+        """Encode the images (a gradient stamped with the index, ~15 KB of JPEG each)."""
+        from PIL import Image
+
+        if self._jpegs:
+            return self
+        y, x = np.mgrid[0:self.height, 0:self.width]
+        for i in range(len(self)):
+            pixels = np.stack([(x + i) % 256, (y * 2 + i) % 256, np.full_like(x, i % 256)], axis=-1)
+            buffer = io.BytesIO()
+            Image.fromarray(pixels.astype(np.uint8)).save(buffer, format="JPEG", quality=85)
+            self._jpegs.append(buffer.getvalue())
+        return self
+
+    def polygons(self, i: int) -> List[List[float]]:
+        """Object ``k`` of image ``i``: a random convex-ish polygon, as COCO's ``segmentation``."""
+        rng = np.random.default_rng((self.seed, i))
+        out = []
+        for _ in range(int(self.objects[i])):
+            cx, cy = rng.uniform(20, self.width - 20), rng.uniform(20, self.height - 20)
+            angles = np.sort(rng.uniform(0, 2 * np.pi, 8))
+            radii = rng.uniform(5, 40, 8)
+            xs = np.clip(cx + radii * np.cos(angles), 0, self.width - 1)
+            ys = np.clip(cy + radii * np.sin(angles), 0, self.height - 1)
+            out.append(np.stack([xs, ys], axis=1).ravel().tolist())
+        return out
+
+    def __getitem__(self, i: int):
+        from PIL import Image, ImageDraw
+
+        if not self._jpegs:
+            raise RuntimeError("CocoStyleDataset.prepare() was not called")
+        image = torch.from_numpy(np.asarray(Image.open(io.BytesIO(self._jpegs[i])).convert("RGB")).copy())
+        masks, boxes = [], []
+        for polygon in self.polygons(i):
+            canvas = Image.new("L", (self.width, self.height), 0)
+            ImageDraw.Draw(canvas).polygon(polygon, fill=1)
+            masks.append(np.asarray(canvas))
+            xs, ys = polygon[0::2], polygon[1::2]
+            boxes.append([min(xs), min(ys), max(xs), max(ys)])
+        n = len(masks)
+        target = {
+            "image_id": torch.tensor(i),
+            "masks": torch.from_numpy(np.stack(masks)),
+            "boxes": torch.tensor(boxes, dtype=torch.float32),
+            "labels": torch.full((n,), 1 + i % 80, dtype=torch.int64),
+            "iscrowd": torch.zeros(n, dtype=torch.int64),
+        }
+        return image.permute(2, 0, 1), target, i
+
+    @staticmethod
+    def check(batch) -> List[int]:
+        images, targets, ids = batch
+        for image, target, i in zip(images, targets, ids):
+            assert int(target["image_id"]) == i and int(target["labels"][0]) == 1 + i % 80, f"sample {i} corrupted"
+            assert target["masks"].dtype == torch.uint8 and int(target["masks"].sum()) > 0, f"sample {i}: empty masks"
+            assert tuple(image.shape) == (3, target["masks"].shape[1], target["masks"].shape[2])
         return list(ids)
 
 

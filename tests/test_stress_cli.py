@@ -53,3 +53,44 @@ def test_without_a_sandbox_it_refuses_instead_of_using_the_real_shm(tmp_path):
                                          ("1000", 1000), ("1.5M", int(1.5 * 2**20)), ("64MiB", 64 * 2**20)])
 def test_parse_size(text, value):
     assert parse_size(text) == value
+
+
+@pytest.mark.skipif(not AVAILABLE, reason=f"no private /dev/shm can be made here: {WHY}")
+def test_epochs_are_counted_one_by_one_and_the_timeline_is_written(tmp_path):
+    from stress.harness import run_case
+
+    timeline = tmp_path / "timeline.json"
+    result = run_case("giant-sample", "adaptive", shm_bytes=32 * 2**20, quick=True, epochs=2,
+                      timeline=str(timeline))
+    n = len(SCENARIOS["giant-sample"].build(32 * 2**20, 2, True).dataset)
+    assert result["outcome"] == "ok" and result["epochs"] == 2
+    assert result["expected"] == result["delivered"] == 2 * n and result["missing"] == result["duplicated"] == 0
+    assert result["batches"] >= 2 * n / 4 and result["mean_batch_size"] == round(2 * n / result["batches"], 2)
+    series = json.loads(timeline.read_text())
+    assert sum(b[2] for b in series["batches"]) == 2 * n and {b[1] for b in series["batches"]} == {0, 1}
+    assert series["usage"] and series["memory_limit"] > 0 and series["outcome"] == "ok"
+
+
+def test_adaptive_loader_stress_runs_the_same_harness():
+    out = subprocess.run([sys.executable, "-m", "adaptive_loader.cli", "stress", "list"], cwd=REPO,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert [line.split()[0] for line in out.stdout.splitlines()] == list(SCENARIOS)
+    helptext = subprocess.run([sys.executable, "-m", "adaptive_loader.cli", "stress", "--help"], cwd=REPO,
+                              capture_output=True, text=True, timeout=120).stdout
+    assert helptext.startswith("usage: adaptive-loader stress")
+
+
+def test_the_detection_workload_decodes_jpegs_and_draws_polygons():
+    from stress.workloads import CocoStyleDataset, detection_collate
+
+    dataset = CocoStyleDataset(6, max_objects=150)
+    with pytest.raises(RuntimeError, match="prepare"):
+        dataset[0]
+    dataset.prepare()
+    image, target, index = dataset[3]
+    assert tuple(image.shape) == (3, 240, 320) and index == 3
+    assert tuple(target["masks"].shape) == (dataset.objects[3], 240, 320) and target["masks"].max() == 1
+    assert target["boxes"].shape == (dataset.objects[3], 4)
+    assert CocoStyleDataset.check(detection_collate([dataset[i] for i in range(6)])) == list(range(6))
+    assert 1 <= dataset.objects.min() and dataset.objects.max() <= 150

@@ -23,9 +23,10 @@ def batch_fields(step=1):
 
 
 def read_lines(path):
+    """The records of a JSONL file, less the run_end record ``close()`` appends."""
     text = pathlib.Path(path).read_text(encoding="utf-8")
     assert text.endswith("\n")
-    return [json.loads(line) for line in text.splitlines()]
+    return [r for r in map(json.loads, text.splitlines()) if r.get("event") != "run_end"]
 
 
 def test_schema_constants():
@@ -89,7 +90,7 @@ def test_jsonl_one_valid_line_per_record_in_order(tmp_path):
 def test_jsonl_lines_are_flushed_before_close(tmp_path):
     path = tmp_path / "t.jsonl"
     tel = Telemetry(path)
-    tel.event("warning", "first", step=0, epoch=0)
+    tel.event("stall", "first", step=0, epoch=0)
     assert len(read_lines(path)) == 1  # readable while the sink is still open
     tel.close()
 
@@ -140,8 +141,8 @@ def test_list_of_sinks_fans_out(tmp_path):
     tel.event("epoch_end", "done", step=1, epoch=0)
     tel.close()
     assert first == second == nested
-    assert [r["kind"] for r in first] == ["batch", "event"]
-    assert read_lines(path) == json.loads(json.dumps(first))
+    assert [r.get("event") for r in first] == [None, "epoch_end", "run_end"]
+    assert read_lines(path) == json.loads(json.dumps(first[:2]))
 
 
 def test_no_sinks_still_returns_records():
@@ -191,3 +192,122 @@ def test_batches_are_not_logged_at_info(caplog):
     caplog.set_level(logging.INFO, logger="adaptive_loader")
     Telemetry().batch(**batch_fields())
     assert [r for r in caplog.records if r.name == "adaptive_loader"] == []
+
+
+def test_telemetry_does_not_import_the_dashboard():
+    import subprocess
+    import sys
+
+    code = ("import sys, adaptive_loader.telemetry as t; t.Telemetry(lambda r: None).close(); "
+            "print('adaptive_loader.dashboard' in sys.modules, 'rich' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "False"]
+
+
+def test_the_dashboard_is_resolved_by_name_only_when_asked_for():
+    from adaptive_loader.dashboard import Dashboard
+    from adaptive_loader.telemetry import Sink
+
+    tel = Telemetry(["dashboard"], total_samples=10)
+    [sink] = tel.sinks
+    assert isinstance(sink, Dashboard) and isinstance(sink, Sink)
+    assert sink.state.total_samples == 10
+    tel.close()
+
+
+def test_registered_sinks_and_objects_with_record_and_close(tmp_path):
+    from adaptive_loader.telemetry import register_sink
+
+    class Collect:
+        def __init__(self, total_samples=None, safety=0.8):
+            self.records, self.closed, self.total = [], False, total_samples
+
+        def record(self, record):
+            self.records.append(record)
+
+        def close(self):
+            self.closed = True
+
+    register_sink("collect-test", Collect)
+    mine = Collect()
+    tel = Telemetry(["collect-test", mine], total_samples=3)
+    named = tel.sinks[0]
+    tel.batch(**batch_fields())
+    tel.close()
+    assert named.total == 3 and named.closed and mine.closed
+    assert [r["kind"] for r in named.records] == ["batch", "event"] and named.records == mine.records
+    assert named.records[-1]["event"] == "run_end"
+    with pytest.raises(ValueError, match="sink name"):
+        register_sink("a:b", Collect)
+    with pytest.raises(TypeError, match="factory"):
+        register_sink("x", 42)
+
+
+def test_close_ends_the_run_with_a_valid_run_end_event_once(tmp_path):
+    from adaptive_loader.telemetry import validate_record
+
+    path = tmp_path / "t.jsonl"
+    tel = Telemetry(path)
+    tel.batch(**batch_fields(step=5))
+    tel.close()
+    tel.close()
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [r.get("event") for r in lines] == [None, "run_end"] and lines[-1]["step"] == 5
+    for line in lines:
+        validate_record(line)
+
+
+def test_optional_memory_fields_are_valid_when_present_or_absent():
+    from adaptive_loader.telemetry import validate_record
+
+    record = Telemetry().batch(**batch_fields())
+    validate_record(record)
+    validate_record(dict(record, memory_limit=1 << 30, memory_used=None, memory_ours=123, transport="memfd"))
+    with pytest.raises(ValueError, match="memory_used"):
+        validate_record(dict(record, memory_used="lots"))
+    with pytest.raises(ValueError, match="extra"):
+        validate_record(dict(record, memory_spare=1))
+
+
+def test_kinds_come_from_the_enums():
+    from adaptive_loader.kinds import Event, Fallback, Road
+    from adaptive_loader.telemetry import FALLBACK_KINDS, TRANSPORTS
+
+    assert set(FALLBACK_KINDS) == {k.value for k in Fallback}
+    assert {k.value for k in Event} <= set(EVENT_KINDS)
+    assert set(TRANSPORTS) == {k.value for k in Road}
+
+
+def test_repeated_events_are_logged_first_in_full_then_summarised(caplog):
+    from adaptive_loader.telemetry import LogSink
+
+    now = [0.0]
+    caplog.set_level(logging.INFO, logger="adaptive_loader")
+    tel = Telemetry()
+    tel._log = LogSink(every=10.0, clock=lambda: now[0])
+    for step in range(1, 201):  # 200 spills in 20 s
+        now[0] = step * 0.1
+        tel.event("off_shm", f"batch {step} went through a spill file", step=step, epoch=0, level=logging.WARNING)
+    tel.event("budget", "lower max_cost 100 -> 50", step=201, epoch=0)
+    tel.event("epoch_end", "epoch 0 done", step=201, epoch=0)
+    tel.event("off_shm", "batch 202 went through a spill file", step=202, epoch=1, level=logging.WARNING)
+    tel.close()
+    lines = [r.getMessage() for r in caplog.records if r.name == "adaptive_loader"]
+    spills = [line for line in lines if line.startswith("off_shm")]
+    assert spills[0] == "off_shm: batch 1 went through a spill file"
+    assert len(spills) <= 5, lines  # first in full, a summary every 10 s and at the epoch's end, then epoch 1's first
+    summaries = [line for line in spills if "more batches went through a spill file" in line]
+    assert sum(int(line.split()[1]) for line in summaries) == 199
+    assert spills[-1] == "off_shm: batch 202 went through a spill file"  # a new epoch: in full again
+    assert "budget: lower max_cost 100 -> 50" in lines and "epoch_end: epoch 0 done" in lines
+    assert lines.index("epoch_end: epoch 0 done") > lines.index(summaries[-1])
+    assert all("inf" not in line.split() for line in lines)
+
+
+def test_a_new_jsonl_file_is_readable_by_its_owner_only(tmp_path):
+    import os
+    import stat
+
+    path = tmp_path / "t.jsonl"
+    Telemetry(path).close()
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600

@@ -150,4 +150,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    _started = time.perf_counter()
     main()
+    print(f"\n(this script ran {time.perf_counter() - _started:.0f} s)")
