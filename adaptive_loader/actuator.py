@@ -13,6 +13,7 @@ import math
 from typing import Any, Dict, Optional
 
 from . import distributed
+from .controller import format_cost
 from .kinds import Event, Fallback
 from .ledger import Ledger
 from .pipeline import Pipeline
@@ -65,11 +66,12 @@ class Actuator:
         if max_cost >= min(self.user_max_cost, self.whole_batch_cost) or self._warned_epoch == epoch:
             return
         self._warned_epoch = epoch
-        asked = "your max_cost " + (f"{self.user_max_cost:g}" if math.isfinite(self.user_max_cost)
-                                    else "(none: the size cap alone)")
-        share = f" ({max_cost / self.user_max_cost:.0%} of it)" if math.isfinite(self.user_max_cost) else ""
+        asked = (f"your max_cost {format_cost(self.user_max_cost)}" if math.isfinite(self.user_max_cost)
+                 else f"what {self.sampler.max_batch_size} of the largest samples cost ({format_cost(self.whole_batch_cost)})")
+        asked_cost = min(self.user_max_cost, self.whole_batch_cost)
+        share = f" ({max_cost / asked_cost:.0%} of it)"
         self.telemetry.event(
-            Event.BUDGET.value, f"batches are smaller than asked this epoch: the cost budget is {max_cost:.4g}, "
+            Event.BUDGET.value, f"batches are smaller than asked this epoch: the cost budget is {format_cost(max_cost)}, "
             f"below {asked}{share}, because the {decision.limit or 'memory'} limit leaves "
             f"{decision.per_batch_bytes / 2**20:.1f} MiB per batch in flight even with "
             f"fewer batches in flight. Fewer workers, a smaller prefetch_factor or more memory keep them whole.",
@@ -103,8 +105,8 @@ class Actuator:
         if agreed != self.sampler.max_cost:
             self.sampler.schedule_budget(at, agreed, self.sampler.max_batch_size)
             self.sampler.warn_oversized = agreed >= self.user_max_cost
-            self.event(Event.BUDGET, f"ranks agreed on max_cost {agreed:.4g} from global batch {at} (this rank "
-                       f"proposed {decision.max_cost:.4g})", epoch, max_cost=finite_or_none(agreed),
+            self.event(Event.BUDGET, f"ranks agreed on max_cost {format_cost(agreed)} from global batch {at} (this "
+                       f"rank proposed {format_cost(decision.max_cost)})", epoch, max_cost=finite_or_none(agreed),
                        at_batch=at, per_batch_bytes=decision.per_batch_bytes)
 
 

@@ -426,4 +426,6 @@ def _shallower(workers: int, prefetch: int):
 
 def format_cost(value: float) -> str:
     """A cost cap for people: ``no cap`` rather than ``inf``."""
-    return "no cap" if math.isinf(value) else f"{value:.4g}"
+    if math.isinf(value):
+        return "no cap"
+    return f"{value:.0f}" if value >= 100 else f"{value:.3g}"

@@ -55,6 +55,7 @@ class Event(_Kind):
     BUDGET = "budget"  # the cost budget moved
     STALL = "stall"  # no batch for stall_timeout seconds
     EPOCH_END = "epoch_end"  # an epoch finished or was left
+    RUN_END = "run_end"  # the loader was closed: no more records follow
     DEVICE_OOM = "device_oom"  # a training step ran out of device memory; its samples went back to the epoch
 
 
