@@ -28,7 +28,7 @@ from .routing import WorkerRules
 from .spill import SpillDir
 from .transport import MeasuredCollate, WorkerSetup
 
-__all__ = ["Pipeline", "POLL_SECONDS", "next_watched"]
+__all__ = ["Pipeline", "POLL_SECONDS", "measured_collate", "next_watched"]
 
 logger = logging.getLogger("adaptive_loader")
 
@@ -193,15 +193,22 @@ class Pipeline:
         self.ledger.workers_started(workers, allocated)
         # the workers themselves never fill shm past the safety line: above it a batch goes to a file
         keep_free = int((1 - self.safety) * self.shm.read().total)
-        rules = WorkerRules(keep_free=keep_free, batches_in_flight=self.prefetch_factor or 1, workers=max(1, workers))
         extra = {"arena_kind": self.arena_kind} if self.arena_kind is not None else {}
-        self.collate = MeasuredCollate(self.collate_fn or default_collate, self.shm.path, self.spill,
-                                       shm_keep_free=keep_free, allocated=allocated,
-                                       arena_owner=self.arena_owner, arena_sizes=arena_sizes,
-                                       batches_in_flight=self.prefetch_factor or 1, workers=workers,
-                                       rules=rules, **extra)
+        self.collate = measured_collate(self.collate_fn or default_collate, self.shm.path, self.spill,
+                                        shm_keep_free=keep_free, allocated=allocated, arena_owner=self.arena_owner,
+                                        arena_sizes=arena_sizes, batches_in_flight=self.prefetch_factor or 1,
+                                        workers=workers, **extra)
         return DataLoader(self.dataset, batch_sampler=self.ledger.feed, num_workers=workers,
                           collate_fn=self.collate, **kwargs)
+
+
+def measured_collate(collate_fn: Callable, shm_path: str, spill_dir: Any, *, shm_keep_free: int = 0,
+                     batches_in_flight: int = 2, workers: int = 1, **kwargs: Any) -> MeasuredCollate:
+    """The workers' collate with the decide layer's rules for these settings, as the pipeline builds it."""
+    rules = WorkerRules(keep_free=int(shm_keep_free), batches_in_flight=max(1, int(batches_in_flight)),
+                        workers=max(1, int(workers)))
+    return MeasuredCollate(collate_fn, shm_path, spill_dir, shm_keep_free=shm_keep_free,
+                           batches_in_flight=batches_in_flight, workers=workers, rules=rules, **kwargs)
 
 
 def next_watched(iterator: Any) -> Any:

@@ -19,6 +19,7 @@ import torch
 import torch.multiprocessing
 from torch.utils.data import DataLoader, Dataset, default_collate
 
+from adaptive_loader.pipeline import measured_collate
 from adaptive_loader import AdaptiveLoader
 from adaptive_loader.arena import ALIGN, Arena, ArenaFull, ArenaUnavailable, RingWriter, default_kind, open_view, registry
 from adaptive_loader.controller import ARENA_MIN_BYTES, Controller, Observation, arena_capacity
@@ -320,7 +321,7 @@ def test_every_batch_goes_through_the_arena_intact(collate):
 
 @pytest.mark.timeout(120)
 def test_rich_samples_round_trip_through_the_arena(tmp_path):
-    collate = MeasuredCollate(default_collate, "/dev/shm", str(tmp_path), arena_owner="t-rich", workers=1)
+    collate = measured_collate(default_collate, "/dev/shm", str(tmp_path), arena_owner="t-rich", workers=1)
     try:
         loader = DataLoader(RichDataset(), batch_size=3, num_workers=1, collate_fn=collate, timeout=60)
         for k, envelope in enumerate(loader):
@@ -449,7 +450,7 @@ def test_a_pinned_copy_releases_the_ring_at_once(monkeypatch, tmp_path):
 
     monkeypatch.setattr(torch_worker, "_worker_info", Worker())
     monkeypatch.setattr(transport, "_pin_memory", lambda batch, device: {k: v.clone() for k, v in batch.items()})
-    collate = MeasuredCollate(default_collate, "/dev/shm", str(tmp_path), arena_owner="t-pin", workers=1)
+    collate = measured_collate(default_collate, "/dev/shm", str(tmp_path), arena_owner="t-pin", workers=1)
     try:
         samples = [{"x": torch.full((1000,), float(i))} for i in range(4)]
         envelope = collate(samples)
@@ -480,7 +481,7 @@ def test_a_collate_that_runs_out_of_shm_in_the_arena_path_goes_off_shm(monkeypat
         return list(samples)
 
     monkeypatch.setattr(torch_worker, "_worker_info", Worker())
-    collate = MeasuredCollate(shm_hungry_collate, "/dev/shm", str(tmp_path), arena_owner="t-enospc", workers=1)
+    collate = measured_collate(shm_hungry_collate, "/dev/shm", str(tmp_path), arena_owner="t-enospc", workers=1)
     try:
         envelope = collate([torch.ones(10), torch.zeros(10)])
         assert envelope.stats.transport == "file" and "collate ran out of shm" in envelope.stats.arena_miss

@@ -44,8 +44,8 @@ def run_limited(body, nofile, timeout=240):
 @pytest.mark.timeout(300)
 def test_the_one_block_road_sends_200_tensors_a_sample_with_one_fd_a_batch_under_ulimit_256():
     out = run_limited("""
-        from adaptive_loader.transport import MeasuredCollate
-        collate = MeasuredCollate(default_collate, "/dev/shm", tempfile.gettempdir())
+        from adaptive_loader.pipeline import measured_collate
+        collate = measured_collate(default_collate, "/dev/shm", tempfile.gettempdir())
         batches, roads, handles = [], set(), set()
         for envelope in DataLoader(ManyTensors(), batch_size=4, num_workers=2, collate_fn=collate, timeout=60):
             roads.add(str(envelope.stats.transport))
@@ -73,7 +73,7 @@ def test_a_worker_with_every_fd_taken_spills_with_its_spare_fd():
     """The worker's fds are all taken (by the user's own code) from its first sample on: no block can
     be made, and each spill file is written with the fd held in reserve since the worker started."""
     out = run_limited("""
-        from adaptive_loader.transport import MeasuredCollate
+        from adaptive_loader.pipeline import measured_collate
         held = []
 
         class Greedy(ManyTensors):
@@ -86,7 +86,7 @@ def test_a_worker_with_every_fd_taken_spills_with_its_spare_fd():
                         pass
                 return super().__getitem__(i)
 
-        collate = MeasuredCollate(default_collate, "/dev/shm", tempfile.gettempdir(), arena_kind="shm")
+        collate = measured_collate(default_collate, "/dev/shm", tempfile.gettempdir(), arena_kind="shm")
         batches, roads = [], []
         for envelope in DataLoader(Greedy(), batch_size=4, num_workers=1, collate_fn=collate, timeout=60):
             roads.append(str(envelope.stats.transport))

@@ -17,6 +17,7 @@ from hypothesis import given, settings, strategies as st
 from torch.utils.data import DataLoader, Dataset, default_collate
 from torch.utils.data._utils import worker as torch_worker
 
+from adaptive_loader.pipeline import measured_collate
 from adaptive_loader import _torch
 from adaptive_loader.arena import Arena, RingWriter, registry
 from adaptive_loader.kinds import ARENA_ROADS, Road
@@ -170,7 +171,7 @@ def _first(samples):
 
 def through(road, batch, tmp_path):
     if road == "inline":
-        collate = MeasuredCollate(_first, "/dev/shm", str(tmp_path))
+        collate = measured_collate(_first, "/dev/shm", str(tmp_path))
         return collate([batch]).open()
     if road.startswith("block-"):
         return unpack_batch(pack_batch(batch, road[len("block-"):])[0])
@@ -188,7 +189,7 @@ def through(road, batch, tmp_path):
     saved = torch_worker._worker_info
     torch_worker._worker_info = _Worker()
     try:
-        collate = MeasuredCollate(_first, "/dev/shm", str(tmp_path), shm_keep_free=1 << 62, arena_kind="shm")
+        collate = measured_collate(_first, "/dev/shm", str(tmp_path), shm_keep_free=1 << 62, arena_kind="shm")
         envelope = collate([batch])
     finally:
         torch_worker._worker_info = saved
@@ -267,7 +268,7 @@ def test_each_road_delivers_what_vanilla_dataloader_delivers(tmp_path, road):
         kwargs = {"arena_owner": f"vanilla-{road}", "arena_kind": road.split("-")[1]}
     elif road == "file":
         kwargs["shm_keep_free"] = 1 << 62
-    collate = MeasuredCollate(_as_list, "/dev/shm", str(tmp_path), **kwargs)
+    collate = measured_collate(_as_list, "/dev/shm", str(tmp_path), **kwargs)
     roads = []
     try:
         for expected, (road_taken, batch) in zip(vanilla, _deliveries(collate)):
@@ -295,7 +296,7 @@ def test_tensor_subclasses_go_through_the_arena_every_epoch(tmp_path):
     pickling of a subclass), which a small /dev/shm full of arenas then refused: off to spill files.
     Now its bytes are in the ring, and the ring's room comes back when the batch is dropped."""
     owner = "subclass-epochs"
-    collate = MeasuredCollate(default_collate, "/dev/shm", str(tmp_path), arena_owner=owner, workers=1)
+    collate = measured_collate(default_collate, "/dev/shm", str(tmp_path), arena_owner=owner, workers=1)
     loader = DataLoader(SubclassSamples(), batch_size=4, num_workers=1, collate_fn=collate,
                         persistent_workers=True, timeout=60)
     vanilla = list(DataLoader(SubclassSamples(), batch_size=4, num_workers=1, timeout=60))

@@ -16,6 +16,7 @@ import pytest
 import torch
 from torch.utils.data._utils import worker as torch_worker
 
+from adaptive_loader.pipeline import measured_collate
 from adaptive_loader.spill import PREFIX, SpillDir, read_spill, remove_stale
 from adaptive_loader.transport import FILE, MeasuredCollate
 
@@ -242,7 +243,7 @@ def test_a_spilled_batch_of_odd_dtypes_crosses_intact(tmp_path, monkeypatch):
     batch = [torch.arange(6).to(dtype) for dtype in (torch.uint16, torch.uint32, torch.uint64, torch.float8_e4m3fn,
                                                       torch.float8_e5m2, torch.bool, torch.bfloat16)]
     batch.append(torch.zeros(3, dtype=torch.complex32))
-    collate = MeasuredCollate(lambda xs: xs[0], "/dev/shm", str(tmp_path), shm_keep_free=1 << 62, arena_kind="shm")
+    collate = measured_collate(lambda xs: xs[0], "/dev/shm", str(tmp_path), shm_keep_free=1 << 62, arena_kind="shm")
     envelope = collate([batch])
     assert envelope.stats.transport == FILE
     out = envelope.open()

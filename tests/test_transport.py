@@ -13,6 +13,7 @@ import torch.multiprocessing
 from torch.utils.data import DataLoader, Dataset, TensorDataset, default_collate, get_worker_info
 from torch.utils.data._utils import worker as torch_worker
 
+from adaptive_loader.pipeline import measured_collate
 from adaptive_loader.measure import footprint
 from adaptive_loader.region import memfd_available
 from adaptive_loader.transport import (
@@ -32,7 +33,7 @@ def make_stats(**over):
 
 def spilled(batch, tmp_path):
     """An envelope of ``batch`` written through the spill road by a collate in a (fake) worker."""
-    collate = MeasuredCollate(lambda xs: xs[0], "/dev/shm", str(tmp_path), shm_keep_free=1 << 62, arena_kind="shm")
+    collate = measured_collate(lambda xs: xs[0], "/dev/shm", str(tmp_path), shm_keep_free=1 << 62, arena_kind="shm")
     saved = torch_worker._worker_info
     torch_worker._worker_info = FakeWorkerInfo()
     try:
@@ -162,7 +163,7 @@ def test_envelope_pin_memory_round_trip_with_tensors():
 
 def test_measured_collate_outside_a_worker_is_inline(tmp_path):
     samples = [FloatDataset()[i] for i in range(3)]
-    collate = MeasuredCollate(default_collate, "/nonexistent/shm/path", str(tmp_path))  # no shm inline
+    collate = measured_collate(default_collate, "/nonexistent/shm/path", str(tmp_path))  # no shm inline
     env = collate(samples)
     assert isinstance(env, Envelope)
     s = env.stats
@@ -181,7 +182,7 @@ def test_measured_collate_outside_a_worker_is_inline(tmp_path):
 
 def test_measured_collate_per_sample_bytes_vary_with_samples(tmp_path):
     samples = [torch.zeros(n, dtype=torch.float64) for n in (1, 5, 0, 7)]
-    env = MeasuredCollate(lambda xs: xs, "/dev/shm", str(tmp_path))(samples)
+    env = measured_collate(lambda xs: xs, "/dev/shm", str(tmp_path))(samples)
     assert env.stats.sample_bytes == [8, 40, 0, 56]
     assert env.stats.batch_bytes == 8 * 13
 
@@ -189,7 +190,7 @@ def test_measured_collate_per_sample_bytes_vary_with_samples(tmp_path):
 def test_measured_collate_sample_bytes_of_rows_of_a_dataset_tensor(tmp_path):
     data = torch.zeros(10_000, 10)  # 400 kB; one row is 40 B
     samples = [TensorDataset(data)[i] for i in range(4)]
-    env = MeasuredCollate(default_collate, "/dev/shm", str(tmp_path))(samples)
+    env = measured_collate(default_collate, "/dev/shm", str(tmp_path))(samples)
     assert env.stats.batch_bytes == 4 * 40
     assert sum(env.stats.sample_bytes) == env.stats.batch_bytes
 
@@ -210,7 +211,7 @@ def fake_worker(monkeypatch):
 @needs_dev_shm
 def test_measured_collate_in_a_worker_puts_the_batch_in_shm(fake_worker, tmp_path):
     samples = [FloatDataset()[i] for i in range(4)]
-    collate = MeasuredCollate(lambda xs: [s["x"].clone() for s in xs], "/dev/shm", str(tmp_path))
+    collate = measured_collate(lambda xs: [s["x"].clone() for s in xs], "/dev/shm", str(tmp_path))
     env = collate(samples)
     assert env.stats.transport == SHM
     assert env.stats.block_kind == ("memfd" if memfd_available() else "shm")
@@ -233,7 +234,7 @@ def test_measured_collate_spills_to_a_file_when_it_would_not_fit(fake_worker, tm
         calls.append(get_worker_info())
         return default_collate(xs)
 
-    measured = MeasuredCollate(collate, "/dev/shm", str(tmp_path), shm_keep_free=1 << 62, arena_kind="shm")
+    measured = measured_collate(collate, "/dev/shm", str(tmp_path), shm_keep_free=1 << 62, arena_kind="shm")
     env = measured(samples)
     assert env.stats.transport == FILE
     assert "shm has" in env.stats.off_shm_reason
@@ -259,7 +260,7 @@ def test_measured_collate_falls_back_to_a_file_on_a_resource_error(fake_worker, 
             raise exc
         return default_collate(xs)
 
-    env = MeasuredCollate(collate, "/dev/shm", str(tmp_path))(samples)
+    env = measured_collate(collate, "/dev/shm", str(tmp_path))(samples)
     assert env.stats.transport == FILE
     assert str(exc) in env.stats.off_shm_reason
     assert calls[0] is not None and calls[1] is None
@@ -270,14 +271,14 @@ def test_measured_collate_falls_back_to_a_file_on_a_resource_error(fake_worker, 
 def test_measured_collate_counts_shm_bytes_in_its_worker_slot(fake_worker, tmp_path):
     allocated = torch.zeros(FakeWorkerInfo.num_workers, dtype=torch.int64)
     samples = [FloatDataset()[i] for i in range(4)]
-    env1 = MeasuredCollate(default_collate, "/dev/shm", str(tmp_path), allocated=allocated)(samples)
-    env2 = MeasuredCollate(default_collate, "/dev/shm", str(tmp_path), allocated=allocated)(samples[:2])
+    env1 = measured_collate(default_collate, "/dev/shm", str(tmp_path), allocated=allocated)(samples)
+    env2 = measured_collate(default_collate, "/dev/shm", str(tmp_path), allocated=allocated)(samples[:2])
     assert (env1.stats.transport, env2.stats.transport) == (SHM, SHM)
     expected = [0] * FakeWorkerInfo.num_workers
     expected[FakeWorkerInfo.id] = env1.stats.batch_bytes + env2.stats.batch_bytes
     assert allocated.tolist() == expected
     # a batch spilled to a file occupies none of it
-    spilling = MeasuredCollate(default_collate, "/dev/shm", str(tmp_path), shm_keep_free=1 << 62, arena_kind="shm",
+    spilling = measured_collate(default_collate, "/dev/shm", str(tmp_path), shm_keep_free=1 << 62, arena_kind="shm",
                                allocated=allocated)
     assert spilling(samples).stats.transport == FILE
     assert allocated.tolist() == expected
@@ -289,13 +290,13 @@ def test_measured_collate_reraises_other_errors(fake_worker, tmp_path):
         raise RuntimeError("stack expects each tensor to be equal size")
 
     with pytest.raises(RuntimeError, match="equal size"):
-        MeasuredCollate(collate, "/dev/shm", str(tmp_path))([torch.zeros(1), torch.zeros(2)])
+        measured_collate(collate, "/dev/shm", str(tmp_path))([torch.zeros(1), torch.zeros(2)])
 
 
 @needs_dev_shm
 def test_remove_spill_files_removes_only_its_own(fake_worker, tmp_path):
-    mine = MeasuredCollate(default_collate, "/dev/shm", str(tmp_path), shm_keep_free=1 << 62, arena_kind="shm")
-    other = MeasuredCollate(default_collate, "/dev/shm", str(tmp_path), shm_keep_free=1 << 62, arena_kind="shm")
+    mine = measured_collate(default_collate, "/dev/shm", str(tmp_path), shm_keep_free=1 << 62, arena_kind="shm")
+    other = measured_collate(default_collate, "/dev/shm", str(tmp_path), shm_keep_free=1 << 62, arena_kind="shm")
     samples = [FloatDataset()[i] for i in range(2)]
     mine(samples), mine(samples)
     theirs = other(samples)
@@ -417,7 +418,7 @@ def test_worker_setup_leaves_the_fd_limit_when_the_target_is_out_of_reach():
 def test_dataloader_worker_sends_batches_through_shm(tmp_path):
     ds = FloatDataset()
     loader = DataLoader(ds, batch_size=4, num_workers=1, timeout=60,
-                        collate_fn=MeasuredCollate(default_collate, "/dev/shm", str(tmp_path)))
+                        collate_fn=measured_collate(default_collate, "/dev/shm", str(tmp_path)))
     seen = 0
     for k, env in enumerate(loader):
         seen += 1
@@ -439,7 +440,7 @@ def test_dataloader_worker_sends_batches_through_shm(tmp_path):
 @pytest.mark.timeout(120)
 def test_dataloader_worker_spills_batches_to_files_when_shm_is_kept_free(tmp_path):
     ds = RichDataset()
-    collate = MeasuredCollate(default_collate, "/dev/shm", str(tmp_path), shm_keep_free=1 << 62, arena_kind="shm")
+    collate = measured_collate(default_collate, "/dev/shm", str(tmp_path), shm_keep_free=1 << 62, arena_kind="shm")
     loader = DataLoader(ds, batch_size=3, num_workers=1, collate_fn=collate, timeout=60)
     seen = 0
     for k, env in enumerate(loader):
@@ -475,7 +476,7 @@ def _as_list(samples):
 def test_dataloader_spill_keeps_numpy_arrays_and_odd_dtypes_identical(tmp_path):
     ds = RichDataset()
     loader = DataLoader(ds, batch_size=2, num_workers=1, timeout=60,
-                        collate_fn=MeasuredCollate(_as_list, "/dev/shm", str(tmp_path), shm_keep_free=1 << 62,
+                        collate_fn=measured_collate(_as_list, "/dev/shm", str(tmp_path), shm_keep_free=1 << 62,
                                                    arena_kind="shm"))
     seen = 0
     for k, env in enumerate(loader):
@@ -500,7 +501,7 @@ class _Detections(torch.utils.data.Dataset):
 @needs_dev_shm
 def test_a_batch_of_many_tensors_travels_in_one_shm_block(tmp_path):
     """The seed's tuple collate leaves 2 tensors per sample: one fd per batch, not one per tensor."""
-    collate = MeasuredCollate(_tuple_collate, "/dev/shm", str(tmp_path))
+    collate = measured_collate(_tuple_collate, "/dev/shm", str(tmp_path))
     loader = torch.utils.data.DataLoader(_Detections(), batch_size=4, num_workers=1, collate_fn=collate)
     for envelope in loader:
         assert envelope.stats.transport == SHM and envelope.stats.handles == 1
@@ -533,7 +534,7 @@ def test_default_collate_in_a_worker_leaves_no_torch_file_in_dev_shm(fake_worker
     road stacks in ordinary memory and copies into one unnamed region instead."""
     torch.multiprocessing.set_sharing_strategy("file_system")
     before = {n for n in os.listdir("/dev/shm") if n.startswith("torch_")}
-    collate = MeasuredCollate(default_collate, "/dev/shm", str(tmp_path), arena_kind="shm")
+    collate = measured_collate(default_collate, "/dev/shm", str(tmp_path), arena_kind="shm")
     envelope = collate([FloatDataset()[i] for i in range(4)])
     assert envelope.stats.transport == SHM and envelope.stats.block_kind == "shm"
     assert {n for n in os.listdir("/dev/shm") if n.startswith("torch_")} <= before
@@ -577,7 +578,7 @@ def test_transport_takes_its_rules_from_the_caller(tmp_path):
     imported = {n.module for n in ast.walk(ast.parse(open(transport.__file__).read()))
                 if isinstance(n, ast.ImportFrom) and n.col_offset == 0}
     assert not {"controller", "routing"} & imported
-    collate = MeasuredCollate(_as_list, "/dev/shm", str(tmp_path), rules=Never())
+    collate = transport.MeasuredCollate(_as_list, "/dev/shm", str(tmp_path), rules=Never())
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(torch_worker, "_worker_info", FakeWorkerInfo())
         envelope = collate([torch.ones(2)])
