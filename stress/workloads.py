@@ -14,7 +14,8 @@ import torch
 from torch.utils.data import Dataset
 
 __all__ = ["SegmentationDataset", "CocoStyleDataset", "VolumeDataset", "GiantSampleDataset", "ManyTensorsDataset",
-           "MixedDataset", "detection_collate", "kill_one_worker"]
+           "MixedDataset", "PoisonDataset", "OddTensorsDataset", "Tagged", "detection_collate", "list_collate",
+           "kill_one_worker", "fill_shm"]
 
 
 def detection_collate(batch: List[Any]) -> tuple:
@@ -231,13 +232,131 @@ class MixedDataset(Dataset):
         return ids
 
 
+def list_collate(batch: List[Any]) -> List[Any]:
+    """The batch as the list of its samples (what vanilla needs for sparse and nested tensors)."""
+    return list(batch)
+
+
+class PoisonDataset(VolumeDataset):
+    """Volumes whose sample ``poison`` kills the worker loading it (``os._exit(1)``) the first time
+    only: a marker file in ``marker_dir`` (set before the workers start) remembers it was loaded."""
+
+    def __init__(self, n: int, shape=(1, 16, 16, 16), poison: int = 9) -> None:
+        super().__init__(n, shape)
+        self.poison = poison
+        self.marker_dir: str = ""
+
+    def __getitem__(self, i: int):
+        if i == self.poison and self.marker_dir:
+            marker = os.path.join(self.marker_dir, "poisoned")
+            try:
+                os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+            except FileExistsError:
+                pass
+            else:
+                os._exit(1)
+        return super().__getitem__(i)
+
+
+class Tagged(torch.Tensor):
+    """A tensor subclass with an extra attribute, as torchvision's tv_tensors are."""
+
+    tag: str = ""  # set on the instance: torch pickles a subclass's __dict__ with it
+
+
+def _make_tagged(data: torch.Tensor, tag: str) -> Tagged:
+    out = data.as_subclass(Tagged)
+    out.tag = tag
+    return out
+
+
+#: dtypes that need care on every road (limited-support unsigned ints, float8, complex32, bf16); those
+#: this torch lacks are left out (uint16/32/64 came in 2.3, float8 in 2.1)
+ODD_DTYPES = [d for d in (getattr(torch, name, None) for name in (
+    "uint16", "uint32", "uint64", "float8_e4m3fn", "float8_e5m2", "complex32", "bfloat16")) if d is not None]
+
+
+class OddTensorsDataset(Dataset):
+    """Sparse COO and CSR, a nested tensor, a :class:`Tagged` subclass and :data:`ODD_DTYPES`, with
+    values from the index; sample ``giant`` also carries ``giant_bytes`` of padding (so its batch
+    cannot fit in /dev/shm)."""
+
+    def __init__(self, n: int, giant: int = -1, giant_bytes: int = 0, pad_bytes: int = 0) -> None:
+        self.n, self.giant, self.giant_bytes, self.pad_bytes = n, giant, giant_bytes, pad_bytes
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> Dict[str, Any]:
+        v = i % 8  # exact in every dtype here, float8 included
+        dense = torch.zeros(4, 5)
+        dense[i % 4, i % 5] = v + 1
+        dense[(i + 1) % 4, 0] = 2 * v + 1
+        nested = torch.nested.nested_tensor([torch.full((2, 3), float(v)), torch.full((1 + i % 3, 3), -float(v))])
+        tagged = _make_tagged(torch.full((3,), float(i)), f"tag-{i}")
+        nbytes = self.giant_bytes if i == self.giant else self.pad_bytes
+        return {"index": i, "coo": dense.to_sparse(), "csr": dense.to_sparse_csr(), "nested": nested,
+                "tagged": tagged, "pad": torch.full((max(1, nbytes),), i % 251, dtype=torch.uint8),
+                "dtypes": [torch.full((2, 2), v, dtype=torch.float32).to(d) for d in ODD_DTYPES]}
+
+    @staticmethod
+    def expected_dense(i: int) -> torch.Tensor:
+        v = i % 8
+        dense = torch.zeros(4, 5)
+        dense[i % 4, i % 5] = v + 1
+        dense[(i + 1) % 4, 0] = 2 * v + 1
+        return dense
+
+    @classmethod
+    def check(cls, batch) -> List[int]:
+        assert isinstance(batch, list), f"a list collate gave {type(batch).__name__}"
+        ids = []
+        for sample in batch:
+            i = sample["index"]
+            v = i % 8
+            ids.append(i)
+            coo, csr, nested, tagged = sample["coo"], sample["csr"], sample["nested"], sample["tagged"]
+            assert coo.layout == torch.sparse_coo, f"sample {i}: coo arrived as {coo.layout}"
+            assert csr.layout == torch.sparse_csr, f"sample {i}: csr arrived as {csr.layout}"
+            assert torch.equal(coo.to_dense(), cls.expected_dense(i)), f"sample {i}: coo values differ"
+            assert torch.equal(csr.to_dense(), cls.expected_dense(i)), f"sample {i}: csr values differ"
+            assert nested.is_nested, f"sample {i}: the nested tensor arrived as a plain one"
+            parts = nested.unbind()
+            assert [tuple(p.shape) for p in parts] == [(2, 3), (1 + i % 3, 3)], f"sample {i}: nested shapes differ"
+            assert bool((parts[0] == v).all()) and bool((parts[1] == -v).all()), f"sample {i}: nested values"
+            assert type(tagged) is Tagged, f"sample {i}: the subclass arrived as {type(tagged).__name__}"
+            assert tagged.tag == f"tag-{i}" and bool((tagged == i).all()), f"sample {i}: subclass tag or values"
+            assert int(sample["pad"][-1]) == i % 251, f"sample {i}: padding corrupted"
+            got = sample["dtypes"]
+            assert [t.dtype for t in got] == ODD_DTYPES, f"sample {i}: dtypes {[t.dtype for t in got]}"
+            for t in got:
+                assert bool((t.to(torch.float32 if not t.is_complex() else torch.complex64) == v).all()), \
+                    f"sample {i}: {t.dtype} values differ"
+        return ids
+
+
+def fill_shm(name: str = "stress-fill", path: str = "/dev/shm") -> int:
+    """Fill the tmpfs at ``path`` to the last page with one file; its size in bytes."""
+    fd = os.open(os.path.join(path, name), os.O_CREAT | os.O_RDWR, 0o600)
+    size, step = 0, 1 << 20
+    try:
+        while step >= 4096:
+            try:
+                os.posix_fallocate(fd, size, step)
+                size += step
+            except OSError:
+                step //= 2
+    finally:
+        os.close(fd)
+    return size
+
+
 def kill_one_worker() -> int:
     """SIGKILL one DataLoader worker of this process; returns its pid."""
-    import psutil
+    from adaptive_loader import _torch
 
-    children = [c for c in psutil.Process().children() if c.name() == "pt_data_worker"]  # torch names them
-    if not children:
+    pids = _torch.dataloader_worker_pids()  # torch < 2.5 does not name its workers pt_data_worker
+    if not pids:
         raise RuntimeError("no worker process to kill")
-    victim = children[0]
-    os.kill(victim.pid, signal.SIGKILL)
-    return victim.pid
+    os.kill(pids[0], signal.SIGKILL)
+    return pids[0]
