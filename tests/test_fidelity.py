@@ -42,9 +42,10 @@ class Boxes(torch.Tensor):
         return boxes
 
 
-DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int8, torch.uint8, torch.int16,
-          torch.int32, torch.int64, torch.bool, torch.complex64, torch.complex128, torch.uint16, torch.uint32,
-          torch.uint64, torch.float8_e4m3fn, torch.float8_e5m2, torch.complex32]
+#: Every dtype this torch has (uint16/32/64 came in 2.3, the float8s in 2.1).
+DTYPES = [getattr(torch, name) for name in (
+    "float32", "float64", "float16", "bfloat16", "int8", "uint8", "int16", "int32", "int64", "bool", "complex64",
+    "complex128", "uint16", "uint32", "uint64", "float8_e4m3fn", "float8_e5m2", "complex32") if hasattr(torch, name)]
 
 
 def _base(rng, dtype, n):
