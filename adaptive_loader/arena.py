@@ -36,6 +36,7 @@ from collections import deque
 from typing import Deque, Dict, List, Optional, Tuple
 
 import numpy as np
+import psutil
 import torch
 
 from .region import MEMFD, SHM, SharedRegion, memfd_available
@@ -293,16 +294,12 @@ def open_view(arena: Optional[Arena], arena_id: str, owner: str, worker: int, en
 
 
 def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie is dead for our purposes: it writes nothing)."""
     if pid <= 0:
         return False
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
         return False
-    except PermissionError:
+    except psutil.AccessDenied:
         return True
-    try:  # a zombie is dead for our purposes: it writes nothing
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False

@@ -98,7 +98,8 @@ class EpochIterator:
             loader._pipeline.drop()
         loader._actuator.event(Event.EPOCH_END, f"epoch {self.epoch} {'done' if completed else 'left early'} "
                                f"after {loader._ledger.step} batches in all", self.epoch, completed=completed,
-                               fallbacks=loader.fallbacks)
+                               fallbacks=loader.fallbacks, arena_misses=loader._ledger.arena_misses)
+        loader._ledger.arena_misses = 0
 
     def __del__(self) -> None:
         try:

@@ -127,7 +127,7 @@ class Ledger:
         self.recent_handles: Deque[int] = deque(maxlen=RECENT_BATCHES)  # fds each recent batch carried
         self.tight_arenas: Dict[int, int] = {}  # worker id -> its arena's capacity if too small, else 0
         self.last_target = 0.0  # the last decision's bytes per batch
-        self.arena_misses = 0  # batches that could have gone through an arena and did not, this epoch
+        self.arena_misses = 0  # batches that could have gone through an arena and did not, this epoch (epoch_end)
 
     def workers_started(self, workers: int, allocated: Optional[torch.Tensor]) -> None:
         self.allocated = allocated

@@ -159,11 +159,17 @@ class FdState:
     hard_limit: int
 
 
+_SELF: Optional[psutil.Process] = None  # this process (a forked worker makes its own)
+
+
 def read_fds() -> FdState:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    global _SELF
+    if _SELF is None or _SELF.pid != os.getpid():
+        _SELF = psutil.Process()
     try:
-        in_use = len(os.listdir("/proc/self/fd"))
-    except OSError:  # not Linux, or fds exhausted right now
+        in_use = _SELF.num_fds()
+    except (OSError, psutil.Error):  # fds exhausted right now
         in_use = soft
     return FdState(in_use, soft, hard)
 
