@@ -61,7 +61,7 @@ class EpochIterator:
             self.epoch = loader._start_epoch()
             self._last_progress = self._wait_start = time.monotonic()
         while True:
-            if loader._pending_give_back:
+            if loader._rebuild_pending:
                 self._dl_iter = loader._take_give_backs(self._dl_iter)
             try:
                 if self._dl_iter is None:

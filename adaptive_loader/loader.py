@@ -202,7 +202,8 @@ class AdaptiveLoader:
         self._ram: Optional[int] = None
         self._caps: Dict[str, float] = {}  # cost caps from other limits (e.g. "device"), by source
         self._active: Optional[weakref.ref] = None  # the epoch iterator in use
-        self._pending_give_back: List[List[int]] = []
+        self._pending_give_back: List[List[int]] = []  # batches given back on this rank alone
+        self._rebuild_pending = False  # a give-back waits for the next batch
         self._rate = Rate()
         self._initialized = True
 
@@ -319,8 +320,7 @@ class AdaptiveLoader:
             replay = state["replay"]
             self.sampler.set_epoch(replay["epoch"])
             self.sampler.schedule_budget(0, *replay["budget"])
-            for entry in replay["schedule"]:
-                self.sampler.schedule_budget(*entry)
+            self.sampler.replay_schedule(replay["schedule"])
             self._skip_on_resume = replay["delivered"]
             return
         self.sampler.load_state_dict(state["sampler"])
@@ -359,11 +359,19 @@ class AdaptiveLoader:
         self.close()
 
     # -- hooks for the step guard (and other limits) --------------------------------------
-    def _give_back(self, indices: List[int]) -> None:
-        """The batch most recently yielded is undelivered: its indices come again this epoch."""
-        self._ledger.feed.delivered -= 1
+    def _give_back(self, indices: List[int], at_batch: Optional[int] = None) -> None:
+        """The batch most recently yielded is undelivered: its indices come again this epoch.
+
+        With several ranks, ``indices`` are every rank's batch of the failed step (the same on
+        every rank) and ``at_batch`` a global batch none has planned yet: every rank requeues them
+        there, so the plans stay the same, and the failed batch stays counted in the plan."""
         self._ledger.last_batch = None
-        self._pending_give_back.append(list(indices))
+        if at_batch is None:
+            self._ledger.feed.delivered -= 1
+            self._pending_give_back.append(list(indices))
+        else:
+            self.sampler.schedule_requeue(at_batch, list(indices))
+        self._rebuild_pending = True
 
     def _cap_budget(self, source: str, max_cost: Optional[float]) -> None:
         """A cap on the cost budget from another limit; the smallest in force wins."""
@@ -379,14 +387,17 @@ class AdaptiveLoader:
 
     def _take_give_backs(self, iterator: Any) -> Any:
         """Before the next batch: batches given back go to the epoch again, with what was in
-        flight (the sampler re-plans them under the budget now in force)."""
-        if not self._pending_give_back:
+        flight (the sampler re-plans them under the budget now in force; across ranks the
+        batches in flight come again as they were, and the requeue waits for its batch)."""
+        if not self._rebuild_pending:
             return iterator
         self._pipeline.drop(iterator)
         feed = self._ledger.feed
         feed.give_back(self._pending_give_back + list(feed.outstanding))
         feed.outstanding.clear()
+        feed.source = self.sampler.iter_remaining()  # the old stream may have ended already
         self._pending_give_back = []
+        self._rebuild_pending = False
         return None
 
     # -- what the epoch runner uses ----------------------------------------------
@@ -400,7 +411,7 @@ class AdaptiveLoader:
         self._epoch_iterated = self.sampler.epoch
         if self.controller.restore_pipeline(self.num_workers, self.prefetch_factor or 1):
             self._pipeline.drop()  # each epoch starts with the workers and prefetch asked for
-        self._pending_give_back = []
+        self._pending_give_back, self._rebuild_pending = [], False
         self._ledger.feed.start(iter(self.sampler), skip=self._skip_on_resume)
         self._skip_on_resume = 0
         return self.sampler.epoch

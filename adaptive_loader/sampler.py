@@ -18,6 +18,10 @@ DEFAULT_WINDOW = 8192
 _NO_SIZE_CAP = 2**62  # max_batch_size=None
 _STATE_VERSION = 1
 COST_MODES = ("sum", "padded")
+# The kind of a budget_schedule() entry: plain strings, so that a checkpoint holding the schedule
+# loads with torch.load(weights_only=True).
+BUDGET = "budget"
+REQUEUE = "requeue"
 
 
 class BudgetBatchSampler(Sampler[List[int]]):
@@ -33,9 +37,10 @@ class BudgetBatchSampler(Sampler[List[int]]):
         max_batch_size: cap on the number of samples in a batch (``None``: none).
         shuffle: shuffle with ``seed`` and the epoch (see :meth:`set_epoch`).
         seed: base seed; the same seed and epoch give the same batches anywhere.
-        drop_last: drop the epoch's final batch when it is under half full
-            (fewer than half of ``max_batch_size`` samples and under half of
-            ``max_cost``).
+        drop_last: drop the epoch's final batch when it is short: without
+            ``max_cost``, when it has fewer than ``max_batch_size`` samples (as
+            DataLoader); with ``max_cost``, when it is under half full (fewer than
+            half of ``max_batch_size`` samples and under half of ``max_cost``).
         window: how many samples the planner looks ahead to pack tightly.
         num_samples: dataset length when ``costs`` is ``None``.
         num_replicas, rank: for distributed training (default: from an initialized
@@ -120,7 +125,10 @@ class BudgetBatchSampler(Sampler[List[int]]):
                              "the same number of batches")
         if 1 < self.num_replicas > len(cost_array):
             raise ValueError(f"{len(cost_array)} samples cannot give each of {self.num_replicas} ranks a batch")
-        self._schedule: List[tuple] = []  # (global batch, max_cost, max_batch_size), sorted
+        # (BUDGET, global batch, max_cost, max_batch_size) or (REQUEUE, global batch, indices, epoch, number
+        # in the order scheduled), by batch
+        self._schedule: List[tuple] = []
+        self._requeues = 0
         self._budget_log: List[tuple] = []  # the entries applied this epoch
         self.epoch_budget = (_finite_or_none(self._max_cost), self.max_batch_size)  # at the epoch's start
         self.warn_oversized = True
@@ -186,10 +194,12 @@ class BudgetBatchSampler(Sampler[List[int]]):
 
     def __iter__(self) -> Iterator[List[int]]:
         if not (self._resume and self._plan is not None and self._plan.epoch == self.epoch):
+            # give-backs scheduled for another epoch (one left before its end) have nothing to give back
+            self._schedule = [e for e in self._schedule if e[0] == BUDGET or e[3] == self.epoch]
+            self._plan = self._new_plan()
             self._apply_schedule(0)
             self.epoch_budget = (_finite_or_none(self._max_cost), self.max_batch_size)
             self._budget_log = []
-            self._plan = self._new_plan()
         self._resume = False
         return self.iter_remaining()
 
@@ -203,17 +213,20 @@ class BudgetBatchSampler(Sampler[List[int]]):
         while True:
             self._apply_schedule(plan.global_taken)
             budget = self._budget
-            if not plan.ready(budget, self.drop_last, replicas):
-                return
-            if len(plan.evened_out):
+            ready = plan.ready(budget, self.drop_last, replicas)
+            if len(plan.evened_out):  # also when they were all the epoch had left
                 warnings.warn(f"{len(plan.evened_out)} single-sample batches dropped at the end of epoch "
                               f"{self.epoch} so that {replicas} ranks get as many batches: indices "
                               f"{self._plan.order[plan.evened_out].tolist()}", stacklevel=2)
                 plan.evened_out = plan.evened_out[:0]
+            if not ready:
+                if self._requeue_at_end():
+                    continue
+                return
             indices, bounds, n_batches = plan.chunk_idx, plan.bounds, plan.chunk_batches
             k = plan.next_k
-            stop = n_batches if not self._schedule else min(n_batches, self._schedule[0][0] - plan.chunk_first)
-            while k < stop and budget is self._budget:  # the setters make a new tuple
+            stop = n_batches if not self._schedule else min(n_batches, self._schedule[0][1] - plan.chunk_first)
+            while k < stop and budget is self._budget:  # the setters and the schedule make a new tuple
                 batch = indices[bounds[k] : bounds[k + 1]]
                 k += 1
                 plan.next_k = k
@@ -235,16 +248,48 @@ class BudgetBatchSampler(Sampler[List[int]]):
         both with a collective); setting ``max_cost`` directly changes the budget
         at whatever batch each rank happens to plan next.
         """
-        _check_int("at_batch", at_batch, minimum=self.global_position)
+        at_batch = _check_int("at_batch", at_batch, minimum=self.global_position)
         at_batch = -(-at_batch // self.num_replicas) * self.num_replicas  # windows start at multiples of it
-        if max_cost is not None:
-            _check_max_cost(max_cost)
+        if max_cost is not None:  # plain numbers: the schedule goes into checkpoints
+            max_cost = _check_max_cost(max_cost)
         if max_batch_size is not None:
-            _check_int("max_batch_size", max_batch_size, minimum=1)
+            max_batch_size = _check_int("max_batch_size", max_batch_size, minimum=1)
         if max_cost is None and max_batch_size is None:
             raise ValueError("give max_cost, max_batch_size or both: otherwise a batch has no bound")
-        self._schedule.append((at_batch, max_cost, max_batch_size))
-        self._schedule.sort(key=lambda entry: entry[0])
+        self._add_entry((BUDGET, at_batch, max_cost, max_batch_size))
+
+    def schedule_requeue(self, at_batch: int, indices: Any) -> None:
+        """Give ``indices`` back to this epoch from global batch ``at_batch`` on: they are
+        re-planned with what is left, as :meth:`requeue` does, when the plan reaches it.
+
+        Like :meth:`schedule_budget`, batches are counted over all ranks and the give-back
+        waits for the next multiple of ``num_replicas``: every rank that schedules the same
+        indices at the same batch keeps the same plan. ``at_batch`` must be at least
+        :attr:`global_position` and at least 1. One left pending at the epoch's end is
+        applied there (the one scheduled first, then the plan goes on), so its indices
+        still come in this epoch.
+        """
+        at_batch = _check_int("at_batch", at_batch, minimum=max(1, self.global_position))
+        at_batch = -(-at_batch // self.num_replicas) * self.num_replicas
+        self._requeues += 1
+        self._add_entry((REQUEUE, at_batch, _check_indices(indices, len(self._costs)), self.epoch, self._requeues))
+
+    def replay_schedule(self, entries: Any) -> None:
+        """Schedule again the entries of a :meth:`budget_schedule` (e.g. from a checkpoint).
+
+        Takes ``("budget", at, max_cost, max_batch_size)`` and ``("requeue", at, indices)``
+        entries, and the ``(at, max_cost, max_batch_size)`` budget entries of older checkpoints.
+        """
+        for entry in entries:
+            entry = tuple(entry)
+            if len(entry) == 3 and not isinstance(entry[0], str):
+                entry = (BUDGET, *entry)
+            if entry and entry[0] == BUDGET and len(entry) == 4:
+                self.schedule_budget(*entry[1:])
+            elif entry and entry[0] == REQUEUE and len(entry) == 3:
+                self.schedule_requeue(*entry[1:])
+            else:
+                raise ValueError(f"not a budget_schedule() entry: {entry!r}")
 
     @property
     def global_position(self) -> int:
@@ -252,14 +297,39 @@ class BudgetBatchSampler(Sampler[List[int]]):
         return 0 if self._plan is None else self._plan.global_taken
 
     def budget_schedule(self) -> List[tuple]:
-        """This epoch's budget changes by global batch: applied ones, then scheduled ones."""
-        return list(self._budget_log) + list(self._schedule)
+        """This epoch's schedule by global batch, applied entries first, then pending ones:
+        ``("budget", at, max_cost, max_batch_size)`` and ``("requeue", at, indices)``.
+        :meth:`replay_schedule` takes it back."""
+        return [_public(entry) for entry in self._budget_log + self._schedule]
+
+    def _add_entry(self, entry: tuple) -> None:
+        self._schedule.append(entry)
+        self._schedule.sort(key=lambda e: e[1])  # stable: entries at one batch apply in the order given
+        # A new tuple: an iteration under way stops to look at the schedule before its next batch.
+        self._budget = (self._max_cost, self._max_batch_size)
 
     def _apply_schedule(self, position: int) -> None:
-        while self._schedule and self._schedule[0][0] <= position:
-            entry = self._schedule.pop(0)
-            self._budget_log.append(entry)
-            self.set_budget(*entry[1:])
+        while self._schedule and self._schedule[0][1] <= position and self._plan is not None:
+            self._apply(self._schedule.pop(0))
+
+    def _apply(self, entry: tuple) -> None:
+        self._budget_log.append(entry)
+        if entry[0] == REQUEUE:
+            self._plan.requeue(np.asarray(entry[2], dtype=np.int64))
+        else:
+            self.set_budget(*entry[2:])
+
+    def _requeue_at_end(self) -> bool:
+        """At the epoch's end, apply the give-back scheduled first of those past it (their indices
+        would be lost). Only that one: a rank whose plan got here before a later one was scheduled
+        did the same, and the later ones wait for their own batch again."""
+        pending = [e for e in self._schedule if e[0] == REQUEUE]
+        if not pending:
+            return False
+        first = min(pending, key=lambda e: e[4])
+        self._schedule.remove(first)
+        self._apply(first)
+        return True
 
     def set_budget(self, max_cost: Optional[float], max_batch_size: Optional[int]) -> None:
         """Set both caps at once (in the order the setters allow: one must stay set)."""
@@ -386,6 +456,11 @@ class _EpochPlan:
         if consumed_by_index is not None:
             self.consumed = consumed_by_index[order].copy()
         self.cursor = 0  # positions below it have been pulled into the pool
+        # Where the first chunk planned at global batch base[0] began (cursor base[1]), and what its planning
+        # dropped: a give-back at that batch undoes it, so that a plan that had looked ahead (at the epoch's
+        # end) and one that had not go on alike.
+        self.base = (-1, 0)
+        self.base_dropped = np.empty(0, np.int64)
         self.pool = np.empty(0, np.int64)
         self.chunk_first = self.next_k = 0
         self._clear_chunk()
@@ -423,6 +498,10 @@ class _EpochPlan:
 
     def requeue(self, indices: np.ndarray) -> None:
         self._sync_consumed()
+        if self.base[0] == self.global_taken:  # a chunk planned here and not begun: as if never planned
+            self.consumed[self.base_dropped] = False
+            self.cursor = self.base[1]
+            self.base = (-1, 0)
         position = np.empty(len(self.order), np.int64)
         position[self.order] = np.arange(len(self.order))
         self.consumed[position[indices]] = False
@@ -496,6 +575,8 @@ class _EpochPlan:
         return np.concatenate(parts) if len(parts) > 1 else self.pool
 
     def _plan_chunk(self, max_cost: float, max_batch_size: int, drop_last: bool, replicas: int = 1) -> None:
+        if self.base[0] != self.chunk_first:
+            self.base, self.base_dropped = (self.chunk_first, self.cursor), np.empty(0, np.int64)
         target = self.window
         while True:
             pool = self._pull_fresh(target)
@@ -511,6 +592,7 @@ class _EpochPlan:
                     self.evened_out = spare
                     self.consumed[spare] = True
                     self.dropped = np.concatenate([self.dropped, spare])
+                    self.base_dropped = np.concatenate([self.base_dropped, spare])
                 else:
                     self.pool = np.sort(np.concatenate([self.pool, spare]))
             if len(pos) or last:
@@ -523,17 +605,19 @@ class _EpochPlan:
         if last and drop_last:  # the least filled batch of the epoch goes last, to be dropped
             fill = _batch_totals(self.costs_at[pos], batch, n_batches, self.padded) / max_cost
             fill += np.bincount(batch, minlength=n_batches) / max_batch_size
-            worst = int(np.argmin(fill))
+            least = np.flatnonzero(fill <= fill.min() * (1 + 1e-9))
+            worst = int(least[np.argmax(rank[least])])  # of equally filled ones the latest: no move
             rank[rank > rank[worst]] -= 1
             rank[worst] = n_batches - 1
         grouped = np.argsort(rank[batch] * len(self.order) + pos)  # by batch rank, then position
         self.chunk_pos = pos[grouped]
         sizes = np.bincount(batch, minlength=n_batches)[np.argsort(rank)]
         self.bounds = [0, *np.cumsum(sizes).tolist()]
-        if last and drop_last and _under_half_full(self.chunk_pos[self.bounds[-2] :], self.costs_at,
-                                                   max_cost, max_batch_size, self.padded):
+        if last and drop_last and _short(self.chunk_pos[self.bounds[-2] :], self.costs_at, max_cost,
+                                         max_batch_size, self.padded):
             self.dropped = self.chunk_pos[self.bounds[-2] :]
             self.consumed[self.dropped] = True  # dropped: counts as used
+            self.base_dropped = np.concatenate([self.base_dropped, self.dropped])
             self.chunk_pos = self.chunk_pos[: self.bounds[-2]]
             self.bounds.pop()
         self.chunk_idx = self.order[self.chunk_pos].tolist()
@@ -604,7 +688,7 @@ def _pack_positions(pool: np.ndarray, costs_at: np.ndarray, max_cost: float, max
     oversized = costs > max_cost
     alone = pool[oversized]
     fits, fit_costs = pool[~oversized], costs[~oversized]
-    if uniform:
+    if uniform or math.isinf(max_cost):  # without a cost cap, runs of max_batch_size in order, as DataLoader
         per_batch = max_batch_size
         if len(fits) and fit_costs[0] > 0 and not math.isinf(max_cost):
             per_batch = max(1, int(min(per_batch, max_cost // fit_costs[0])))
@@ -630,8 +714,12 @@ def _unpack_bits(data: bytes, count: int) -> np.ndarray:
     return np.unpackbits(np.frombuffer(data, dtype=np.uint8), count=count).astype(bool)
 
 
-def _under_half_full(positions: np.ndarray, costs_at: np.ndarray, max_cost: float, max_batch_size: int,
-                     padded: bool = False) -> bool:
+def _short(positions: np.ndarray, costs_at: np.ndarray, max_cost: float, max_batch_size: int,
+           padded: bool = False) -> bool:
+    """Whether drop_last drops this final batch: not full without a cost cap (as DataLoader),
+    under half full with one (a cost-capped batch is rarely exactly full)."""
+    if math.isinf(max_cost):
+        return len(positions) < max_batch_size
     costs = costs_at[positions]
     total = len(costs) * float(costs.max(initial=0.0)) if padded else float(costs.sum())
     return len(positions) < max_batch_size / 2 and total < max_cost / 2
@@ -652,6 +740,26 @@ def _check_quadratic(value: Any) -> float:
     if not value >= 0 or math.isinf(value):
         raise ValueError(f"quadratic must be finite and >= 0, got {value!r}")
     return float(value)
+
+
+def _public(entry: tuple) -> tuple:
+    """A schedule entry as budget_schedule() gives it: a give-back without its epoch."""
+    return entry[:3] if entry[0] == REQUEUE else entry
+
+
+def _check_indices(indices: Any, n: int) -> tuple:
+    """Dataset indices as a tuple of ints, each in ``[0, n)``."""
+    if isinstance(indices, (str, bytes)) or not hasattr(indices, "__len__"):
+        raise TypeError(f"indices must be a sequence of ints, got {type(indices).__name__}")
+    values = np.asarray(indices)
+    if values.dtype == bool or not (values.size == 0 or np.issubdtype(values.dtype, np.integer)):
+        raise TypeError(f"indices must be ints, got {values.dtype}")
+    if values.ndim != 1 or values.size == 0:
+        raise ValueError(f"indices must be a non-empty one-dimensional sequence, got shape {values.shape}")
+    bad = np.flatnonzero((values < 0) | (values >= n))
+    if len(bad):
+        raise ValueError(f"indices[{int(bad[0])}] = {int(values[bad[0]])} is not an index of {n} samples")
+    return tuple(values.tolist())
 
 
 def _finite_or_none(value: float) -> Optional[float]:

@@ -72,7 +72,11 @@ def main(argv: Optional[List[str]] = None, prog: str = "python -m stress") -> in
             parser.error(f"unknown loader(s) {', '.join(unknown)}; choose from {', '.join(LOADERS)}")
     else:
         loaders = ["vanilla", "adaptive"] if args.loader == "both" else [args.loader]
-    results = [_run_with_progress(name, loader, shm, args) for name in names for loader in loaders]
+    if args.command == "run" and get(args.scenario).loaders and args.loader != "both" \
+            and args.loader not in get(args.scenario).loaders:
+        parser.error(f"{args.scenario} runs with {', '.join(get(args.scenario).loaders)} only")
+    results = [_run_with_progress(name, loader, shm, args) for name in names for loader in loaders
+               if not get(name).loaders or loader in get(name).loaders]
     print(results_table(results))
     _write_json(args.json, results)
     bad = [r for r in results if r["loader"] != "vanilla" and not _adaptive_ok(r)]

@@ -5,7 +5,8 @@ after killing it: ``progress`` gets one JSON line of indices per batch (and an
 ``epoch N`` line before each epoch), ``timeline`` one ``[seconds, epoch,
 samples, shm used]`` line per batch, ``usage`` ``[seconds, shm used, memory
 used]`` every 0.2 s, ``peak`` the highest shm use seen so far, ``result.json``
-the outcome at the end.
+the outcome at the end. ``pid`` names its process group (it makes its own, so
+the watchdog can kill it and its workers and still list what they left).
 """
 
 from __future__ import annotations
@@ -16,9 +17,7 @@ import os
 import threading
 import time
 import traceback
-from typing import Optional
-
-from .scenarios import get
+from typing import Any, Dict, Optional
 
 #: vanilla DataLoader; AdaptiveLoader as it comes; AdaptiveLoader with a new shm block per batch
 LOADERS = ("vanilla", "adaptive", "adaptive-no-arena")
@@ -107,6 +106,29 @@ def _short_error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}"[:1000]
 
 
+def adaptive_options(scenario: Dict[str, Any], loader: str, telemetry: Optional[str],
+                     spill_dir: Optional[str]) -> Dict[str, Any]:
+    """AdaptiveLoader's keywords: the scenario's, the harness's spill_dir; ``adaptive-no-arena``
+    always means ``arena=False``."""
+    options: Dict[str, Any] = dict(telemetry=telemetry, arena=True)
+    if spill_dir:
+        options["spill_dir"] = spill_dir
+    options.update(scenario)
+    if loader == "adaptive-no-arena":
+        options["arena"] = False
+    return options
+
+
+def _wait_for_workers(timeout: float = 3.0) -> None:
+    """Let the loader's workers end (a closed loader joins them; vanilla's go with its iterator)."""
+    import psutil
+
+    try:  # those still there get the leftovers check's own grace, then are killed
+        psutil.wait_procs(psutil.Process().children(recursive=True), timeout=timeout)
+    except psutil.Error:
+        pass
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--scenario", required=True)
@@ -117,11 +139,24 @@ def main() -> None:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--dir", required=True)
     p.add_argument("--telemetry")
+    p.add_argument("--spill-dir", help="the spill_dir of AdaptiveLoader (the harness's own, checked afterwards)")
     args = p.parse_args()
+    os.setpgid(0, 0)  # before the slow imports: the watchdog kills this group, not the sandbox's shell
+    with open(os.path.join(args.dir, "pid"), "w") as f:
+        f.write(str(os.getpid()))
+
+    from .scenarios import get
 
     setup = get(args.scenario).build(args.shm_bytes, args.workers, args.quick)
+    if setup.in_dir is not None:
+        setup.in_dir(args.dir)
     if setup.prepare is not None:
         setup.prepare()
+    notes: Dict[str, Any] = {}
+    if setup.before is not None:  # e.g. a first run killed mid-epoch
+        notes = setup.before(args.loader, args.dir, args.spill_dir) or {}
+        with open(os.path.join(args.dir, "notes.json"), "w") as f:  # read even if what follows hangs
+            json.dump(notes, f)
     start = time.monotonic()
     with open(os.path.join(args.dir, "limits.json"), "w") as f:
         json.dump({"memory_limit": memory_limit(), "start": start}, f)
@@ -129,7 +164,7 @@ def main() -> None:
     usage.start()
     progress = open(os.path.join(args.dir, "progress"), "w", buffering=1)
     timeline = open(os.path.join(args.dir, "timeline"), "w", buffering=1)
-    result = {"outcome": "ok", "error": None, "fallbacks": {}}
+    result: Dict[str, Any] = {"outcome": "ok", "error": None, "fallbacks": {}, "notes": notes}
     loader = None
     try:
         if args.loader == "vanilla":
@@ -139,8 +174,8 @@ def main() -> None:
         else:
             from adaptive_loader import AdaptiveLoader
 
-            loader = AdaptiveLoader(setup.dataset, telemetry=args.telemetry, arena=args.loader == "adaptive",
-                                    **setup.adaptive)
+            loader = AdaptiveLoader(setup.dataset, **adaptive_options(setup.adaptive, args.loader, args.telemetry,
+                                                                      args.spill_dir))
         progress.write("start\n")
         kept = []
         step = 0
@@ -165,6 +200,8 @@ def main() -> None:
     finally:
         if setup.on_end is not None:
             setup.on_end()
+    if notes.get("problem") and result["outcome"] == "ok":
+        result["outcome"], result["error"] = "crash", notes["problem"]
     result["seconds"] = time.monotonic() - start
     result["peak_shm_used_bytes"] = usage.peak
     result["fallbacks"] = getattr(loader, "fallbacks", {}) if args.loader != "vanilla" else {}
@@ -173,9 +210,11 @@ def main() -> None:
             loader.close()  # ends the telemetry with its run_end record
         except Exception:  # noqa: BLE001 - the outcome is already measured
             traceback.print_exc()
-    with open(os.path.join(args.dir, "result.json"), "w") as f:
+    with open(os.path.join(args.dir, "result.json"), "w") as f:  # before the teardown: no hang is read into it
         json.dump(result, f)
-    os._exit(0)  # do not wait on worker teardown: the outcome is written
+    loader = None
+    _wait_for_workers()
+    os._exit(0)  # the outcome is written; the leftovers check waits for (or kills) what is still running
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import time
 from collections import Counter
 from typing import Any, Dict, List, Optional, Tuple
 
+from .leftovers import list_tree
 from .sandbox import sandbox_command
 from .scenarios import get
 
@@ -20,8 +21,8 @@ __all__ = ["run_case", "RESULT_FIELDS"]
 
 #: The keys of every result, in order (documented in docs/stress.md).
 RESULT_FIELDS = ("scenario", "loader", "outcome", "epochs", "expected", "delivered", "missing", "duplicated",
-                 "batches", "mean_batch_size", "shm_size_bytes", "peak_shm_used_bytes", "seconds", "samples_per_s",
-                 "fallbacks", "error")
+                 "batches", "mean_batch_size", "shm_size_bytes", "peak_shm_used_bytes", "shm_left", "spill_left",
+                 "seconds", "samples_per_s", "fallbacks", "notes", "error")
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 # From a clone the harness is the top-level package ``stress`` (its parent goes on the child's path);
@@ -44,8 +45,11 @@ def run_case(scenario: str, loader: str, *, shm_bytes: int, workers: int = 2, qu
     """
     spec = get(scenario)
     with tempfile.TemporaryDirectory(prefix="adaptive-stress-") as work:
+        spill = os.path.join(work, "spill")  # this run's own spill_dir: whatever is in it afterwards was left
+        os.mkdir(spill)
         argv = [sys.executable, "-m", f"{_PACKAGE}.child", "--scenario", scenario, "--loader", loader,
-                "--shm-bytes", str(shm_bytes), "--workers", str(workers), "--epochs", str(epochs), "--dir", work]
+                "--shm-bytes", str(shm_bytes), "--workers", str(workers), "--epochs", str(epochs), "--dir", work,
+                "--spill-dir", spill]
         if quick:
             argv.append("--quick")
         if telemetry and loader != "vanilla":
@@ -55,10 +59,12 @@ def run_case(scenario: str, loader: str, *, shm_bytes: int, workers: int = 2, qu
             env["PYTHONPATH"] = os.pathsep.join(filter(None, [_PATH_FOR_CHILD, os.environ.get("PYTHONPATH")]))
         log = open(log_path or os.path.join(work, "log"), "w")
         started = time.monotonic()
-        proc = subprocess.Popen(sandbox_command(argv, shm_bytes, nofile=spec.nofile), cwd=_PATH_FOR_CHILD or work,
-                                env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True)
-        hung, ended = _watch(proc, os.path.join(work, "progress"), hang_after, max_seconds, on_progress, on_tick)
+        after = [sys.executable, "-m", f"{_PACKAGE}.leftovers", work]  # lists /dev/shm before the namespace goes
+        proc = subprocess.Popen(sandbox_command(argv, shm_bytes, nofile=spec.nofile, after=after),
+                                cwd=_PATH_FOR_CHILD or work, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+        hung, ended = _watch(proc, os.path.join(work, "progress"), hang_after, max_seconds, on_progress, on_tick,
+                             os.path.join(work, "pid"))
         child_start = (_read_json(os.path.join(work, "limits.json")) or {}).get("start")
         # the same clock in the child: a hang's seconds count from its loop's start, like an ok run's
         seconds = ended - (child_start if child_start and child_start > started else started)
@@ -68,6 +74,9 @@ def run_case(scenario: str, loader: str, *, shm_bytes: int, workers: int = 2, qu
         peak = _read_int(os.path.join(work, "peak"))
         tail = _tail(log_path or os.path.join(work, "log"))
         series = _read_series(work) if timeline else None
+        shm_left = (_read_json(os.path.join(work, "shm-left.json")) or {}).get("files")
+        spill_left = list_tree(spill)
+        notes = _read_json(os.path.join(work, "notes.json")) or {}
     n = len(spec.build(shm_bytes, workers, quick).dataset)
     if hung:
         outcome, error = "hang", f"no batch for {hang_after:g} s; killed. Last error in its log: {tail}"
@@ -85,9 +94,9 @@ def run_case(scenario: str, loader: str, *, shm_bytes: int, workers: int = 2, qu
         "delivered": sum(len(c) for c in counts), "missing": sum(len(set(range(n)) - set(c)) for c in counts),
         "duplicated": sum(v - 1 for c in counts for v in c.values()), "batches": batches,
         "mean_batch_size": round(received / batches, 2) if batches else None, "shm_size_bytes": shm_bytes,
-        "peak_shm_used_bytes": peak, "seconds": round(seconds, 3),
+        "peak_shm_used_bytes": peak, "shm_left": shm_left, "spill_left": spill_left, "seconds": round(seconds, 3),
         "samples_per_s": round(received / seconds, 1) if seconds > 0 else None,
-        "fallbacks": (child or {}).get("fallbacks", {}), "error": error,
+        "fallbacks": (child or {}).get("fallbacks", {}), "notes": (child or {}).get("notes", notes), "error": error,
     }
     if timeline:
         with open(timeline, "w") as f:
@@ -98,7 +107,7 @@ def run_case(scenario: str, loader: str, *, shm_bytes: int, workers: int = 2, qu
 
 
 def _watch(proc: subprocess.Popen, progress: str, hang_after: float, max_seconds: float, on_progress,
-           on_tick=None) -> Tuple[bool, float]:
+           on_tick=None, pid_file: Optional[str] = None) -> Tuple[bool, float]:
     """Wait for ``proc``; kill its process group on a stall. (Whether it hung, when it ended or was killed.)"""
     begun = time.monotonic()
     last_size, last_change, started, delivered = -1, time.monotonic(), False, 0
@@ -116,8 +125,9 @@ def _watch(proc: subprocess.Popen, progress: str, hang_after: float, max_seconds
         limit = hang_after if started else max(hang_after, 120.0)  # imports and worker start are slow
         if on_tick is not None:
             on_tick(delivered, now - last_change, limit)
-        if now - last_change > limit or now - begun > max_seconds:
-            _kill_group(proc)
+        finished = pid_file is not None and os.path.exists(os.path.join(os.path.dirname(pid_file), "result.json"))
+        if (now - last_change > limit and not finished) or now - begun > max_seconds:  # finished: leftovers listed
+            _kill_group(proc, pid_file)
             return True, now
     return False, time.monotonic()
 
@@ -166,7 +176,20 @@ def _read_series(work: str) -> Dict[str, Any]:
     return {"batches": rows("timeline"), "usage": rows("usage"), "memory_limit": limits.get("memory_limit")}
 
 
-def _kill_group(proc: subprocess.Popen) -> None:
+def _kill_group(proc: subprocess.Popen, pid_file: Optional[str] = None) -> None:
+    """Kill the child's process group (it and its workers); the sandbox's shell then lists what they
+    left and exits. Where the child has no group of its own yet, or the shell lingers, kill the shell's."""
+    child = _read_int(pid_file) if pid_file else None
+    if child:
+        try:
+            os.killpg(child, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        try:
+            proc.wait(timeout=30)
+            return
+        except subprocess.TimeoutExpired:
+            pass
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:

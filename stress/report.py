@@ -8,7 +8,7 @@ __all__ = ["results_table", "side_by_side"]
 
 _COLUMNS = [("scenario", "scenario"), ("loader", "loader"), ("outcome", "outcome"), ("delivered", "delivered"),
             ("missing", "missing"), ("duplicated", "dup"), ("mean_batch_size", "per batch"),
-            ("peak_shm_used_bytes", "peak shm"),
+            ("peak_shm_used_bytes", "peak shm"), ("shm_left", "shm left"), ("spill_left", "spill left"),
             ("seconds", "seconds"), ("samples_per_s", "samples/s"), ("fallbacks", "fallbacks")]
 
 
@@ -18,6 +18,8 @@ def _cell(key: str, result: Dict[str, Any]) -> str:
         return f"{value}/{result['expected']}"
     if key == "peak_shm_used_bytes":
         return "-" if value is None else f"{value / 2**20:.1f} MiB"
+    if key in ("shm_left", "spill_left"):  # what the run left: files in /dev/shm, entries in its spill dir
+        return "-" if value is None else str(len(value))
     if key == "fallbacks":
         return ", ".join(f"{k} {v}" for k, v in sorted((value or {}).items())) or "-"
     if isinstance(value, float):
@@ -35,6 +37,10 @@ def results_table(results: Sequence[Dict[str, Any]]) -> str:
     errors = [f"  {r['scenario']}/{r['loader']}: {r['error']}" for r in results if r.get("error")]
     if errors:
         lines += ["", "errors:"] + [e[:300] for e in errors]
+    notes = [f"  {r['scenario']}/{r['loader']}: " + ", ".join(f"{k} {v}" for k, v in r["notes"].items())
+             for r in results if r.get("notes")]
+    if notes:
+        lines += ["", "notes:"] + notes
     return "\n".join(lines)
 
 
@@ -42,8 +48,8 @@ def side_by_side(vanilla: Dict[str, Any], adaptive: Dict[str, Any]) -> str:
     """The demo's closing table: one column per loader."""
     keys = [("outcome", "outcome"), ("delivered", "samples delivered"), ("missing", "missing"),
             ("duplicated", "duplicated"), ("mean_batch_size", "samples per batch (mean)"),
-            ("peak_shm_used_bytes", "peak /dev/shm used"),
-            ("seconds", "seconds"), ("samples_per_s", "samples/s (samples ÷ seconds)"), ("fallbacks", "fallbacks")]
+            ("peak_shm_used_bytes", "peak /dev/shm used"), ("shm_left", "files left in /dev/shm"),
+            ("spill_left", "files left in the spill dir"), ("seconds", "seconds"), ("samples_per_s", "samples/s (samples ÷ seconds)"), ("fallbacks", "fallbacks")]
     rows = [["", "DataLoader", "AdaptiveLoader"]]
     rows += [[title, _cell(key, vanilla), _cell(key, adaptive)] for key, title in keys]
     widths = [max(len(row[i]) for row in rows) for i in range(3)]

@@ -49,13 +49,20 @@ def sandbox_available() -> Tuple[bool, str]:
     return prefix is not None, why
 
 
-def sandbox_command(argv: Sequence[str], shm_bytes: int, nofile: Optional[int] = None) -> List[str]:
-    """``argv`` wrapped to run with ``shm_bytes`` of /dev/shm (and ``ulimit -n nofile``)."""
+def sandbox_command(argv: Sequence[str], shm_bytes: int, nofile: Optional[int] = None,
+                    after: Optional[Sequence[str]] = None) -> List[str]:
+    """``argv`` wrapped to run with ``shm_bytes`` of /dev/shm (and ``ulimit -n nofile``); ``after``,
+    if given, runs in the same namespace once ``argv`` has ended (e.g. to list what it left there),
+    and the exit status is still ``argv``'s."""
     prefix, why = _unshare_prefix()
     if prefix is None:
         raise RuntimeError(why)
     steps = [f"mount -t tmpfs -o size={int(shm_bytes)} tmpfs /dev/shm"]
     if nofile is not None:
         steps.append(f"ulimit -n {int(nofile)}")
-    steps.append("exec " + " ".join(shlex.quote(a) for a in argv))
+    command = " ".join(shlex.quote(a) for a in argv)
+    if after is None:
+        steps.append("exec " + command)
+    else:
+        steps.append(f"{{ {command}; rc=$?; {' '.join(shlex.quote(a) for a in after)}; exit $rc; }}")
     return prefix + ["sh", "-c", " && ".join(steps)]

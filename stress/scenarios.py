@@ -6,7 +6,9 @@ whatever size is chosen; ``quick`` shrinks sample counts for CI.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -31,6 +33,9 @@ class Setup:
     on_batch: Optional[Callable[[int], None]] = None  # called after batch k is received
     on_end: Optional[Callable[[], None]] = None
     prepare: Optional[Callable[[], None]] = None  # once in the child, before the loader (e.g. make the data)
+    in_dir: Optional[Callable[[str], None]] = None  # given the run's own temp dir, before prepare
+    # (loader, run dir, spill dir) -> notes for the result; runs before the loader (e.g. a first run killed)
+    before: Optional[Callable[[str, str, Optional[str]], Dict[str, Any]]] = None
 
 
 @dataclass
@@ -39,6 +44,7 @@ class Scenario:
     proves: str
     build: Callable[[int, int, bool], Setup]  # (shm_bytes, workers, quick) -> Setup
     nofile: Optional[int] = None  # ulimit -n inside the sandbox
+    loaders: Optional[tuple] = None  # the loaders it makes sense for; None: all
 
 
 def _seed(shm: int, workers: int, quick: bool) -> Setup:
@@ -95,11 +101,11 @@ class _ShmHog:
 
     # Takes up to argv[1] bytes in 1 MiB steps, as much as there is: a real neighbour does not
     # wait for the loader to make room.
-    CODE = ("import os,sys; f=os.open('/dev/shm/hog',os.O_CREAT|os.O_RDWR,0o600); want=int(sys.argv[1]); got=0\n"
+    CODE = ("import os,sys; f=os.open('/dev/shm/stress-hog',os.O_CREAT|os.O_RDWR,0o600); want=int(sys.argv[1]); got=0\n"
             "while got < want:\n"
             "    try: os.posix_fallocate(f, got, 1 << 20); got += 1 << 20\n"
             "    except OSError: break\n"
-            "print(got, flush=True); sys.stdin.readline(); os.unlink('/dev/shm/hog')")
+            "print(got, flush=True); sys.stdin.readline(); os.unlink('/dev/shm/stress-hog')")
 
     def __init__(self, nbytes: int, start_at: int, stop_at: int) -> None:
         self.nbytes, self.start_at, self.stop_at = nbytes, start_at, stop_at
@@ -152,6 +158,65 @@ def _mixed(shm: int, workers: int, quick: bool) -> Setup:
         adaptive=dict(max_batch_size=8, num_workers=workers))
 
 
+def _shm_full(shm: int, workers: int, quick: bool) -> Setup:
+    side = max(8, int(round((shm / 200 / 4) ** (1 / 3))))
+    filler = os.path.join("/dev/shm", "stress-fill")
+
+    def empty() -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(filler)
+
+    return Setup(
+        dataset=w.VolumeDataset(48 if quick else 96, shape=(1, side, side, side)), check=w.VolumeDataset.check,
+        vanilla=dict(batch_size=4, num_workers=workers), adaptive=dict(max_batch_size=4, num_workers=workers),
+        prepare=lambda: w.fill_shm(os.path.basename(filler)), on_end=empty)
+
+
+def _poison(shm: int, workers: int, quick: bool) -> Setup:
+    side = max(8, int(round((shm / 200 / 4) ** (1 / 3))))
+    ds = w.PoisonDataset(48 if quick else 96, shape=(1, side, side, side), poison=9)
+
+    def marker_in(directory: str) -> None:
+        ds.marker_dir = directory
+
+    return Setup(dataset=ds, check=w.VolumeDataset.check, in_dir=marker_in,
+                 vanilla=dict(batch_size=4, num_workers=workers),
+                 adaptive=dict(max_batch_size=4, num_workers=workers))
+
+
+def _main_kill(shm: int, workers: int, quick: bool) -> Setup:
+    from . import main_kill
+
+    # arena="shm" bounds the blocks by /dev/shm too, so the giants' batches really take spill files
+    ds = w.GiantSampleDataset(n=16 if quick else 32, small_bytes=max(4096, shm // 64), giant_bytes=int(shm * 1.1),
+                              giant_index=main_kill.GIANTS[0])
+    ds = main_kill.ManyGiants(ds, main_kill.GIANTS)
+    adaptive = dict(costs=ds.sizes(), max_cost=float(ds.giant), max_batch_size=4, num_workers=max(1, workers),
+                    arena="shm")
+    return Setup(dataset=ds, check=w.GiantSampleDataset.check, vanilla=dict(batch_size=4, num_workers=workers),
+                 adaptive=adaptive, before=main_kill.Killer(ds, adaptive, dict(batch_size=4, num_workers=workers)))
+
+
+def _odd_tensors(shm: int, workers: int, quick: bool) -> Setup:
+    n = 32 if quick else 96
+    # a sample is ~shm/40 of padding, sample 5 carries more than all of /dev/shm: with arena="shm" its batch
+    # cannot have a block there and goes through a spill file
+    ds = w.OddTensorsDataset(n, giant=5, giant_bytes=int(shm * 1.1), pad_bytes=shm // 40)
+    sizes = np.full(n, shm // 40)
+    sizes[5] = int(shm * 1.1)
+    return Setup(dataset=ds, check=w.OddTensorsDataset.check,
+                 vanilla=dict(batch_size=8, num_workers=workers, collate_fn=w.list_collate),
+                 adaptive=dict(costs=sizes, max_cost=float(sizes.max()), max_batch_size=8, num_workers=workers,
+                               collate_fn=w.list_collate, arena="shm"))
+
+
+def _fd_pressure(shm: int, workers: int, quick: bool) -> Setup:
+    ds = w.ManyTensorsDataset(n=40 if quick else 80, tensors=200)
+    return Setup(dataset=ds, check=w.ManyTensorsDataset.check,
+                 vanilla=dict(batch_size=4, num_workers=workers),
+                 adaptive=dict(max_batch_size=4, num_workers=workers, arena=False))
+
+
 SCENARIOS: Dict[str, Scenario] = {s.name: s for s in [
     Scenario("seed", "the question's workload (10..1,200 masks per image, tuple(zip(*batch)) collate): vanilla "
              "hangs when the feeder thread hits ENOSPC; adaptive caps objects per batch by measured bytes",
@@ -172,6 +237,18 @@ SCENARIOS: Dict[str, Scenario] = {s.name: s for s in [
              "undelivered batches", _worker_kill),
     Scenario("mixed", "nested dicts and lists of numpy arrays, strings, bf16/bool/int8/complex tensors, "
              "checked value by value on both transports", _mixed),
+    Scenario("shm-full", "/dev/shm 100% full before the loader starts: adaptive still delivers every sample "
+             "(memfd arenas and blocks; in the main process if not even a semaphore fits)", _shm_full),
+    Scenario("poison", "one sample kills its worker (os._exit) the first time it is loaded: adaptive recovers "
+             "and delivers every sample once, without switching the sharing strategy", _poison),
+    Scenario("main-kill", "the main process is SIGKILLed with batches in flight and spill files on disk; a new "
+             "loader on the same spill_dir then runs: nothing of the first run is left", _main_kill,
+             loaders=("vanilla", "adaptive")),
+    Scenario("odd-tensors", "sparse COO/CSR, nested, a Tensor subclass with an attribute, uint16/32/64, float8, "
+             "complex32, bf16, list collate, some batches on the spill road: types, dtypes and values intact",
+             _odd_tensors),
+    Scenario("fd-pressure", "arena=False, default collate, 200 tensors per sample, ulimit -n 256: no fd "
+             "crash, every sample once", _fd_pressure, nofile=256),
 ]}
 
 

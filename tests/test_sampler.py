@@ -12,6 +12,8 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
+from torch.utils.data import BatchSampler, SequentialSampler
+
 from adaptive_loader import BudgetBatchSampler
 
 EPS = 1e-9
@@ -160,12 +162,46 @@ def test_costs_none_means_one_each():
     assert len(BudgetBatchSampler(None, num_samples=23, max_cost=2.5)) == 12
 
 
-def test_drop_last_drops_only_an_under_half_full_final_batch():
-    s = BudgetBatchSampler(None, num_samples=23, max_batch_size=10, shuffle=False, drop_last=True)
+@settings(max_examples=100, deadline=None)
+@given(n=st.integers(0, 120), size=st.integers(1, 12), drop_last=st.booleans(), window=st.integers(1, 64),
+       costs=st.sampled_from(["none", "ones", "varied"]))
+def test_without_max_cost_the_batches_are_dataloaders(n, size, drop_last, window, costs):
+    """A size cap alone: the very batches of BatchSampler(SequentialSampler), drop_last included,
+    whatever the costs (they count for nothing without max_cost)."""
+    values = {"none": None, "ones": [1] * n, "varied": [(7 * i) % 13 for i in range(n)]}[costs]
+    s = BudgetBatchSampler(values, num_samples=n, max_batch_size=size, shuffle=False, drop_last=drop_last,
+                           window=window)
+    expected = list(BatchSampler(SequentialSampler(range(n)), size, drop_last))
+    assert list(s) == expected
+    assert len(s) == len(expected)
+
+
+def test_drop_last_without_max_cost_drops_a_final_batch_that_is_not_full():
+    s = BudgetBatchSampler(None, num_samples=27, max_batch_size=10, shuffle=False, drop_last=True)
     assert [len(b) for b in s] == [10, 10]
     assert len(s) == 2
-    s = BudgetBatchSampler(None, num_samples=27, max_batch_size=10, shuffle=False, drop_last=True)
+    s = BudgetBatchSampler(None, num_samples=12, max_batch_size=4, shuffle=False, drop_last=True)
+    assert list(s) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]  # all full: none moves, none dropped
+
+
+def test_drop_last_without_max_cost_shuffled_drops_only_the_remainder():
+    s = BudgetBatchSampler(None, num_samples=103, max_batch_size=10, shuffle=True, seed=4, drop_last=True)
+    batches = list(s)
+    assert [len(b) for b in batches] == [10] * 10 and len(s) == 10
+    assert len({i for b in batches for i in b}) == 100
+
+
+def test_drop_last_with_max_cost_drops_only_an_under_half_full_final_batch():
+    s = BudgetBatchSampler(None, num_samples=23, max_cost=10, shuffle=False, drop_last=True)
+    assert [len(b) for b in s] == [10, 10]
+    assert len(s) == 2
+    s = BudgetBatchSampler(None, num_samples=27, max_cost=10, shuffle=False, drop_last=True)
     assert [len(b) for b in s] == [10, 10, 7]
+    # the least filled batch goes last, then is dropped only when under half of max_cost as well
+    s = BudgetBatchSampler([1, 5, 5, 5, 5], max_cost=10, max_batch_size=10, shuffle=False, drop_last=True)
+    assert list(s) == [[1, 3], [2, 4]] and len(s) == 2
+    s = BudgetBatchSampler([6, 5, 5, 5, 5], max_cost=10, max_batch_size=10, shuffle=False, drop_last=True)
+    assert list(s) == [[1, 2], [3, 4], [0]] and len(s) == 3
 
 
 def test_cost_containers():
