@@ -222,7 +222,8 @@ class StepGuard:
         dist.all_gather_object(gathered, list(batch.indices), group=group)
         union = sorted(i for indices in gathered for i in indices)
         self.ok = False
-        self._publish(agreed_cap)
+        self._state.published = agreed_cap  # from the failed batch on: the give-back is planned under it
+        loader._cap_budget("device", agreed_cap, at_batch=at_batch)
         loader._give_back(union, at_batch=at_batch)
         self._event(batch, exc if exc is not None else RuntimeError("another rank ran out of device memory"),
                     union)

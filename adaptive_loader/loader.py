@@ -373,8 +373,12 @@ class AdaptiveLoader:
             self.sampler.schedule_requeue(at_batch, list(indices))
         self._rebuild_pending = True
 
-    def _cap_budget(self, source: str, max_cost: Optional[float]) -> None:
-        """A cap on the cost budget from another limit; the smallest in force wins."""
+    def _cap_budget(self, source: str, max_cost: Optional[float], at_batch: Optional[int] = None) -> None:
+        """A cap on the cost budget from another limit; the smallest in force wins.
+
+        With several ranks the cap reaches the plan through the ranks' next agreement; with
+        ``at_batch`` (a global batch none has planned yet, and a cap every rank was given) it
+        applies from that batch at once, on every rank alike."""
         if max_cost is None:
             self._caps.pop(source, None)
         else:
@@ -382,8 +386,12 @@ class AdaptiveLoader:
         controller = self.controller
         controller.external_cap = min(self._caps.values(), default=math.inf)
         controller.max_cost = controller.capped(controller.memory_max_cost)
-        if controller.max_cost != self.sampler.max_cost and self.sampler.num_replicas == 1:
-            self._actuator.set_budget(controller.max_cost)
+        sampler = self.sampler
+        if sampler.num_replicas == 1:
+            if controller.max_cost != sampler.max_cost:
+                self._actuator.set_budget(controller.max_cost)
+        elif at_batch is not None and max_cost is not None and max_cost < sampler.max_cost_at(at_batch):
+            sampler.schedule_budget(at_batch, max(float(max_cost), controller.min_cost), sampler.max_batch_size)
 
     def _take_give_backs(self, iterator: Any) -> Any:
         """Before the next batch: batches given back go to the epoch again, with what was in

@@ -302,6 +302,16 @@ class BudgetBatchSampler(Sampler[List[int]]):
         :meth:`replay_schedule` takes it back."""
         return [_public(entry) for entry in self._budget_log + self._schedule]
 
+    def max_cost_at(self, at_batch: int) -> float:
+        """The cost budget the schedule gives global batch ``at_batch`` of this epoch: the last
+        budget entry at or before it, else the epoch's starting budget (inf for none). Every
+        rank that scheduled the same entries gets the same answer, wherever its plan stands."""
+        max_cost = self.epoch_budget[0]
+        for entry in sorted(self._budget_log + self._schedule, key=lambda e: e[1]):
+            if entry[0] == BUDGET and entry[1] <= at_batch:
+                max_cost = entry[2]
+        return math.inf if max_cost is None else float(max_cost)
+
     def _add_entry(self, entry: tuple) -> None:
         self._schedule.append(entry)
         self._schedule.sort(key=lambda e: e[1])  # stable: entries at one batch apply in the order given

@@ -189,6 +189,7 @@ def test_budget_changes_and_give_backs_share_one_schedule_and_old_entries_still_
     old = BudgetBatchSampler(costs, **kwargs)
     old.replay_schedule([(8, 700, 10), ("requeue", 8, list(head[2])), (20, 1200, None)])  # 3-tuples: budgets
     assert list(old) == head + rest
+    assert [sampler.max_cost_at(at) for at in (0, 7, 8, 19, 20, 99)] == [1500, 1500, 700, 700, 1200, 1200]
 
 
 @pytest.mark.parametrize("at_batch, indices, error, match", [
