@@ -300,6 +300,9 @@ __all__ += ["OOM_TEXTS", "oom_error_types", "is_out_of_memory", "device_in_use",
 # torch.jagged (the layout of nested tensors built with layout=torch.jagged) is missing from torch 2.1;
 # the others here exist on every torch we claim. Checked: 2.1.2 (no jagged), 2.13, 2.14.1 (jagged).
 
+JAGGED = getattr(torch, "jagged", None)  # None on torch 2.1, where no nested tensor has this layout
+
+
 def tensor_layouts() -> dict:
     """``str(layout) -> layout`` for the dense and sparse layouts, and jagged where this torch has it."""
     names = ("strided", "sparse_coo", "sparse_csr", "sparse_csc", "sparse_bsr", "sparse_bsc", "jagged")
@@ -324,4 +327,4 @@ def dataloader_worker_pids() -> List[int]:
     return [w.pid for it in iterators for w in iterator_workers(it) if w.pid is not None and w.is_alive()]
 
 
-__all__ += ["tensor_layouts", "dataloader_worker_pids"]
+__all__ += ["JAGGED", "tensor_layouts", "dataloader_worker_pids"]

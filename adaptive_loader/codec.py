@@ -37,7 +37,7 @@ __all__ = ["Encoded", "encode", "decode", "aligned", "piece_views"]
 # own: rows of a dataset-wide tensor must not carry the whole dataset.
 _MERGE_GAP = 4096
 
-_JAGGED = getattr(torch, "jagged", None)  # torch >= 2.2
+_JAGGED = _torch.JAGGED
 _LAYOUTS = {str(layout): layout for layout in (torch.sparse_csr, torch.sparse_csc, torch.sparse_bsr, torch.sparse_bsc,
                                                   torch.strided, _JAGGED) if layout is not None}
 
@@ -218,7 +218,7 @@ class _Unpickler(pickle.Unpickler):
             if _LAYOUTS[layout] is _JAGGED:
                 t = torch.nested.nested_tensor_from_jagged(parts[0], parts[1])
             else:
-                t = torch.nested.as_nested_tensor(parts, layout=torch.strided)
+                t = torch.nested.as_nested_tensor(parts)  # strided (torch 2.1 takes no layout)
         else:
             raise pickle.UnpicklingError(f"unknown tensor place {kind!r}")
         return t.requires_grad_() if requires_grad else t

@@ -90,7 +90,7 @@ def dense_parts(tensor: torch.Tensor) -> List[torch.Tensor]:
     a sparse tensor; the components of a nested one."""
     layout = tensor.layout
     if tensor.is_nested:
-        if layout == torch.jagged:
+        if _torch.JAGGED is not None and layout == _torch.JAGGED:
             return [tensor.values(), tensor.offsets()] + ([tensor.lengths()] if tensor.lengths() is not None else [])
         return list(tensor.unbind())
     if layout == torch.strided:
