@@ -46,11 +46,16 @@ class Actuator:
             self.event(Event.BUDGET, decision.reason("max_cost"), epoch,
                        max_cost=finite_or_none(decision.max_cost), per_batch_bytes=decision.per_batch_bytes)
             self._warn_if_below_asked(decision.max_cost, decision, epoch)
-        if decision.prefetch_factor is not None or decision.num_workers is not None:
+        if decision.deeper:
+            self.event(Event.DEPTH, decision.reason("first batch measured"), epoch)
+        elif decision.prefetch_factor is not None or decision.num_workers is not None:
             self.count(Fallback.FEWER_IN_FLIGHT)
             self.event(Event.FEWER_IN_FLIGHT, decision.reason("fewer batches"), epoch, level=logging.WARNING,
                        num_workers=decision.num_workers, prefetch_factor=decision.prefetch_factor)
-            rebuild = True
+        depth = (decision.num_workers or self.pipeline.num_workers,
+                 decision.prefetch_factor or self.pipeline.prefetch_factor)
+        if decision.deeper or depth != (self.pipeline.num_workers, self.pipeline.prefetch_factor):
+            rebuild = True  # the workers running are not the depth decided
         if decision.fd_soft_limit is not None:
             self.pipeline.set_fd_soft_limit(decision.fd_soft_limit)
             self.count(Fallback.FD_LIMIT)

@@ -18,9 +18,10 @@ __all__ = ["CostModel", "Observation", "Decision", "Controller", "arena_capacity
            "fds_due", "memory_due", "fd_pressure", "strategy_after_failure", "format_cost", "HELD_BATCHES"]
 
 
-#: Batches an arena must hold besides those in flight: one the user still holds, and the room a
-#: batch skips when it does not fit before the ring's end. Every rule that sizes for it reads this.
-HELD_BATCHES = 2
+#: Batches an arena must hold besides those in flight: the one the user still holds. The room a batch
+#: skips when it does not fit before the ring's end is in ARENA_MARGIN: a batch that finds no room goes
+#: by a block of its own (counted as an arena miss). Every rule that sizes for it reads this.
+HELD_BATCHES = 1
 
 
 class CostModel:
@@ -137,6 +138,7 @@ class Decision:
     sharing_strategy: Optional[str] = None
     reasons: List[str] = field(default_factory=list)
     limit: str = ""  # the limit that set the budget: "memory", "memory_budget" or "/dev/shm"
+    deeper: bool = False  # the depth asked for comes back (the first batch under memory_budget was measured)
 
     def reason(self, keyword: str) -> str:
         """The reason that mentions ``keyword`` (all of them if none does)."""
@@ -181,6 +183,7 @@ class Controller:
         self.memory_max_cost = user_max_cost  # what memory allows, moved with hysteresis
         self.strategy_switched = False
         self.external_cap = math.inf  # the smallest cap from another limit (e.g. the device), see loader._cap_budget
+        self.probing = False  # one batch in flight until the first is measured (see start_probe)
 
     def decide(self, obs: Observation) -> Decision:
         """The next budget and fallbacks. What is given up, in order: the road (the workers'
@@ -188,24 +191,33 @@ class Controller:
         budget (never below ``floor_cost``)."""
         reasons: List[str] = []
         usable, self.limit = self.usable_bytes(obs)
+        probed = self.probing and self.model.coefficients() is not None
+        probe_depth = (self.num_workers, self.prefetch_factor)
+        if probed:  # the first batch is measured: from here on, as if the depth asked for had run
+            self.probing = False
+            self.num_workers, self.prefetch_factor = self.asked_depth
         workers, prefetch = self._depth_for(usable, obs)
         changed_prefetch = prefetch if prefetch != self.prefetch_factor else None
         changed_workers = workers if workers != self.num_workers else None
+        deeper = probed and changed_prefetch is None and changed_workers is None and (workers, prefetch) != probe_depth
         if changed_prefetch is not None or changed_workers is not None:
             reasons.append(
                 f"fewer batches in flight: {self.num_workers}x{self.prefetch_factor} -> {workers}x{prefetch} "
                 f"(workers x prefetch), so that batches keep the size asked for; {usable / 2**20:.1f} MiB "
                 f"usable ({self.limit})")
             self.num_workers, self.prefetch_factor = workers, prefetch
+        elif deeper:
+            reasons.append(f"first batch measured: the depth asked for, {workers}x{prefetch} (workers x prefetch), "
+                           f"fits {usable / 2**20:.1f} MiB usable ({self.limit})")
         per_batch = usable / self._slots(workers, prefetch, obs)
         if obs.arena_capacity:  # an arena at its share of memory: batches must fit it instead
-            per_batch = min(per_batch, obs.arena_capacity / (prefetch + HELD_BATCHES))
+            per_batch = min(per_batch, obs.arena_capacity / _arena_batches(prefetch))
         target = max(self._max_cost_for(per_batch), min(self.floor_cost, self.user_max_cost))
         self._move_budget(target, per_batch, reasons)
         self.max_cost = self.capped(self.memory_max_cost)
         fd_limit, strategy = self._fd_plan(obs, reasons)
         return Decision(self.max_cost, per_batch, changed_prefetch, changed_workers, fd_limit, strategy, reasons,
-                        self.limit)
+                        self.limit, deeper)
 
     def usable_bytes(self, obs: Observation) -> Tuple[float, str]:
         """Bytes this rank's batches may fill, and which limit sets it: a safety fraction of
@@ -213,15 +225,18 @@ class Controller:
         ``memory_budget`` and, for batches that go through it, ``/dev/shm``; each shared
         among the ranks of this machine."""
         ranks = max(1, obs.local_world_size)
-        bounds = []
-        if obs.memory_available is not None:
-            bounds.append((obs.memory_available / ranks + obs.ours_in_memory, "memory"))
-        if obs.memory_budget is not None:
-            bounds.append((obs.memory_budget / ranks, "memory_budget"))
+        bounds = _memory_bounds(obs.memory_available, obs.memory_budget, ranks, obs.ours_in_memory)
         if obs.shm_road or not bounds:
             bounds.append((obs.shm_free / ranks + obs.ours_in_shm, "/dev/shm"))
         room, limit = min(bounds)
         return self.safety * room, limit
+
+    def memory_room(self, memory_available: Optional[int], memory_budget: Optional[int], local_world_size: int,
+                    ours: int) -> Optional[float]:
+        """Bytes this rank may hold off ``/dev/shm`` (memfd arenas, their batches): the memory part
+        of :meth:`usable_bytes`; None when neither memory nor a budget is known."""
+        bounds = _memory_bounds(memory_available, memory_budget, max(1, local_world_size), ours)
+        return self.safety * min(bounds)[0] if bounds else None
 
     def _depth_for(self, usable: float, obs: Observation) -> Tuple[int, int]:
         """The deepest pipeline, no deeper than now, whose batches in flight fit ``usable`` at
@@ -239,6 +254,16 @@ class Controller:
         changed = (num_workers, prefetch_factor) != (self.num_workers, self.prefetch_factor)
         self.num_workers, self.prefetch_factor = num_workers, prefetch_factor
         return changed
+
+    def start_probe(self) -> bool:
+        """Before anything is measured under a memory budget: one batch in flight (one worker,
+        prefetch 1), so the batches planned blind are not all in memory at once. The first
+        decision after a measured batch gives back the deepest depth asked for that fits.
+        True if the depth changed."""
+        if self.num_workers <= 1 and self.prefetch_factor <= 1:
+            return False
+        self.num_workers, self.prefetch_factor, self.probing = min(1, self.num_workers), 1, True
+        return True
 
     def batch_bytes_bound(self) -> float:
         """The cost model's bound on one batch's bytes under the current budget
@@ -260,12 +285,11 @@ class Controller:
         return count * (a + m) + (b * cost if b > 0 else 0.0)
 
     @staticmethod
-    def _slots(workers: int, prefetch: int, obs: Observation) -> int:
+    def _slots(workers: int, prefetch: int, obs: Observation) -> float:
         """Batches the usable shm must hold at once. Each arena is one worker's share: it holds
-        that worker's batches in flight, one the user still holds, and the room a batch skips
-        when it does not fit before the ring's end."""
+        that worker's batches in flight and one the user still holds, with the arena's margin."""
         if obs.arenas:
-            return workers * (prefetch + HELD_BATCHES)
+            return workers * _arena_batches(prefetch)
         return workers * prefetch + max(1, obs.held_batches)
 
     # -- budget ---------------------------------------------------------------
@@ -324,22 +348,38 @@ class Controller:
         return None, "file_system"
 
 
+def _memory_bounds(available: Optional[int], budget: Optional[int], ranks: int, ours: int) -> List[Tuple[float, str]]:
+    """The memory limits on one rank's share, each with its name: what is available (plus what
+    the loader holds already, which it would get back) and the user's budget."""
+    bounds = []
+    if available is not None:
+        bounds.append((available / ranks + ours, "memory"))
+    if budget is not None:
+        bounds.append((budget / ranks, "memory_budget"))
+    return bounds
+
+
 # -- the shm arena ---------------------------------------------------------------
 ARENA_MIN_BYTES = 16 << 20  # below this a ring of small batches grows too often to be worth reserving
-ARENA_MARGIN = 1.25  # room above the batches measured
+ARENA_MARGIN = 1.25  # room above the batches measured, and for the end of the ring a batch skips
+
+
+def _arena_batches(batches_in_flight: int) -> float:
+    """One worker's arena, in batches: those in flight, the one held, and the margin."""
+    return (batches_in_flight + HELD_BATCHES) * ARENA_MARGIN
 
 
 def arena_capacity(batch_bytes: float, batches_in_flight: int, room: float, workers: int) -> int:
     """Bytes to reserve for one worker's arena (0: none).
 
-    Room for its ``batches_in_flight`` batches plus two the user may still hold,
+    Room for its ``batches_in_flight`` batches plus the one the user may still hold,
     each as large as the largest batch expected (``batch_bytes``: measured in the
     worker, or the cost model's bound for the budget), plus 25%; at least
     ``ARENA_MIN_BYTES``; at most an equal share of ``room``, the shm this loader
     may still fill. 0 when that share cannot hold two batches: the batches
     would mostly miss the arena and it would only take space.
     """
-    wanted = max((batches_in_flight + HELD_BATCHES) * batch_bytes * ARENA_MARGIN, ARENA_MIN_BYTES)
+    wanted = max(_arena_batches(batches_in_flight) * batch_bytes, ARENA_MIN_BYTES)
     share = room / max(1, workers)
     capacity = min(wanted, share)
     if capacity < 2 * batch_bytes or capacity <= 0:

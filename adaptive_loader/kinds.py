@@ -53,6 +53,7 @@ class Event(_Kind):
     RECOVERY = Fallback.RECOVERY.value
     IN_PROCESS = Fallback.IN_PROCESS.value
     BUDGET = "budget"  # the cost budget moved
+    DEPTH = "depth"  # the first batch was measured under memory_budget: the depth asked for comes back
     STALL = "stall"  # no batch for stall_timeout seconds
     EPOCH_END = "epoch_end"  # an epoch finished or was left
     RUN_END = "run_end"  # the loader was closed: no more records follow

@@ -41,6 +41,7 @@ from .memory import read_memory, resolve_memory_budget
 from .options import check_dataloader_options, shuffle_seed, warn_worker_number
 from .pipeline import Pipeline
 from .region import MEMFD, SHM, memfd_available
+from .routing import UNBOUNDED
 from .sampler import DEFAULT_WINDOW, BudgetBatchSampler, _pack_bits, _unpack_bits
 from .telemetry import SinkSpec, Telemetry
 
@@ -417,7 +418,10 @@ class AdaptiveLoader:
         self._epochs_started += 1
         self._epoch_chosen = self._resuming = False
         self._epoch_iterated = self.sampler.epoch
-        if self.controller.restore_pipeline(self.num_workers, self.prefetch_factor or 1):
+        changed = self.controller.restore_pipeline(self.num_workers, self.prefetch_factor or 1)
+        if self.memory_budget is not None and self.num_workers and self.controller.model.coefficients() is None:
+            changed = self.controller.start_probe() or changed  # nothing measured: one batch in flight first
+        if changed:
             self._pipeline.drop()  # each epoch starts with the workers and prefetch asked for
         self._pending_give_back, self._rebuild_pending = [], False
         self._ledger.feed.start(iter(self.sampler), skip=self._skip_on_resume)
@@ -428,8 +432,16 @@ class AdaptiveLoader:
         controller = self.controller
         workers = controller.num_workers if self.num_workers else 0
         hint = max(self._ledger.recent_batches, default=0)  # measured, not the model's worst case
+        held = sum(a.nbytes for a in self._pipeline.current_arenas().values())
+        room = self._memory_room(held)
         return self._pipeline.start_iterator(workers, controller.prefetch_factor if workers else None,
-                                             self._arena_plan, hint)
+                                             self._arena_plan, hint, UNBOUNDED if room is None else int(room))
+
+    def _memory_room(self, held: int) -> Optional[float]:
+        """Bytes the memfd arenas may reserve together, given ``held`` bytes of arenas we hold now."""
+        memory = read_memory()
+        budget = None if self.memory_budget is None else resolve_memory_budget(self.memory_budget, memory.limit)
+        return self.controller.memory_room(memory.available, budget, self._local_world_size, held)
 
     def _arena_plan(self) -> Any:
         ledger, pipeline = self._ledger, self._pipeline
@@ -438,8 +450,9 @@ class AdaptiveLoader:
         current = pipeline.current_arenas()
         held = sum(a.nbytes for a in current.values())
         if pipeline.arena_kind == "memfd":
-            memory = read_memory()
-            room = self.safety * (memory.available / self._local_world_size + held)
+            room = self._memory_room(held)
+            if room is None:
+                return None
         else:
             shm = self._shm.read()
             room = shm.free + held - (1 - self.safety) * shm.total

@@ -9,6 +9,7 @@ process-wide while in force).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import resource
 from typing import Any, Callable, Dict, Optional
@@ -24,7 +25,7 @@ from .arena import registry as arena_registry
 from .ledger import Ledger
 from .measure import ShmProbe
 from .region import MEMFD, SHM, SharedRegion, memfd_available
-from .routing import WorkerRules
+from .routing import UNBOUNDED, WorkerRules
 from .spill import SpillDir
 from .transport import MeasuredCollate, WorkerSetup
 
@@ -69,8 +70,9 @@ class Pipeline:
 
     # -- building and iterating -------------------------------------------------------
     def start_iterator(self, num_workers: int, prefetch_factor: Optional[int], arena_plan: Callable[[], Any],
-                       batch_bytes_hint: int) -> Any:
-        """An iterator over the feed, with a DataLoader (re)built if the depth changed."""
+                       batch_bytes_hint: int, memory_room: int = UNBOUNDED) -> Any:
+        """An iterator over the feed, with a DataLoader (re)built if the depth changed. The workers
+        started now keep their memfd arenas within ``memory_room`` bytes together."""
         if self.dataloader is not None and (num_workers, prefetch_factor) != (self.num_workers,
                                                                             self.prefetch_factor):
             self.drop()
@@ -87,6 +89,7 @@ class Pipeline:
             # workers started now continue these arenas
             self.collate.arenas = arena_registry.arenas_of(self.arena_owner)
             self.collate.batch_bytes_hint = batch_bytes_hint
+            self.collate.rules = dataclasses.replace(self.collate.rules, memory_room=max(0, int(memory_room)))
         with _torch.quiet_worker_number_warning():
             iterator = iter(self.dataloader)
         if self.collate is not None:

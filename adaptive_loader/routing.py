@@ -10,13 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from .controller import arena_capacity
+from .controller import HELD_BATCHES, arena_capacity
 
-__all__ = ["WorkerRules", "GROW_WHEN_WANTED_OVER", "HELD_BATCHES", "FD_HEADROOM_FACTOR", "FD_SHARE",
+__all__ = ["WorkerRules", "UNBOUNDED", "GROW_WHEN_WANTED_OVER", "HELD_BATCHES", "FD_HEADROOM_FACTOR", "FD_SHARE",
            "FDS_REREAD_EVERY"]
 
 GROW_WHEN_WANTED_OVER = 1.2  # a new arena only when the wanted one is this much bigger: else not worth it
-HELD_BATCHES = 2  # batches the user may still hold besides those in flight (as in arena_capacity)
 FD_HEADROOM_FACTOR = 8  # a batch's fds count this many times over: the main process and the feeder need theirs
 FD_SHARE = 0.5  # a worker's fds in use, with the headroom, stay under this fraction of the soft limit
 FDS_REREAD_EVERY = 16  # batches between readings of /proc/self/fd in a worker
@@ -31,19 +30,24 @@ class WorkerRules:
         keep_free: bytes of ``/dev/shm`` never to fill from the workers (room for others).
         batches_in_flight: batches a worker may have made and not yet seen delivered.
         workers: workers sharing the room for arenas.
+        memory_room: bytes all of the loader's memfd arenas together may reserve (the main
+            process's usable memory: a safety fraction of the smallest of what is available and
+            ``memory_budget``); ``UNBOUNDED`` when nothing bounds it.
     """
 
     keep_free: int = 0
     batches_in_flight: int = 2
     workers: int = 1
+    memory_room: int = UNBOUNDED
 
     def __post_init__(self) -> None:
-        for name in ("keep_free", "batches_in_flight", "workers"):
+        for name in ("keep_free", "batches_in_flight", "workers", "memory_room"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-        if self.keep_free < 0:
-            raise ValueError(f"keep_free must be >= 0 bytes, got {self.keep_free}")
+        if self.keep_free < 0 or self.memory_room < 0:
+            raise ValueError(f"keep_free and memory_room must be >= 0 bytes, got {self.keep_free} and "
+                             f"{self.memory_room}")
         if self.batches_in_flight < 1 or self.workers < 1:
             raise ValueError(f"batches_in_flight and workers must be >= 1, got {self.batches_in_flight} "
                              f"and {self.workers}")
@@ -55,11 +59,13 @@ class WorkerRules:
             return f"batch needs {needed} B, shm has {shm_free} B free, {self.keep_free} B kept free"
         return None
 
-    def arena_room(self, shm_free: int, kind: str = "shm") -> int:
+    def arena_room(self, shm_free: int, kind: str = "shm", reserved: int = 0) -> int:
         """Bytes the workers' arenas of ``kind`` may still take: for ``"shm"`` what ``/dev/shm`` has
-        above the safety line; a memfd is bounded by memory, which the main process's budget
-        (the batches it plans) accounts for, not by ``/dev/shm``."""
-        return shm_free - self.keep_free if kind == "shm" else UNBOUNDED
+        above the safety line (its free space already lacks what arenas ``reserved``); a memfd is
+        not in ``/dev/shm``: it is bounded by ``memory_room``, less what the arenas ``reserved``."""
+        if kind == "shm":
+            return shm_free - self.keep_free
+        return max(0, self.memory_room - reserved)
 
     def arena_wanted(self, batch_bytes: int, room: int, reserved: int) -> int:
         """Bytes a worker's arena should have for batches of ``batch_bytes`` (0: none), given the

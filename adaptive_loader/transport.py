@@ -254,17 +254,19 @@ class MeasuredCollate:
         if self._writer is None and worker_id in self.arenas:
             self._writer = RingWriter(self.arenas.pop(worker_id))  # continue the arena of the last worker
             self._publish_arena_size(worker_id)
-        room = self.rules.arena_room(free, self.kind)
         reserved = int(self.arena_sizes.sum()) if self.arena_sizes is not None else 0  # by all of our workers
+        room = self.rules.arena_room(free, self.kind, reserved)
         batch = max(max(self._recent), self.batch_bytes_hint)
         wanted = self.rules.arena_wanted(batch, room, reserved)
         current = self._writer.arena.capacity if self._writer is not None else 0
-        if self.rules.arena_tight(current, batch):  # until a new arena: else the budget swings
+        tight = self.rules.arena_tight(current, batch)
+        if tight:  # until a new arena: else the budget swings
             self._tight_capacity = current
-        if self._writer is not None and self.rules.keep_arena(wanted, current):
+        if self._writer is not None and self.rules.keep_arena(wanted, current) and not tight:
             return self._writer, None
         if wanted == 0 or wanted > room:
-            return self._writer, (f"no room for an arena: {room} B of shm left above the safety line, "
+            return self._writer, (f"no room for an arena: {room} B of {'shm' if self.kind == 'shm' else 'memory'} "
+                                  f"left above the safety line, "
                                   f"{reserved} B in arenas, batches of up to {batch} B")
         try:
             arena = Arena.create(wanted, kind=self.kind, shm_path=self.shm_path)

@@ -443,6 +443,35 @@ def test_the_smallest_of_memory_and_the_users_budget_wins_shared_among_ranks():
     assert (c.num_workers, c.prefetch_factor) == (2, 1) and c.limit == "memory"
 
 
+def test_the_memory_room_is_the_memory_part_of_the_usable_bytes():
+    c = deep_controller()
+    assert c.memory_room(None, None, 1, 0) is None  # nothing known: no bound
+    assert c.memory_room(10 * GiB, 256 * MiB, 1, 0) == pytest.approx(0.8 * 256 * MiB)
+    assert c.memory_room(100 * MiB, 256 * MiB, 2, 10 * MiB) == pytest.approx(0.8 * 60 * MiB)
+
+
+def test_the_probe_holds_one_batch_in_flight_and_gives_the_asked_depth_back_when_it_fits():
+    c = make_controller(None, user_max=100.0, num_workers=4, prefetch_factor=2)
+    assert c.start_probe() and (c.num_workers, c.prefetch_factor) == (1, 1)
+    assert not c.start_probe()  # already one batch in flight
+    d = observe_memory(c, available=10 * GiB)  # nothing measured yet: the probe goes on
+    assert (c.num_workers, c.prefetch_factor) == (1, 1) and not d.deeper
+    c.model.observe(np.full(64, 50.0), np.full(64, float(MiB)))  # 1 MiB per cost unit
+    d = observe_memory(c, available=10 * GiB)
+    assert d.deeper and (d.num_workers, d.prefetch_factor) == (None, None)
+    assert (c.num_workers, c.prefetch_factor) == (4, 2) and not c.probing
+    assert any(r.startswith("first batch measured") and "4x2" in r for r in d.reasons)
+
+
+def test_after_the_probe_the_depth_is_what_fits_counted_from_the_depth_asked():
+    c = deep_controller()
+    c.start_probe()
+    d = observe_memory(c, available=10 * GiB, budget=int(650 * MiB / 0.8))  # 4x1 fits, 4x2 does not
+    assert not d.deeper and (d.num_workers, d.prefetch_factor) == (None, 1)  # as against the asked 4x2
+    assert (c.num_workers, c.prefetch_factor) == (4, 1)
+    assert any("fewer batches in flight: 4x2 -> 4x1" in r for r in d.reasons)
+
+
 # -- Controller: file descriptors -------------------------------------------------------------------
 
 def test_fds_well_below_the_limit_leave_it_alone():

@@ -1,7 +1,7 @@
 """Two memory figures of issue 12; prints tables and the run time.
 
-(a) ``memory_budget=256 MiB`` on a workload that would need ~1 GiB in flight (2 workers, prefetch 2,
-    batches of 16 samples of 16 MiB = 256 MiB as asked): the peak of the loader's own accounting
+(a) ``memory_budget=256 MiB`` on a workload that would need ~1 GiB in flight (2 workers, prefetch 4,
+    batches of 16 samples of 8 MiB = 128 MiB as asked): the peak of the loader's own accounting
     (telemetry ``memory_ours``, every batch) and of ``Shmem`` in /proc/meminfo (a thread, every ~10 ms,
     minus the value before the run), every sample once, the mean batch size, the depth's fall.
 (b) with plenty of room (a private 8 GiB /dev/shm): the peak of AdaptiveLoader's arenas against vanilla
@@ -38,12 +38,13 @@ from stress.scenarios import get  # noqa: E402
 
 MiB = 2**20
 BUDGET = 256 * MiB
-SAMPLE = 16 * MiB
-ASKED = 16  # samples per batch: 256 MiB, four in flight ~1 GiB
+SAMPLE = 8 * MiB
+ASKED = 16  # samples per batch: 128 MiB, eight in flight ~1 GiB
+PREFETCH = 4
 
 
 class BigSamples(Dataset):
-    """``n`` float32 samples of 16 MiB, each filled with its index."""
+    """``n`` float32 samples of ``SAMPLE`` bytes, each filled with its index."""
 
     def __init__(self, n: int) -> None:
         self.n = n
@@ -97,7 +98,7 @@ def part_a(n: int) -> Dict[str, Any]:
     sizes: List[int] = []
     started = time.perf_counter()
     with Sampler(shmem, 0.01) as meter, \
-            AdaptiveLoader(BigSamples(n), max_batch_size=ASKED, num_workers=2, prefetch_factor=2,
+            AdaptiveLoader(BigSamples(n), max_batch_size=ASKED, num_workers=2, prefetch_factor=PREFETCH,
                            memory_budget=BUDGET, telemetry=records.append) as loader:
         for data, ids in loader:
             assert bool((data[:, 0] == ids.to(torch.float32)).all()), "a sample arrived corrupted"
@@ -113,7 +114,7 @@ def part_a(n: int) -> Dict[str, Any]:
         "batches": len(sizes), "mean_batch": sum(sizes) / len(sizes), "asked": ASKED,
         "peak_ours": max((r.get("memory_ours") or 0) for r in batches),
         "peak_shmem": meter.peak - base, "shmem_before": base, "seconds": seconds, "fallbacks": fallbacks,
-        "depth": [r["message"] for r in events if r["event"] == "fewer_in_flight"],
+        "depth": [f"{r['event']}: {r['message']}" for r in events if r["event"] in ("fewer_in_flight", "depth")],
         "budget_events": sum(1 for r in events if r["event"] == "budget"),
         "roads": dict(Counter(r["transport"] for r in batches)),
     }
@@ -173,7 +174,7 @@ def mib(n: float) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--part", choices=["a", "b", "both"], default="both")
-    parser.add_argument("--samples", type=int, default=192, help="part a's samples of 16 MiB (default 192)")
+    parser.add_argument("--samples", type=int, default=192, help="part a's samples of 8 MiB (default 192)")
     parser.add_argument("--workloads", default="seed,detection", help="part b's stress workloads")
     parser.add_argument("--inner", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -183,8 +184,8 @@ def main() -> None:
     started = time.perf_counter()
     if args.part in ("a", "both"):
         a = part_a(args.samples)
-        print(f"(a) memory_budget={mib(BUDGET)}: {a['samples']} samples of 16 MiB, asked {a['asked']} per batch "
-              f"(256 MiB), 2 workers x prefetch 2 (~1 GiB in flight as asked)\n")
+        print(f"(a) memory_budget={mib(BUDGET)}: {a['samples']} samples of {mib(SAMPLE)}, asked {a['asked']} per "
+              f"batch ({mib(SAMPLE * ASKED)}), 2 workers x prefetch {PREFETCH} (~1 GiB in flight as asked)\n")
         rows = [("every sample once", "yes" if a["once"] else "NO"),
                 ("peak of its own accounting (memory_ours)", mib(a["peak_ours"])),
                 ("peak Shmem (/proc/meminfo, every 10 ms) - before", mib(a["peak_shmem"])),
@@ -198,7 +199,7 @@ def main() -> None:
         width = max(len(k) for k, _ in rows)
         print("\n".join(f"{k.ljust(width)}  {v}" for k, v in rows))
         for message in a["depth"]:
-            print(f"fewer_in_flight: {message}")
+            print(message)
         print()
     if args.part in ("b", "both"):
         b = part_b([n.strip() for n in args.workloads.split(",")])
