@@ -18,10 +18,12 @@ __all__ = ["CostModel", "Observation", "Decision", "Controller", "arena_capacity
            "fds_due", "memory_due", "fd_pressure", "strategy_after_failure", "format_cost", "HELD_BATCHES"]
 
 
-#: Batches an arena must hold besides those in flight: the one the user still holds. The room a batch
-#: skips when it does not fit before the ring's end is in ARENA_MARGIN: a batch that finds no room goes
-#: by a block of its own (counted as an arena miss). Every rule that sizes for it reads this.
-HELD_BATCHES = 1
+#: Batches an arena must hold besides those in flight: the one the user still holds, and the slot a
+#: batch skips when it does not fit before the ring's end (the ring frees in order, and a loop's
+#: variable keeps the last batch while the next one is written). With 1, a third of the batches of
+#: uniform 32 MiB batches missed the arena and the epoch took 3.6x as long (docs/performance.md).
+#: Every rule that sizes for it reads this.
+HELD_BATCHES = 2
 
 
 class CostModel:
@@ -287,7 +289,8 @@ class Controller:
     @staticmethod
     def _slots(workers: int, prefetch: int, obs: Observation) -> float:
         """Batches the usable shm must hold at once. Each arena is one worker's share: it holds
-        that worker's batches in flight and one the user still holds, with the arena's margin."""
+        that worker's batches in flight, one the user still holds and the slot the ring's end
+        skips, with the arena's margin."""
         if obs.arenas:
             return workers * _arena_batches(prefetch)
         return workers * prefetch + max(1, obs.held_batches)
@@ -361,18 +364,18 @@ def _memory_bounds(available: Optional[int], budget: Optional[int], ranks: int, 
 
 # -- the shm arena ---------------------------------------------------------------
 ARENA_MIN_BYTES = 16 << 20  # below this a ring of small batches grows too often to be worth reserving
-ARENA_MARGIN = 1.25  # room above the batches measured, and for the end of the ring a batch skips
+ARENA_MARGIN = 1.25  # room above the batches measured
 
 
 def _arena_batches(batches_in_flight: int) -> float:
-    """One worker's arena, in batches: those in flight, the one held, and the margin."""
+    """One worker's arena, in batches: those in flight, ``HELD_BATCHES``, and the margin."""
     return (batches_in_flight + HELD_BATCHES) * ARENA_MARGIN
 
 
 def arena_capacity(batch_bytes: float, batches_in_flight: int, room: float, workers: int) -> int:
     """Bytes to reserve for one worker's arena (0: none).
 
-    Room for its ``batches_in_flight`` batches plus the one the user may still hold,
+    Room for its ``batches_in_flight`` batches plus ``HELD_BATCHES`` (one the user holds, one skipped),
     each as large as the largest batch expected (``batch_bytes``: measured in the
     worker, or the cost model's bound for the budget), plus 25%; at least
     ``ARENA_MIN_BYTES``; at most an equal share of ``room``, the shm this loader

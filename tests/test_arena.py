@@ -235,13 +235,13 @@ def test_unsent_batches_of_a_dead_writer_are_freed_and_a_live_writer_keeps_its_a
 
 # -- sizing ----------------------------------------------------------------------------------------
 
-def test_capacity_holds_the_batches_in_flight_and_one_held():
-    assert arena_capacity(8 << 20, 2, room=10 << 30, workers=2) == 30 << 20  # (2 + 1) x 8 MiB x 1.25
+def test_capacity_holds_the_batches_in_flight_and_two_held():
+    assert arena_capacity(8 << 20, 2, room=10 << 30, workers=2) == 40 << 20  # (2 + 2) x 8 MiB x 1.25
     assert arena_capacity(1 << 10, 2, room=10 << 30, workers=2) == ARENA_MIN_BYTES
 
 
 def test_capacity_stays_within_a_share_of_the_room():
-    assert arena_capacity(8 << 20, 2, room=48 << 20, workers=2) == 24 << 20  # wanted 30 MiB, share 24
+    assert arena_capacity(8 << 20, 2, room=64 << 20, workers=2) == 32 << 20  # wanted 40 MiB, share 32
     assert arena_capacity(8 << 20, 2, room=24 << 20, workers=2) == 0  # 12 MiB cannot hold two batches
     assert arena_capacity(8 << 20, 2, room=-5, workers=2) == 0
 
@@ -267,9 +267,9 @@ def test_with_arenas_each_worker_needs_room_for_its_batches_in_flight_one_held_a
     blocks = controller.decide(Observation(**common))
     rings = controller.decide(Observation(**common, arenas=True))
     assert blocks.per_batch_bytes == pytest.approx(0.8 * (64 << 20) / (2 * 2 + 1))
-    assert rings.per_batch_bytes == pytest.approx(0.8 * (64 << 20) / (2 * (2 + 1) * 1.25))
+    assert rings.per_batch_bytes == pytest.approx(0.8 * (64 << 20) / (2 * (2 + 2) * 1.25))
     tight = controller.decide(Observation(**common, arenas=True, arena_capacity=8 << 20))
-    assert tight.per_batch_bytes == pytest.approx((8 << 20) / ((2 + 1) * 1.25))  # they must fit the arena it has
+    assert tight.per_batch_bytes == pytest.approx((8 << 20) / ((2 + 2) * 1.25))  # they must fit the arena it has
 
 
 # -- through real workers ---------------------------------------------------------------------------
