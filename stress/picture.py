@@ -48,13 +48,16 @@ def plot_runs(runs: Sequence[Dict[str, Any]], title: str = ""):
         if run["outcome"] != "ok":
             last = batches[-1][0] if batches else 0.0
             done_ax.plot([end], [delivered[-1]], "X", color="tab:red", markersize=12)
-            why = (f"no batch after {last:.1f} s: called a hang at {end:.0f} s" if run["outcome"] == "hang"
-                   else f"crashed at {end:.1f} s")
-            done_ax.annotate(f"{name} {why}", (end, delivered[-1]), textcoords="offset points", xytext=(8, 14),
-                             ha="left", color="tab:red", fontsize="small")
+            waited = f"no batch after {last:.1f} s" if batches else "no batch at all"
+            why = f"{waited}: called a hang at {end:.0f} s" if run["outcome"] == "hang" else f"crashed at {end:.1f} s"
+            # right of the mark, above the epoch marks' labels at the bottom of the panel and below a run still going
+            done_ax.annotate(f"{name}: {why}", (end, delivered[-1]), textcoords="offset points", xytext=(20, 80),
+                             ha="left", color="tab:red", fontsize="small",
+                             arrowprops=dict(arrowstyle="-", color="tab:red", linewidth=0.8))
             if run["outcome"] == "hang":
                 for ax in every:
-                    ax.axvspan(last, end, color="tab:red", alpha=0.06)
+                    ax.axvspan(last, end, color="tab:red", alpha=0.06,
+                               label=f"{name}: waiting, no batch" if ax is done_ax else None)
         if usage:
             ut = [u[0] for u in usage]
             shm_ax.plot(ut, [u[1] / _MIB for u in usage], color=color, label=f"{name}: /dev/shm used")
