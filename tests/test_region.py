@@ -208,8 +208,10 @@ def test_fds_stay_steady_over_200_batches_in_both_processes():
         worker_fds.append(fds_in_worker)
         main_fds.append(open_fds())
     assert len(main_fds) == 200
-    assert max(main_fds[20:]) <= max(main_fds[:20])  # nothing grows with the number of batches
-    assert max(worker_fds[20:]) <= max(worker_fds[:20])
+    # Nothing grows with the number of batches: a leak of one fd per batch would add ~180. An fd in
+    # transit (a batch sent and not yet closed) moves the counts by one or two from batch to batch.
+    assert max(main_fds[20:]) <= max(main_fds[:20]) + 2
+    assert max(worker_fds[20:]) <= max(worker_fds[:20]) + 2
 
 
 # -- /dev/shm untouched ----------------------------------------------------------------------------
