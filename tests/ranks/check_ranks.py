@@ -3,6 +3,7 @@
     python -m torch.distributed.run --standalone --nproc_per_node 2 tests/ranks/check_ranks.py MODE OUT.json
 """
 
+import faulthandler
 import gc
 import json
 import os
@@ -56,8 +57,10 @@ def main(mode: str, out: str) -> None:
             verdict["exactly_once"].append(sorted(seen) == list(range(len(costs))))
         with open(out, "w") as f:
             json.dump(verdict, f)
+    dist.barrier()  # both ranks done before either tears the group down (torch 2.1-2.4 gloo could hang there)
     dist.destroy_process_group()
 
 
 if __name__ == "__main__":
+    faulthandler.dump_traceback_later(200, exit=True)  # a hang shows where, before the test's 240 s timeout
     main(sys.argv[1], sys.argv[2])

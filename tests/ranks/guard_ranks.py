@@ -11,6 +11,7 @@ read from the batch itself, not from the loader.
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import os
 import sys
@@ -133,8 +134,10 @@ def main(mode: str, out: str) -> None:
         with open(out, "w") as f:
             json.dump(verdict, f)
     del loader
+    dist.barrier()  # both ranks done before either tears the group down (torch 2.1-2.4 gloo could hang there)
     dist.destroy_process_group()
 
 
 if __name__ == "__main__":
+    faulthandler.dump_traceback_later(200, exit=True)  # a hang shows where, before the test's 240 s timeout
     main(sys.argv[1], sys.argv[2])
