@@ -18,8 +18,10 @@ is the place), each batch takes one contiguous range, and the main process
 frees ranges in the order they were taken: the ring's tail moves past a batch
 once the user has dropped every tensor of it and of all earlier batches of
 that worker (a ``weakref.finalize`` on the batch's buffer, whatever thread
-drops it). A batch that does not fit never waits: the worker sends it
-another way. The header holds what both sides must see: the tail (written by
+drops it). The ring is mapped twice, back to back (:func:`~adaptive_loader.region.mirrored`),
+so a batch that runs past the ring's end is still one contiguous range and no
+space is skipped at the end. A batch that does not fit never waits: the
+worker sends it another way. The header holds what both sides must see: the tail (written by
 the main process), the head (written by the worker, so a worker started
 later continues where the last one stopped), whether the main process has
 mapped the region, and the writing worker's pid.
@@ -39,13 +41,14 @@ import numpy as np
 import psutil
 import torch
 
-from .region import MEMFD, SHM, SharedRegion, memfd_available
+from .region import MEMFD, SHM, SharedRegion, memfd_available, mirrored
 
 __all__ = ["Arena", "RingWriter", "ArenaFull", "ArenaUnavailable", "open_view", "registry", "default_kind"]
 
 ALIGN = 64  # bytes; every allocation starts on such a boundary
-_HEADER = 64  # bytes before the ring: int64 slots below
-_TAIL, _HEAD, _MAPPED, _WRITER = 0, 1, 2, 3
+_HEADER = mmap.PAGESIZE  # bytes before the ring (whole pages: the ring is mapped on its own)
+_FIELDS = 4  # int64 slots at the header's start:
+_TAIL, _HEAD, _MAPPED, _WRITER = range(_FIELDS)
 
 
 class ArenaFull(Exception):
@@ -60,8 +63,8 @@ class ArenaUnavailable(OSError, RuntimeError):
     """
 
 
-def _aligned(nbytes: int) -> int:
-    return -(-nbytes // ALIGN) * ALIGN
+def _aligned(nbytes: int, to: int = ALIGN) -> int:
+    return -(-nbytes // to) * to
 
 
 def default_kind() -> str:
@@ -70,7 +73,8 @@ def default_kind() -> str:
 
 
 class Arena:
-    """One worker's region of shared memory: a header and a ring of ``capacity`` bytes.
+    """One worker's region of shared memory: a header page and a ring of ``capacity`` bytes
+    (whole pages), mapped twice: ``ring`` is ``2 * capacity`` long, its second half the first again.
 
     Pickling it (to the main process, or to a worker started with spawn)
     passes its fd, whatever the sharing strategy.
@@ -82,8 +86,11 @@ class Arena:
         self.kind = region.kind
         self.nbytes = region.nbytes
         self.capacity = self.nbytes - _HEADER
-        self.header = region.array[:_HEADER].view(np.int64)
-        self.ring = region.array[_HEADER:]
+        self.header = region.array[:_FIELDS * 8].view(np.int64)
+        try:
+            self.ring = mirrored(region, _HEADER, self.capacity)
+        except OSError as exc:
+            raise ArenaUnavailable(exc.errno, f"could not map an arena's ring: {exc.strerror}") from exc
 
     @classmethod
     def create(cls, capacity: int, kind: Optional[str] = None, shm_path: str = "/dev/shm") -> "Arena":
@@ -94,11 +101,12 @@ class Arena:
         if capacity <= 0:
             raise ValueError(f"capacity must be > 0 bytes, got {capacity}")
         kind = default_kind() if kind is None else kind
+        nbytes = _HEADER + _aligned(capacity, mmap.PAGESIZE)
         try:
-            region = SharedRegion.create(_HEADER + _aligned(capacity), kind, shm_path)
+            region = SharedRegion.create(nbytes, kind, shm_path)
         except OSError as exc:
-            raise ArenaUnavailable(exc.errno, f"could not reserve a {kind} arena of "
-                                   f"{_HEADER + _aligned(capacity)} B: {exc.strerror}") from exc
+            raise ArenaUnavailable(exc.errno, f"could not reserve a {kind} arena of {nbytes} B: "
+                                   f"{exc.strerror}") from exc
         return cls(region, uuid.uuid4().hex)
 
     def __reduce__(self):
@@ -113,10 +121,11 @@ class Arena:
         writable for shm, so reading a byte per page costs a sixteenth of the faults
         that writing would. Filling 160 MiB in a new process here: 72 ms without, 32 ms with.
         """
-        int(self.ring[::mmap.PAGESIZE].sum())
+        int(self.ring[:self.capacity:mmap.PAGESIZE].sum())  # the mirror's pages fault in only where batches wrap
 
     def ring_tensor(self, offset: int, nbytes: int) -> torch.Tensor:
-        """Bytes ``[offset, offset + nbytes)`` of the ring, as a uint8 tensor (worker side)."""
+        """Bytes ``[offset, offset + nbytes)`` of the ring, as a uint8 tensor (worker side); ``offset``
+        below ``capacity``, the end up to twice it (the mirror)."""
         return torch.from_numpy(self.ring[offset:offset + nbytes])
 
 
@@ -147,19 +156,16 @@ class RingWriter:
         """Start a batch that should need ``expected`` contiguous bytes; ArenaFull if they are not free."""
         capacity = self.arena.capacity
         head = int(self.arena.header[_HEAD])
-        if head % capacity + expected > capacity:  # would run past the end: start at the ring's beginning
-            head += capacity - head % capacity
         if expected > capacity or head + expected - int(self.arena.header[_TAIL]) > capacity:
             raise ArenaFull(f"{expected} B needed, {self.room()} B of {capacity} B free")
         self._lo = self._cursor = head
 
     def alloc(self, nbytes: int) -> torch.Tensor:
         """``nbytes`` of the open batch, right after its previous piece; ArenaFull if they do not fit."""
-        capacity = self.arena.capacity
         end = self._cursor + _aligned(nbytes)
-        if end - self._lo > capacity - self._lo % capacity or end - int(self.arena.header[_TAIL]) > capacity:
+        if end - int(self.arena.header[_TAIL]) > self.arena.capacity:
             raise ArenaFull(f"{nbytes} B more do not fit after {self._cursor - self._lo} B of this batch")
-        piece = self.arena.ring_tensor(self._cursor % capacity, nbytes)
+        piece = self.arena.ring_tensor(self._lo % self.arena.capacity + self._cursor - self._lo, nbytes)
         self._cursor = end
         return piece
 

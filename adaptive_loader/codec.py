@@ -101,7 +101,7 @@ class _Pickler(ForkingPickler):
         return self._pids[key]
 
     def _describe(self, t: torch.Tensor) -> Optional[tuple]:
-        if t.device.type != "cpu" or (t.requires_grad and not t.is_leaf):
+        if not t.is_cpu or (t.requires_grad and not t.is_leaf):
             return None  # torch's own reducer: it refuses non-leaf tensors that require grad, as vanilla does
         if t.is_nested:
             parts = _nested_parts(t)
@@ -118,11 +118,12 @@ class _Pickler(ForkingPickler):
         if t.layout != torch.strided or t.is_quantized:
             return None
         try:
-            t.untyped_storage()
+            storage = t.untyped_storage()
         except (RuntimeError, NotImplementedError):  # a wrapper subclass with no storage of its own
             return None
         subclass = type(t) is not torch.Tensor
-        if not subclass and self.share and t.is_shared() and not t.requires_grad:
+        # the storage's flag is Tensor.is_shared()'s answer, at a tenth of its cost (~0.2 us, not 1.8)
+        if not subclass and self.share and not t.requires_grad and storage.is_shared():
             self.shared.append(t)
             return ("shared", len(self.shared) - 1)
         state = _torch.tensor_state(t) if subclass else None

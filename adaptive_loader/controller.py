@@ -15,15 +15,20 @@ from typing import Callable, List, Optional, Tuple
 import numpy as np
 
 __all__ = ["CostModel", "Observation", "Decision", "Controller", "arena_capacity", "arena_plan", "decision_due",
-           "fds_due", "memory_due", "fd_pressure", "strategy_after_failure", "format_cost", "HELD_BATCHES"]
+           "fds_due", "memory_due", "fd_pressure", "strategy_after_failure", "format_cost", "HELD_BATCHES",
+           "held_per_worker"]
 
 
-#: Batches an arena must hold besides those in flight: the one the user still holds, and the slot a
-#: batch skips when it does not fit before the ring's end (the ring frees in order, and a loop's
-#: variable keeps the last batch while the next one is written). With 1, a third of the batches of
-#: uniform 32 MiB batches missed the arena and the epoch took 3.6x as long (docs/performance.md).
-#: Every rule that sizes for it reads this.
+#: Batches the user may hold at once besides those in flight: the one in hand, and the last one,
+#: which a ``for`` loop's variable keeps while the next is handed over. Every rule that sizes for
+#: them reads this (see :func:`held_per_worker` for an arena's share).
 HELD_BATCHES = 2
+
+
+def held_per_worker(workers: int) -> int:
+    """Of the ``HELD_BATCHES``, how many lie on one worker's arena: batches come from the workers
+    in turn, so with two workers or more the two held batches are on different arenas."""
+    return -(-HELD_BATCHES // max(1, workers))
 
 
 class CostModel:
@@ -213,7 +218,7 @@ class Controller:
                            f"fits {usable / 2**20:.1f} MiB usable ({self.limit})")
         per_batch = usable / self._slots(workers, prefetch, obs)
         if obs.arena_capacity:  # an arena at its share of memory: batches must fit it instead
-            per_batch = min(per_batch, obs.arena_capacity / _arena_batches(prefetch))
+            per_batch = min(per_batch, obs.arena_capacity / _arena_batches(prefetch, workers))
         target = max(self._max_cost_for(per_batch), min(self.floor_cost, self.user_max_cost))
         self._move_budget(target, per_batch, reasons)
         self.max_cost = self.capped(self.memory_max_cost)
@@ -289,10 +294,9 @@ class Controller:
     @staticmethod
     def _slots(workers: int, prefetch: int, obs: Observation) -> float:
         """Batches the usable shm must hold at once. Each arena is one worker's share: it holds
-        that worker's batches in flight, one the user still holds and the slot the ring's end
-        skips, with the arena's margin."""
+        that worker's batches in flight and its share of those the user holds, with the arena's margin."""
         if obs.arenas:
-            return workers * _arena_batches(prefetch)
+            return workers * _arena_batches(prefetch, workers)
         return workers * prefetch + max(1, obs.held_batches)
 
     # -- budget ---------------------------------------------------------------
@@ -364,25 +368,28 @@ def _memory_bounds(available: Optional[int], budget: Optional[int], ranks: int, 
 
 # -- the shm arena ---------------------------------------------------------------
 ARENA_MIN_BYTES = 16 << 20  # below this a ring of small batches grows too often to be worth reserving
-ARENA_MARGIN = 1.25  # room above the batches measured
+#: Room above the batches measured. With the ring mapped twice nothing is lost at its end; 1.25 before
+#: that covered the skipped slot too. With 1.1 no batch of the seed, detection and uniform 32 MiB
+#: workloads missed its arena (docs/performance.md).
+ARENA_MARGIN = 1.1
 
 
-def _arena_batches(batches_in_flight: int) -> float:
-    """One worker's arena, in batches: those in flight, ``HELD_BATCHES``, and the margin."""
-    return (batches_in_flight + HELD_BATCHES) * ARENA_MARGIN
+def _arena_batches(batches_in_flight: int, workers: int) -> float:
+    """One worker's arena, in batches: those in flight, its share of the held ones, and the margin."""
+    return (batches_in_flight + held_per_worker(workers)) * ARENA_MARGIN
 
 
 def arena_capacity(batch_bytes: float, batches_in_flight: int, room: float, workers: int) -> int:
     """Bytes to reserve for one worker's arena (0: none).
 
-    Room for its ``batches_in_flight`` batches plus ``HELD_BATCHES`` (one the user holds, one skipped),
-    each as large as the largest batch expected (``batch_bytes``: measured in the
-    worker, or the cost model's bound for the budget), plus 25%; at least
+    Room for its ``batches_in_flight`` batches plus its share of the ``HELD_BATCHES`` (the ring is
+    mapped twice, so no slot is lost where it wraps), each as large as the largest batch expected
+    (``batch_bytes``: measured in the worker, or the cost model's bound for the budget), plus ``ARENA_MARGIN``; at least
     ``ARENA_MIN_BYTES``; at most an equal share of ``room``, the shm this loader
     may still fill. 0 when that share cannot hold two batches: the batches
     would mostly miss the arena and it would only take space.
     """
-    wanted = max(_arena_batches(batches_in_flight) * batch_bytes, ARENA_MIN_BYTES)
+    wanted = max(_arena_batches(batches_in_flight, workers) * batch_bytes, ARENA_MIN_BYTES)
     share = room / max(1, workers)
     capacity = min(wanted, share)
     if capacity < 2 * batch_bytes or capacity <= 0:

@@ -13,10 +13,15 @@ Pickling a region passes its fd with ``multiprocessing.reduction.DupFd``
 workers started with fork, spawn or forkserver, under any sharing strategy.
 A region keeps its fd while it is open, to pass it on; ``close`` gives the
 fd back at once, and the mapping goes with the last view of it.
+
+:func:`mirrored` maps part of a region twice, back to back, for a ring whose
+ranges may run past its end (Python's ``mmap`` cannot choose an address, so
+this one goes through libc's ``mmap`` by ctypes).
 """
 
 from __future__ import annotations
 
+import ctypes
 import mmap
 import os
 import sys
@@ -27,7 +32,7 @@ from multiprocessing.reduction import DupFd
 import numpy as np
 import torch
 
-__all__ = ["MEMFD", "SHM", "KINDS", "memfd_available", "SharedRegion"]
+__all__ = ["MEMFD", "SHM", "KINDS", "memfd_available", "SharedRegion", "mirrored"]
 
 MEMFD, SHM = "memfd", "shm"
 KINDS = (MEMFD, SHM)
@@ -153,3 +158,62 @@ def _rebuild_region(dup_fd, nbytes: int, kind: str) -> SharedRegion:
         os.close(fd)
         raise
     return SharedRegion(fd, nbytes, kind)
+
+
+# -- a mapping twice over, for a ring -------------------------------------------------
+_PROT_NONE, _MAP_FIXED, _MAP_NORESERVE = 0, 0x10, 0x4000  # Linux's values: Python's mmap module lacks them
+_libc = None
+
+
+def _mmap_calls():
+    global _libc
+    if _libc is None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.mmap.restype = ctypes.c_void_p
+        libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                              ctypes.c_long)
+        libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
+        _libc = libc
+    return _libc
+
+
+class _Unmap:
+    """Unmaps an address range when the last array viewing it is gone."""
+
+    def __init__(self, address: int, nbytes: int) -> None:
+        self.address, self.nbytes = address, nbytes
+
+    def __del__(self) -> None:
+        _mmap_calls().munmap(self.address, self.nbytes)
+
+
+def mirrored(region: SharedRegion, offset: int, nbytes: int) -> np.ndarray:
+    """Bytes ``[offset, offset + nbytes)`` of ``region`` mapped twice, back to back: a uint8 array
+    of ``2 * nbytes`` whose second half is the first half again, so a range that starts in the
+    first half and is at most ``nbytes`` long is contiguous, wherever the ring wraps.
+
+    ``offset`` and ``nbytes`` must be multiples of the page size. The mapping lives as long as
+    the array or any view of it; it does not need the region to stay open. OSError if the
+    system refuses it.
+    """
+    page = mmap.PAGESIZE
+    if offset % page or nbytes % page or nbytes <= 0 or offset + nbytes > region.nbytes:
+        raise ValueError(f"bytes [{offset}, {offset + nbytes}) are not whole pages inside a region of "
+                         f"{region.nbytes} B")
+    libc = _mmap_calls()
+    failed = ctypes.c_void_p(-1).value
+    # reserve the address range, then put the same pages at both halves of it
+    base = libc.mmap(None, 2 * nbytes, _PROT_NONE,
+                     mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE, -1, 0)
+    if base in (None, failed):
+        errno = ctypes.get_errno()
+        raise OSError(errno, f"could not reserve {2 * nbytes} B of address space: {os.strerror(errno)}")
+    unmap = _Unmap(base, 2 * nbytes)  # from here on, unmapped whatever happens
+    for half in (base, base + nbytes):
+        if libc.mmap(half, nbytes, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED | _MAP_FIXED,
+                     region.fileno(), offset) != half:
+            errno = ctypes.get_errno()
+            raise OSError(errno, f"could not map {nbytes} B of the region twice: {os.strerror(errno)}")
+    buffer = (ctypes.c_uint8 * (2 * nbytes)).from_address(base)
+    buffer.unmap = unmap  # the array below keeps ``buffer`` alive, and ``buffer`` the mapping
+    return np.frombuffer(buffer, dtype=np.uint8)

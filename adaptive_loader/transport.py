@@ -320,9 +320,9 @@ class MeasuredCollate:
 
 def _shared_storages(batch: Any) -> int:
     """Distinct storages of plain tensors already in shm in ``batch``: the fds torch would pass."""
-    return len({t.untyped_storage().data_ptr() for t in leaves(batch)
-                if type(t) is torch.Tensor and t.layout == torch.strided and t.device.type == "cpu"
-                and t.is_shared()})
+    storages = (t.untyped_storage() for t in leaves(batch)
+                if type(t) is torch.Tensor and t.layout == torch.strided and t.is_cpu)
+    return len({storage.data_ptr() for storage in storages if storage.is_shared()})
 
 
 # -- the roads' pack and unpack ------------------------------------------------------------------

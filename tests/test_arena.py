@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 from adaptive_loader.pipeline import measured_collate
 from adaptive_loader import AdaptiveLoader
 from adaptive_loader.arena import ALIGN, Arena, ArenaFull, ArenaUnavailable, RingWriter, default_kind, open_view, registry
-from adaptive_loader.controller import ARENA_MIN_BYTES, Controller, Observation, arena_capacity
+from adaptive_loader.controller import ARENA_MARGIN, ARENA_MIN_BYTES, Controller, Observation, arena_capacity
 from adaptive_loader.kinds import ARENA_ROADS, Road
 from adaptive_loader.region import MEMFD, SHM, memfd_available
 from adaptive_loader.transport import MeasuredCollate
@@ -52,7 +52,7 @@ def test_create_reserves_an_unlinked_private_region(kind):
     assert stat.S_IMODE(info.st_mode) == 0o600  # nobody else may open it...
     assert info.st_nlink == 0  # ...and it has no name left to open it by
     assert info.st_size == arena.nbytes
-    assert arena.capacity == arena.nbytes - 64 >= 1 << 20
+    assert arena.capacity == arena.nbytes - mmap.PAGESIZE == 1 << 20  # a header page, then the ring
     assert info.st_blocks * 512 >= arena.nbytes  # posix_fallocate: the pages exist now
 
 
@@ -86,7 +86,7 @@ def faults_writing_the_ring_in_a_child(arena, map_first):
             if map_first:
                 arena.map_pages()
             before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-            arena.ring[:] = 7
+            arena.ring[:arena.capacity] = 7  # the ring once (its mirror faults in where batches wrap)
             os.write(write_end, str(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before).encode())
         finally:
             os._exit(0)
@@ -99,7 +99,7 @@ def faults_writing_the_ring_in_a_child(arena, map_first):
 
 def test_map_pages_spares_a_new_process_the_write_faults():
     arena = Arena.create(16 << 20)
-    arena.ring[:] = 1  # the pages exist, as after earlier batches
+    arena.ring[:arena.capacity] = 1  # the pages exist, as after earlier batches
     pages = arena.capacity // mmap.PAGESIZE
     assert faults_writing_the_ring_in_a_child(arena, map_first=False) > pages // 2  # fork copies no shm PTEs
     assert faults_writing_the_ring_in_a_child(arena, map_first=True) < pages // 20
@@ -127,17 +127,20 @@ def test_rollback_leaves_nothing_taken():
     assert writer.commit()[1] == 0  # the rolled-back bytes were handed out again
 
 
-def test_a_batch_that_would_run_past_the_end_starts_at_the_beginning():
+def test_a_batch_that_runs_past_the_end_stays_one_range_through_the_mirror():
     arena = Arena.create(4096)
     writer = RingWriter(arena)
     writer.begin(3000)
     fill(writer, 3000, 1)
     end, lo, hi = writer.commit()
     arena.header[0] = end  # released
-    writer.begin(2000)  # 1,024 bytes left before the end: it goes to the start
+    writer.begin(2000)  # 1,088 bytes left before the end: the batch runs on into the mirror
     fill(writer, 2000, 2)
     end2, lo2, hi2 = writer.commit()
-    assert lo2 == 0 and hi2 == 2048 and end2 == arena.capacity + 2048
+    assert (lo2, hi2, end2) == (3008, 5056, 5056)  # no byte skipped at the end
+    view = open_view(None if arena.id in registry._mapped else arena, arena.id, "test-owner", 0, end2, lo2, hi2)
+    assert view.numel() == 2048 and bool((view[:2000] == 2).all())
+    assert bool((arena.ring[:2000 - 1088] == 2).all())  # the part past the end lies at the ring's start
 
 
 def test_full_while_earlier_batches_are_held_never_waits():
@@ -235,13 +238,14 @@ def test_unsent_batches_of_a_dead_writer_are_freed_and_a_live_writer_keeps_its_a
 
 # -- sizing ----------------------------------------------------------------------------------------
 
-def test_capacity_holds_the_batches_in_flight_and_two_held():
-    assert arena_capacity(8 << 20, 2, room=10 << 30, workers=2) == 40 << 20  # (2 + 2) x 8 MiB x 1.25
+def test_capacity_holds_the_batches_in_flight_and_the_workers_share_of_the_two_held():
+    assert arena_capacity(8 << 20, 2, room=10 << 30, workers=2) == 26 << 20  # (2 + 1) x 8 MiB x 1.1, whole MiB
+    assert arena_capacity(8 << 20, 2, room=10 << 30, workers=1) == 35 << 20  # (2 + 2) x 8 MiB x 1.1: one arena
     assert arena_capacity(1 << 10, 2, room=10 << 30, workers=2) == ARENA_MIN_BYTES
 
 
 def test_capacity_stays_within_a_share_of_the_room():
-    assert arena_capacity(8 << 20, 2, room=64 << 20, workers=2) == 32 << 20  # wanted 40 MiB, share 32
+    assert arena_capacity(8 << 20, 2, room=48 << 20, workers=2) == 24 << 20  # wanted 26 MiB, share 24
     assert arena_capacity(8 << 20, 2, room=24 << 20, workers=2) == 0  # 12 MiB cannot hold two batches
     assert arena_capacity(8 << 20, 2, room=-5, workers=2) == 0
 
@@ -259,7 +263,7 @@ def test_the_controller_bounds_a_batch_from_its_cost_model():
     assert unbounded.batch_bytes_bound() == 0
 
 
-def test_with_arenas_each_worker_needs_room_for_its_batches_in_flight_one_held_and_the_wrap():
+def test_with_arenas_each_worker_needs_room_for_its_batches_in_flight_and_its_held_one():
     controller = Controller(user_max_cost=float("inf"), max_batch_size=None, min_cost=1, num_workers=2,
                             prefetch_factor=2)
     common = dict(shm_free=64 << 20, ours_in_shm=0, held_batches=1, fds_in_use=10, fd_soft_limit=1024,
@@ -267,9 +271,9 @@ def test_with_arenas_each_worker_needs_room_for_its_batches_in_flight_one_held_a
     blocks = controller.decide(Observation(**common))
     rings = controller.decide(Observation(**common, arenas=True))
     assert blocks.per_batch_bytes == pytest.approx(0.8 * (64 << 20) / (2 * 2 + 1))
-    assert rings.per_batch_bytes == pytest.approx(0.8 * (64 << 20) / (2 * (2 + 2) * 1.25))
+    assert rings.per_batch_bytes == pytest.approx(0.8 * (64 << 20) / (2 * (2 + 1) * ARENA_MARGIN))
     tight = controller.decide(Observation(**common, arenas=True, arena_capacity=8 << 20))
-    assert tight.per_batch_bytes == pytest.approx((8 << 20) / ((2 + 2) * 1.25))  # they must fit the arena it has
+    assert tight.per_batch_bytes == pytest.approx((8 << 20) / ((2 + 1) * ARENA_MARGIN))  # they must fit the arena it has
 
 
 # -- through real workers ---------------------------------------------------------------------------
@@ -516,7 +520,7 @@ MEMFD_IN_SMALL_SHM = textwrap.dedent("""
             return 1
 
         def __getitem__(self, i):
-            ring = self.arena.ring
+            ring = self.arena.ring[:self.arena.capacity]  # the ring once (it is mapped twice)
             half = ring.size // 2
             seen = int(ring[:half:4096].astype(np.int64).sum())
             ring[half:] = 2
@@ -527,16 +531,17 @@ MEMFD_IN_SMALL_SHM = textwrap.dedent("""
         arena = Arena.create(256 << 20, kind="memfd")
         out["kind"] = arena.kind
         out["blocks"] = os.fstat(arena.region.fileno()).st_blocks * 512
-        half = arena.ring.size // 2
-        arena.ring[:half] = 1
+        ring = arena.ring[:arena.capacity]
+        half = ring.size // 2
+        ring[:half] = 1
         for context in ("fork", "spawn"):
-            arena.ring[half:] = 0
+            ring[half:] = 0
             [batch] = DataLoader(Half(arena), batch_size=None, num_workers=1, multiprocessing_context=context,
                                  timeout=60)
             out[context] = {"seen": int(batch["seen"]), "used_in_worker": int(batch["used_in_worker"]),
-                            "worker_half": int(arena.ring[half::4096].astype(np.int64).sum())}
+                            "worker_half": int(ring[half::4096].astype(np.int64).sum())}
         out["pages"] = len(range(0, half, 4096))
-        out["worker_pages"] = len(range(half, arena.ring.size, 4096))
+        out["worker_pages"] = len(range(half, ring.size, 4096))
         out["used_in_main"] = used()
         out["left"] = os.listdir("/dev/shm")
         print(json.dumps(out))

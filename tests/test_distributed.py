@@ -18,8 +18,13 @@ def torchrun(mode, out, shm_bytes=None):
             str(out)]
     if shm_bytes is not None:
         argv = sandbox_command(argv, shm_bytes)
-    result = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=240,
-                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    try:
+        result = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=240,
+                                env=dict(os.environ, OMP_NUM_THREADS="1"))
+    except subprocess.TimeoutExpired as exc:  # say where it stood: the ranks dump their stacks at 200 s
+        output = "".join(part.decode(errors="replace") if isinstance(part, bytes) else part or ""
+                         for part in (exc.stdout, exc.stderr))  # bytes, whatever text= says
+        pytest.fail(f"torchrun {mode} ran past 240 s; its output so far:\n{output[-6000:]}")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return json.loads(out.read_text())
 

@@ -20,7 +20,7 @@ import torch.multiprocessing
 from multiprocessing.reduction import ForkingPickler
 from torch.utils.data import DataLoader, Dataset
 
-from adaptive_loader.region import MEMFD, SHM, SharedRegion, memfd_available
+from adaptive_loader.region import MEMFD, SHM, SharedRegion, memfd_available, mirrored
 from stress.sandbox import sandbox_available, sandbox_command
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -105,6 +105,62 @@ def test_a_shm_region_leaves_no_name_behind():
     region = SharedRegion.create(1 << 20, SHM)
     assert set(os.listdir("/dev/shm")) == before  # unlinked as soon as it was opened
     region.close()
+
+
+# -- mapped twice, for a ring -------------------------------------------------------------------------
+
+def mappings_of(array):
+    """Lines of /proc/self/maps that lie inside ``array``'s addresses."""
+    lo = array.ctypes.data
+    hi = lo + array.nbytes
+    with open("/proc/self/maps") as maps:
+        spans = [line.split()[0].split("-") for line in maps]
+    return [(int(a, 16), int(b, 16)) for a, b in spans if lo <= int(a, 16) < hi]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_mirrored_maps_the_same_pages_twice_back_to_back(kind):
+    page = 4096
+    region = SharedRegion.create(3 * page, kind)
+    ring = mirrored(region, page, 2 * page)  # the region's last two pages, twice
+    assert ring.size == 4 * page and ring.flags.writeable
+    ring[2 * page - 3:2 * page + 5] = np.arange(8)  # runs past the end: lands at the start
+    assert ring[:5].tolist() == [3, 4, 5, 6, 7] and region.array[page:page + 5].tolist() == [3, 4, 5, 6, 7]
+    ring[1] = 99
+    assert ring[2 * page + 1] == 99  # either half reads the same byte
+    spans = mappings_of(ring)
+    assert spans == [(ring.ctypes.data, ring.ctypes.data + 2 * page),
+                     (ring.ctypes.data + 2 * page, ring.ctypes.data + 4 * page)]  # two mappings, no copy
+
+
+def test_a_mirror_outlives_its_region_and_is_unmapped_with_its_last_view():
+    region = SharedRegion.create(2 * 4096, MEMFD if memfd_available() else SHM)
+    ring = mirrored(region, 0, 8192)
+    tensor = torch.from_numpy(ring[8000:8300])  # across the seam
+    address = ring.ctypes.data
+    region.close()
+    del ring
+    gc.collect()
+    tensor.fill_(7)  # still mapped: the tensor keeps it
+    assert mappings_of_address(address)
+    del tensor
+    gc.collect()
+    assert not mappings_of_address(address)  # gone with the last view
+
+
+def mappings_of_address(address):
+    with open("/proc/self/maps") as maps:
+        return [line for line in maps if int(line.split("-")[0], 16) == address]
+
+
+def test_mirrored_refuses_what_is_not_whole_pages_inside_the_region():
+    region = SharedRegion.create(2 * 4096, SHM)
+    for offset, nbytes in ((0, 100), (100, 4096), (4096, 2 * 4096), (0, 0)):
+        with pytest.raises(ValueError, match="whole pages"):
+            mirrored(region, offset, nbytes)
+    region.close()
+    with pytest.raises(ValueError, match="closed"):
+        mirrored(region, 0, 4096)
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -549,7 +549,9 @@ def test_worker_rules_are_plain_numbers():
     assert rules.off_shm(901, 1000) is not None and rules.off_shm(900, 1000) is None
     assert rules.off_shm(10 ** 12, 0, kind="memfd") is None  # a memfd is not bounded by /dev/shm
     assert rules.keep_arena(119, 100) and not rules.keep_arena(120, 100)
-    assert rules.arena_tight(399, 100) and not rules.arena_tight(400, 100)  # 2 in flight + 2 held
+    assert rules.arena_tight(299, 100) and not rules.arena_tight(300, 100)  # 2 in flight + this worker's held one
+    alone = WorkerRules(batches_in_flight=2, workers=1)
+    assert alone.arena_tight(399, 100) and not alone.arena_tight(400, 100)  # one worker holds both held batches
     assert rules.fds_to_spare(10, 1024, 60) and not rules.fds_to_spare(10, 1024, 63)
     bounded = WorkerRules(keep_free=100, memory_room=1000)  # memfd arenas: the memory room, less what they hold
     assert bounded.arena_room(0, "memfd", reserved=300) == 700 and bounded.arena_room(0, "memfd", 2000) == 0
