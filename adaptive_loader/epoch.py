@@ -69,6 +69,11 @@ class EpochIterator:
                 envelope = next_watched(self._dl_iter)
                 batch = envelope.open()
             except StopIteration:
+                if loader._ledger.feed.hold_after is not None:  # the probe's batch came: plan the rest now
+                    loader._ledger.feed.hold_after = None
+                    loader._pipeline.drop(self._dl_iter)
+                    self._dl_iter = None
+                    continue
                 self.close(completed=True)
                 raise
             except Exception as exc:  # classified: ours to recover from, or the user's
@@ -198,9 +203,9 @@ def after_batch(loader: "AdaptiveLoader", indices: Any, stats: Any, batch: Any, 
                                bytes=stats.batch_bytes)
     rate = loader._rate.update(len(indices))
     fds = loader._fds
-    decide = loader._pipeline.num_workers > 0 and rules.decision_due(
+    decide = loader._pipeline.num_workers > 0 and (controller.probing or rules.decision_due(
         ledger.step, ledger.last_target, ledger.largest_batch,
-        stats.transport in (Road.SHM, *ARENA_ROADS), stats.handles, fds.soft_limit if fds else None)
+        stats.transport in (Road.SHM, *ARENA_ROADS), stats.handles, fds.soft_limit if fds else None))
     telemetry = loader._telemetry
     if not (decide or telemetry.wants_batches):
         return False
@@ -210,6 +215,9 @@ def after_batch(loader: "AdaptiveLoader", indices: Any, stats: Any, batch: Any, 
         decision = controller.decide(observation)  # decide
         ledger.last_target = decision.per_batch_bytes
         rebuild = loader._actuator.apply(decision, epoch)  # act
+        if ledger.feed.hold_after is not None and not controller.probing:
+            ledger.feed.hold_after = None  # the probe's batch is measured: the rest is planned with what it taught
+            rebuild = True  # the running iterator was told there is no more
     if telemetry.wants_batches:  # show
         loader._record_batch(epoch, indices, costs, stats, observation, wait_s, rate)
     return rebuild

@@ -35,6 +35,9 @@ class Feed:
         self.outstanding: Deque[List[int]] = deque()
         self.replay: Deque[List[int]] = deque()
         self.delivered = 0  # batches delivered this epoch
+        # hand out at most this many batches per DataLoader iterator, then end it: under a memory
+        # budget with nothing measured, no batch is planned before the first one is measured
+        self.hold_after: Optional[int] = None
 
     def start(self, source: Iterator[List[int]], skip: int = 0) -> None:
         self.source = source
@@ -62,12 +65,13 @@ class Feed:
             self.source = self.sampler.iter_remaining()
 
     def __iter__(self) -> Iterator[List[int]]:
-        while self.replay:
-            batch = self.replay.popleft()
+        handed = 0
+        while self.hold_after is None or handed < self.hold_after:
+            batch = self.replay.popleft() if self.replay else next(self.source, None)
+            if batch is None:
+                return
             self.outstanding.append(batch)
-            yield batch
-        for batch in self.source:
-            self.outstanding.append(batch)
+            handed += 1
             yield batch
 
     def __len__(self) -> int:

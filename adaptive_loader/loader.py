@@ -419,12 +419,14 @@ class AdaptiveLoader:
         self._epoch_chosen = self._resuming = False
         self._epoch_iterated = self.sampler.epoch
         changed = self.controller.restore_pipeline(self.num_workers, self.prefetch_factor or 1)
-        if self.memory_budget is not None and self.num_workers and self.controller.model.coefficients() is None:
-            changed = self.controller.start_probe() or changed  # nothing measured: one batch in flight first
+        probe = self.memory_budget is not None and self.num_workers and self.controller.model.coefficients() is None
+        if probe:  # nothing measured: one batch in flight first, and none planned before it is measured
+            changed = self.controller.start_probe() or changed
         if changed:
             self._pipeline.drop()  # each epoch starts with the workers and prefetch asked for
         self._pending_give_back, self._rebuild_pending = [], False
         self._ledger.feed.start(iter(self.sampler), skip=self._skip_on_resume)
+        self._ledger.feed.hold_after = 1 if probe else None
         self._skip_on_resume = 0
         return self.sampler.epoch
 

@@ -62,6 +62,10 @@ def test_what_the_loader_holds_stays_under_the_budget_from_the_first_batch(arena
     # asked for, the second worker would have loaded most of a batch of its own by then.
     assert first["samples"] == first["first"] == 16, first
     assert fallbacks.get("fewer_in_flight") == 1 and set(depths) == {(1, 1)}  # 2x4 asked, 1x1 fits
+    # Nor was a second batch planned before the first was measured (DataLoader asks for the next
+    # indices as a batch arrives, before the loader has seen it): it already has the lowered budget.
+    sizes = [r["samples"] for r in batches]
+    assert sizes[0] == 16 and max(sizes[1:]) < 16, sizes
 
 
 def test_the_depth_asked_for_comes_back_after_the_first_batch_when_it_fits(tmp_path):

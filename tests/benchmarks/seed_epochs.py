@@ -1,7 +1,7 @@
 """Epochs of AdaptiveLoader on the stress ``seed`` scenario; prints their seconds as JSON.
 
 Run by ``compare_loaders.py`` twice, with the same dataset: once in a private 64 MiB /dev/shm
-(``stress.sandbox``) and once on the machine's own, so the two differ only in shm.
+(``stress.sandbox``) and once in a private 8 GiB one, so the two differ only in shm size.
 
     python tests/benchmarks/seed_epochs.py --dataset-for 64M --epochs 6
 """
