@@ -18,10 +18,10 @@ is the place), each batch takes one contiguous range, and the main process
 frees ranges in the order they were taken: the ring's tail moves past a batch
 once the user has dropped every tensor of it and of all earlier batches of
 that worker (a ``weakref.finalize`` on the batch's buffer, whatever thread
-drops it). The ring is mapped twice, back to back (:func:`~adaptive_loader.region.mirrored`),
-so a batch that runs past the ring's end is still one contiguous range and no
-space is skipped at the end. A batch that does not fit never waits: the
-worker sends it another way. The header holds what both sides must see: the tail (written by
+drops it). The ring is mapped twice, back to back (``region.mirrored``), so
+a batch that runs past the ring's end is still one contiguous range and no
+space is skipped there. A batch that does not fit never waits: the worker
+sends it another way. The header holds what both sides must see: the tail (written by
 the main process), the head (written by the worker, so a worker started
 later continues where the last one stopped), whether the main process has
 mapped the region, and the writing worker's pid.

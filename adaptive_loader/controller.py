@@ -384,8 +384,8 @@ def arena_capacity(batch_bytes: float, batches_in_flight: int, room: float, work
 
     Room for its ``batches_in_flight`` batches plus its share of the ``HELD_BATCHES`` (the ring is
     mapped twice, so no slot is lost where it wraps), each as large as the largest batch expected
-    (``batch_bytes``: measured in the worker, or the cost model's bound for the budget), plus ``ARENA_MARGIN``; at least
-    ``ARENA_MIN_BYTES``; at most an equal share of ``room``, the shm this loader
+    (``batch_bytes``: measured in the worker, or the cost model's bound for the budget), plus
+    ``ARENA_MARGIN``; at least ``ARENA_MIN_BYTES``; at most an equal share of ``room``, the shm this loader
     may still fill. 0 when that share cannot hold two batches: the batches
     would mostly miss the arena and it would only take space.
     """

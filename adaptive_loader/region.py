@@ -184,7 +184,8 @@ class _Unmap:
         self.address, self.nbytes = address, nbytes
 
     def __del__(self) -> None:
-        _mmap_calls().munmap(self.address, self.nbytes)
+        if _libc is not None:  # None at interpreter exit, when the process's mappings go anyway
+            _libc.munmap(self.address, self.nbytes)
 
 
 def mirrored(region: SharedRegion, offset: int, nbytes: int) -> np.ndarray:

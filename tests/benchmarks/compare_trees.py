@@ -60,7 +60,8 @@ def main() -> None:
     for tree, runs in results.items():
         vanilla = statistics.median(r["vanilla DataLoader"] for r in runs)
         ours = statistics.median(r["AdaptiveLoader"] for r in runs)
-        print(f"  {tree:40}  vanilla {vanilla:.3f} s  AdaptiveLoader {ours:.3f} s  vanilla / adaptive {vanilla / ours:.2f}")
+        print(f"  {tree:40}  vanilla {vanilla:.3f} s  AdaptiveLoader {ours:.3f} s  "
+              f"vanilla / adaptive {vanilla / ours:.2f}")
 
 
 if __name__ == "__main__":
