@@ -16,7 +16,7 @@ import numpy as np
 
 __all__ = ["CostModel", "Observation", "Decision", "Controller", "arena_capacity", "arena_plan", "decision_due",
            "fds_due", "memory_due", "fd_pressure", "strategy_after_failure", "format_cost", "HELD_BATCHES",
-           "held_per_worker"]
+           "held_per_worker", "arena_batches_needed"]
 
 
 #: Batches the user may hold at once besides those in flight: the one in hand, and the last one,
@@ -374,9 +374,14 @@ ARENA_MIN_BYTES = 16 << 20  # below this a ring of small batches grows too often
 ARENA_MARGIN = 1.1
 
 
+def arena_batches_needed(batches_in_flight: int, workers: int) -> int:
+    """Batches one worker's arena must hold at once: those in flight and its share of the held ones."""
+    return batches_in_flight + held_per_worker(workers)
+
+
 def _arena_batches(batches_in_flight: int, workers: int) -> float:
-    """One worker's arena, in batches: those in flight, its share of the held ones, and the margin."""
-    return (batches_in_flight + held_per_worker(workers)) * ARENA_MARGIN
+    """One worker's arena, in batches: what it must hold, with the margin."""
+    return arena_batches_needed(batches_in_flight, workers) * ARENA_MARGIN
 
 
 def arena_capacity(batch_bytes: float, batches_in_flight: int, room: float, workers: int) -> int:

@@ -434,8 +434,7 @@ class AdaptiveLoader:
         controller = self.controller
         workers = controller.num_workers if self.num_workers else 0
         hint = max(self._ledger.recent_batches, default=0)  # measured, not the model's worst case
-        held = sum(a.nbytes for a in self._pipeline.current_arenas().values())
-        room = self._memory_room(held)
+        room = self._memory_room(self._pipeline.arena_bytes())
         return self._pipeline.start_iterator(workers, controller.prefetch_factor if workers else None,
                                              self._arena_plan, hint, UNBOUNDED if room is None else int(room))
 
@@ -450,7 +449,7 @@ class AdaptiveLoader:
         if not ledger.recent_batches:
             return None
         current = pipeline.current_arenas()
-        held = sum(a.nbytes for a in current.values())
+        held = pipeline.arena_bytes()
         if pipeline.arena_kind == "memfd":
             room = self._memory_room(held)
             if room is None:

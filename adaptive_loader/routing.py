@@ -10,9 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from .controller import HELD_BATCHES, arena_capacity, held_per_worker
+from .controller import arena_batches_needed, arena_capacity
 
-__all__ = ["WorkerRules", "UNBOUNDED", "GROW_WHEN_WANTED_OVER", "HELD_BATCHES", "FD_HEADROOM_FACTOR", "FD_SHARE",
+__all__ = ["WorkerRules", "UNBOUNDED", "GROW_WHEN_WANTED_OVER", "FD_HEADROOM_FACTOR", "FD_SHARE",
            "FDS_REREAD_EVERY"]
 
 GROW_WHEN_WANTED_OVER = 1.2  # a new arena only when the wanted one is this much bigger: else not worth it
@@ -79,7 +79,7 @@ class WorkerRules:
     def arena_tight(self, current: int, batch_bytes: int) -> bool:
         """Whether an arena of ``current`` bytes is too small for the batches in flight and held:
         the main process then caps the budget until it is replaced."""
-        return current < (self.batches_in_flight + held_per_worker(self.workers)) * batch_bytes
+        return current < arena_batches_needed(self.batches_in_flight, self.workers) * batch_bytes
 
     def fds_to_spare(self, fds_in_use: int, fd_soft_limit: int, handles: int) -> bool:
         """Whether a worker with ``fds_in_use`` may send a batch that carries ``handles`` fds."""
