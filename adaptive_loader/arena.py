@@ -13,8 +13,8 @@ with ``posix_fallocate`` (a shortage fails at ``create``, never later with
 SIGBUS), nobody else can open it, nothing is left behind if the job dies.
 Its fd travels to the main process once, with the first batch.
 
-Space is handed out as a ring. Positions only grow (``position % capacity``
-is the place), each batch takes one contiguous range, and the main process
+Space is handed out as a ring. Positions only grow (``(position - base) %
+capacity`` is the place), each batch takes one contiguous range, and the main process
 frees ranges in the order they were taken: the ring's tail moves past a batch
 once the user has dropped every tensor of it and of all earlier batches of
 that worker (a ``weakref.finalize`` on the batch's buffer, whatever thread
@@ -24,7 +24,13 @@ space is skipped there. A batch that does not fit never waits: the worker
 sends it another way. The header holds what both sides must see: the tail (written by
 the main process), the head (written by the worker, so a worker started
 later continues where the last one stopped), whether the main process has
-mapped the region, and the writing worker's pid.
+mapped the region, the writing worker's pid, and the ring's base and capacity.
+
+A ring grows in place (:meth:`Arena.grow`) when its batches outgrow it: the
+region is reserved further and mapped again, the batches on it stay where they
+are, and the main process maps the larger ring from the fd it already has.
+Replacing the arena instead would hold the old one and the new one at once,
+while the old one's batches are in use.
 """
 
 from __future__ import annotations
@@ -47,8 +53,8 @@ __all__ = ["Arena", "RingWriter", "ArenaFull", "ArenaUnavailable", "open_view", 
 
 ALIGN = 64  # bytes; every allocation starts on such a boundary
 _HEADER = mmap.PAGESIZE  # bytes before the ring (whole pages: the ring is mapped on its own)
-_FIELDS = 4  # int64 slots at the header's start:
-_TAIL, _HEAD, _MAPPED, _WRITER = range(_FIELDS)
+_FIELDS = 6  # int64 slots at the header's start:
+_TAIL, _HEAD, _MAPPED, _WRITER, _BASE, _CAPACITY = range(_FIELDS)
 
 
 class ArenaFull(Exception):
@@ -84,33 +90,79 @@ class Arena:
         self.region = region
         self.id = arena_id
         self.kind = region.kind
-        self.nbytes = region.nbytes
-        self.capacity = self.nbytes - _HEADER
         self.header = region.array[:_FIELDS * 8].view(np.int64)
-        try:
-            self.ring = mirrored(region, _HEADER, self.capacity)
-        except OSError as exc:
-            raise ArenaUnavailable(exc.errno, f"could not map an arena's ring: {exc.strerror}") from exc
+        self.ring: Optional[np.ndarray] = None
+        self._ring_capacity = 0
+        self.ring_for(self.capacity)
 
     @classmethod
     def create(cls, capacity: int, kind: Optional[str] = None, shm_path: str = "/dev/shm") -> "Arena":
         """Reserve ``capacity`` bytes (plus the header) of ``kind`` (``"memfd"``, ``"shm"``; by default
         :func:`default_kind`); :class:`ArenaUnavailable` if the memory cannot be reserved."""
-        if isinstance(capacity, bool) or not isinstance(capacity, int):
-            raise TypeError(f"capacity must be an int, not {type(capacity).__name__}")
-        if capacity <= 0:
-            raise ValueError(f"capacity must be > 0 bytes, got {capacity}")
+        _check_capacity(capacity)
         kind = default_kind() if kind is None else kind
-        nbytes = _HEADER + _aligned(capacity, mmap.PAGESIZE)
+        capacity = _aligned(capacity, mmap.PAGESIZE)
         try:
-            region = SharedRegion.create(nbytes, kind, shm_path)
+            region = SharedRegion.create(_HEADER + capacity, kind, shm_path)
         except OSError as exc:
-            raise ArenaUnavailable(exc.errno, f"could not reserve a {kind} arena of {nbytes} B: "
+            raise ArenaUnavailable(exc.errno, f"could not reserve a {kind} arena of {_HEADER + capacity} B: "
                                    f"{exc.strerror}") from exc
+        region.array[_CAPACITY * 8:(_CAPACITY + 1) * 8].view(np.int64)[0] = capacity
         return cls(region, uuid.uuid4().hex)
 
     def __reduce__(self):
         return Arena, (self.region, self.id)
+
+    @property
+    def capacity(self) -> int:
+        """The ring's bytes now (the writer grows it; every process reads it from the header)."""
+        return int(self.header[_CAPACITY])
+
+    @property
+    def nbytes(self) -> int:
+        """What the arena reserves: its header page and its ring."""
+        return _HEADER + self.capacity
+
+    def ring_for(self, capacity: int) -> np.ndarray:
+        """The ring as mapped when it had ``capacity`` bytes (a batch is read through the ring it was
+        written in); a larger one than mapped so far becomes ``ring``."""
+        if capacity == self._ring_capacity:
+            return self.ring
+        try:
+            ring = mirrored(self.region, _HEADER, capacity)
+        except OSError as exc:
+            raise ArenaUnavailable(exc.errno, f"could not map an arena's ring: {exc.strerror}") from exc
+        if capacity > self._ring_capacity:
+            self.ring, self._ring_capacity = ring, capacity
+        return ring
+
+    def grow(self, capacity: int) -> bool:
+        """Make the ring ``capacity`` bytes (more than now) in place (writer side). The batches on it
+        keep their bytes where they are, so this works only while they do not run past the ring's
+        end: False (nothing changed) when they do, try again at a later batch. ArenaUnavailable
+        when the memory cannot be reserved."""
+        _check_capacity(capacity)
+        old, capacity = self.capacity, _aligned(capacity, mmap.PAGESIZE)
+        if capacity <= old:
+            raise ValueError(f"an arena grows: {capacity} B is not more than its {old} B")
+        tail, head = int(self.header[_TAIL]), int(self.header[_HEAD])  # a stale tail only errs on the safe side
+        start = (tail - int(self.header[_BASE])) % old
+        if start + head - tail > old:
+            return False
+        try:
+            self.region.extend(_HEADER + capacity)
+        except OSError as exc:
+            raise ArenaUnavailable(exc.errno, f"could not grow a {self.kind} arena to {_HEADER + capacity} B: "
+                                   f"{exc.strerror}") from exc
+        self.ring_for(capacity)
+        self.header[_BASE] = tail - start  # the batches on the ring keep their offsets under the new capacity
+        self.header[_CAPACITY] = capacity
+        self.map_pages()
+        return True
+
+    def offset_of(self, position: int) -> int:
+        """Where ring ``position`` lies in ``ring`` (in its first half)."""
+        return (position - int(self.header[_BASE])) % self.capacity
 
     def map_pages(self) -> None:
         """Map the whole region into this process's page tables, before writing into it.
@@ -129,6 +181,13 @@ class Arena:
         return torch.from_numpy(self.ring[offset:offset + nbytes])
 
 
+def _check_capacity(capacity: int) -> None:
+    if isinstance(capacity, bool) or not isinstance(capacity, int):
+        raise TypeError(f"capacity must be an int, not {type(capacity).__name__}")
+    if capacity <= 0:
+        raise ValueError(f"capacity must be > 0 bytes, got {capacity}")
+
+
 class RingWriter:
     """The worker's side: takes one contiguous range of the ring per batch.
 
@@ -141,7 +200,8 @@ class RingWriter:
         self.arena = arena
         self.arena.header[_WRITER] = os.getpid()
         self.arena.map_pages()
-        self._lo = self._cursor = -1  # the open batch: its first byte and the next free one
+        self._lo = self._cursor = -1  # the open batch: its first position and the next free one
+        self._at = 0  # where the open batch starts in the ring
 
     @property
     def announced(self) -> bool:
@@ -159,30 +219,30 @@ class RingWriter:
         if expected > capacity or head + expected - int(self.arena.header[_TAIL]) > capacity:
             raise ArenaFull(f"{expected} B needed, {self.room()} B of {capacity} B free")
         self._lo = self._cursor = head
+        self._at = self.arena.offset_of(head)
 
     def alloc(self, nbytes: int) -> torch.Tensor:
         """``nbytes`` of the open batch, right after its previous piece; ArenaFull if they do not fit."""
         end = self._cursor + _aligned(nbytes)
         if end - int(self.arena.header[_TAIL]) > self.arena.capacity:
             raise ArenaFull(f"{nbytes} B more do not fit after {self._cursor - self._lo} B of this batch")
-        piece = self.arena.ring_tensor(self._lo % self.arena.capacity + self._cursor - self._lo, nbytes)
+        piece = self.arena.ring_tensor(self._at + self._cursor - self._lo, nbytes)
         self._cursor = end
         return piece
 
     def offset(self, tensor: torch.Tensor) -> Optional[int]:
         """Where ``tensor``'s data lies relative to the open batch's first byte, if in it."""
-        base = self.arena.ring.ctypes.data + self._lo % self.arena.capacity
+        base = self.arena.ring.ctypes.data + self._at
         offset = tensor.data_ptr() - base
         return offset if 0 <= offset < self._cursor - self._lo else None
 
-    def commit(self) -> Tuple[int, int, int]:
-        """Publish the batch; its handle ``(end, lo, hi)``: where the ring is free again once
-        it is released, and the bytes ``[lo, hi)`` of the ring that hold it."""
+    def commit(self) -> Tuple[int, int, int, int]:
+        """Publish the batch; its handle ``(end, lo, hi, capacity)``: where the ring is free again once
+        it is released, and the bytes ``[lo, hi)`` of the ring of ``capacity`` bytes that hold it."""
         lo, end = self._lo, self._cursor
         self.arena.header[_HEAD] = end
         self._lo = self._cursor = -1
-        offset = lo % self.arena.capacity
-        return end, offset, offset + (end - lo)
+        return end, self._at, self._at + (end - lo), self.arena.capacity
 
     def rollback(self) -> None:
         self._lo = self._cursor = -1
@@ -191,9 +251,12 @@ class RingWriter:
 class _Mapped:
     """The main process's side of one arena: open batches in ring order, and the tail."""
 
-    def __init__(self, arena: Arena) -> None:
+    def __init__(self, arena: Arena, capacity: int) -> None:
         self.arena = arena
         self.pending: Deque[List] = deque()  # [end position, released], in the order the batches were taken
+        # the largest ring a batch received here was written in; the arena may have grown since, and the
+        # batch that tells of it is in flight (the loader counts those bytes there until it arrives)
+        self.capacity = capacity
         arena.header[_MAPPED] = 1
 
     def release(self, entry: List) -> None:
@@ -228,13 +291,16 @@ class _Registry:
         self._mapped: Dict[str, _Mapped] = {}
         self._current: Dict[str, Dict[int, str]] = {}  # owner -> worker id -> arena id
 
-    def receive(self, arena: Optional[Arena], arena_id: str, owner: str, worker: int) -> _Mapped:
+    def receive(self, arena: Optional[Arena], arena_id: str, owner: str, worker: int,
+                capacity: Optional[int] = None) -> _Mapped:
+        """The arena, mapped here if new: brought by a batch written in a ring of ``capacity`` bytes,
+        or (``capacity`` None) made by this process."""
         with self.lock:
             mapped = self._mapped.get(arena_id)
             if mapped is None:
                 if arena is None:
                     raise RuntimeError(f"a batch refers to shm arena {arena_id}, which never reached this process")
-                mapped = self._mapped[arena_id] = _Mapped(arena)
+                mapped = self._mapped[arena_id] = _Mapped(arena, arena.capacity if capacity is None else capacity)
                 replaced = self._current.setdefault(owner, {}).get(worker)
                 self._current[owner][worker] = arena_id
                 if replaced is not None:
@@ -278,8 +344,10 @@ class _Registry:
                 self._mapped.pop(arena_id, None)
 
     def mapped_bytes(self, owner: str) -> int:
+        """What the owner's current arenas hold, as far as the batches received here tell: what an
+        arena grew by since is counted with the batch in flight that will tell it."""
         with self.lock:
-            return sum(self._mapped[i].arena.nbytes for i in self._current.get(owner, {}).values()
+            return sum(_HEADER + self._mapped[i].capacity for i in self._current.get(owner, {}).values()
                        if i in self._mapped)
 
 
@@ -287,14 +355,16 @@ registry = _Registry()
 
 
 def open_view(arena: Optional[Arena], arena_id: str, owner: str, worker: int, end: int, lo: int,
-              hi: int) -> torch.Tensor:
-    """The batch's bytes ``[lo, hi)`` of the ring as a uint8 tensor viewing the arena. When the
-    last tensor built on it is gone, the ring up to ``end`` can go back to the writer."""
-    mapped = registry.receive(arena, arena_id, owner, worker)
+              hi: int, capacity: int) -> torch.Tensor:
+    """The batch's bytes ``[lo, hi)`` of the ring (of ``capacity`` bytes when it was written) as a
+    uint8 tensor viewing the arena. When the last tensor built on it is gone, the ring up to ``end``
+    can go back to the writer."""
+    mapped = registry.receive(arena, arena_id, owner, worker, capacity)
     entry = [end, False]
-    with registry.lock:
+    with registry.lock:  # the pin-memory thread opens batches too
         mapped.pending.append(entry)
-    buffer = mapped.arena.ring[lo:hi]  # a new array object per batch: its finalizer is this batch's
+        mapped.capacity = max(mapped.capacity, capacity)
+        buffer = mapped.arena.ring_for(capacity)[lo:hi]  # a new array object per batch: its finalizer is this batch's
     weakref.finalize(buffer, mapped.release, entry)
     return torch.from_numpy(buffer)
 

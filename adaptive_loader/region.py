@@ -111,6 +111,17 @@ class SharedRegion:
             raise
         return cls(fd, nbytes, kind)
 
+    def extend(self, nbytes: int) -> None:
+        """Reserve the fd's memory up to ``nbytes`` (more than now); OSError when it cannot be had.
+        ``array`` keeps its size: map what lies past it with :func:`mirrored`."""
+        size = self.size()
+        if nbytes > size:
+            os.posix_fallocate(self.fileno(), size, nbytes - size)
+
+    def size(self) -> int:
+        """The bytes the fd holds now (``nbytes`` or more, once extended)."""
+        return os.fstat(self.fileno()).st_size
+
     @property
     def closed(self) -> bool:
         return not self._close_fd.alive
@@ -198,9 +209,10 @@ def mirrored(region: SharedRegion, offset: int, nbytes: int) -> np.ndarray:
     system refuses it.
     """
     page = mmap.PAGESIZE
-    if offset % page or nbytes % page or nbytes <= 0 or offset + nbytes > region.nbytes:
+    size = region.size()
+    if offset % page or nbytes % page or nbytes <= 0 or offset + nbytes > size:
         raise ValueError(f"bytes [{offset}, {offset + nbytes}) are not whole pages inside a region of "
-                         f"{region.nbytes} B")
+                         f"{size} B")
     libc = _mmap_calls()
     failed = ctypes.c_void_p(-1).value
     # reserve the address range, then put the same pages at both halves of it

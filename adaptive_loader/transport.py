@@ -74,8 +74,8 @@ class BatchStats:
     worker_id: int
     worker_pid: int
     arena_miss: Optional[str] = None  # why the batch did not go through the arena, if it could have
-    arena_new_bytes: int = 0  # the size of an arena this batch brings for the first time
-    arena_capacity: int = 0  # the worker's ring once found too small for its batches in flight, until replaced
+    arena_new_bytes: int = 0  # arena bytes (a new arena, or what one grew by) this batch first tells of
+    arena_capacity: int = 0  # the worker's ring once found too small for its batches in flight and unable to grow
     block_kind: Optional[str] = None  # Road.SHM: "memfd" or "shm", what the block is
 
 
@@ -249,7 +249,7 @@ class MeasuredCollate:
 
     def _arena_writer(self, expected: int, free: int, worker_id: int):
         """This worker's ring writer, made or grown when the batches outgrow it: ``(writer, None)``
-        or ``(writer or None, why a new one could not be made)``."""
+        or ``(writer or None, why it could not be made or grown)``."""
         self._recent.append(expected)
         if self._writer is None and worker_id in self.arenas:
             self._writer = RingWriter(self.arenas.pop(worker_id))  # continue the arena of the last worker
@@ -260,26 +260,32 @@ class MeasuredCollate:
         wanted = self.rules.arena_wanted(batch, room, reserved)
         current = self._writer.arena.capacity if self._writer is not None else 0
         tight = self.rules.arena_tight(current, batch)
-        if tight:  # until a new arena: else the budget swings
-            self._tight_capacity = current
         if self._writer is not None and self.rules.keep_arena(wanted, current) and not tight:
             return self._writer, None
-        if wanted == 0 or wanted > room:
-            return self._writer, (f"no room for an arena: {room} B of {'shm' if self.kind == 'shm' else 'memory'} "
-                                  f"left above the safety line, "
+        if wanted <= current or wanted - current > room:
+            if tight:  # until it can grow: else the budget swings
+                self._tight_capacity = current
+            return self._writer, (f"no room for {'a larger' if current else 'an'} arena: {room} B of "
+                                  f"{'shm' if self.kind == 'shm' else 'memory'} left above the safety line, "
                                   f"{reserved} B in arenas, batches of up to {batch} B")
+        self._tight_capacity = 0  # there is room: the arena is made or grows now, or at a later batch
+        before = self._writer.arena.nbytes if self._writer is not None else 0
         try:
-            arena = Arena.create(wanted, kind=self.kind, shm_path=self.shm_path)
+            if self._writer is None:
+                self._writer = RingWriter(Arena.create(wanted, kind=self.kind, shm_path=self.shm_path))
+            elif not self._writer.arena.grow(wanted):
+                return self._writer, None  # its batches run past the ring's end now: it grows at a later batch
         except (RuntimeError, OSError) as exc:
             if not _is_resource_error(exc):
                 raise
+            if tight:
+                self._tight_capacity = current
             return self._writer, f"could not reserve an arena of {wanted} B: {exc}"
-        self._writer = RingWriter(arena)
-        self._tight_capacity = 0
         self._publish_arena_size(worker_id)
+        added = self._writer.arena.nbytes - before
         if self.allocated is not None:
-            self.allocated[worker_id] += arena.nbytes  # in flight until the main process maps it
-        self._unreported_arena_bytes += arena.nbytes
+            self.allocated[worker_id] += added  # in flight until a batch tells the main process
+        self._unreported_arena_bytes += added
         return self._writer, None
 
     def _publish_arena_size(self, worker_id: int) -> None:
@@ -374,18 +380,18 @@ def pack_into_arena(batch: Any, writer: RingWriter, arena: Optional[Arena], owne
             offset = writer.offset(target) if piece.numel() else 0
             target.copy_(piece)
         offsets.append(offset)
-    end, lo, hi = writer.commit()
+    place = writer.commit()
     handles = encoded.shared_handles + (arena is not None)
     payload = ForkingPickler.dumps((encoded.structure, encoded.tensors, offsets, encoded.sizes, arena,
-                                    writer.arena.id, owner, worker_id, end, lo, hi, encoded.shared),
+                                    writer.arena.id, owner, worker_id, place, encoded.shared),
                                    pickle.HIGHEST_PROTOCOL)
     return bytes(payload), handles
 
 
 def unpack_from_arena(data: bytes) -> Any:
     """The batch again, its tensors views of the worker's arena."""
-    structure, tensors, offsets, sizes, arena, arena_id, owner, worker_id, end, lo, hi, shared = pickle.loads(data)
-    base = open_view(arena, arena_id, owner, worker_id, end, lo, hi).numpy()
+    structure, tensors, offsets, sizes, arena, arena_id, owner, worker_id, place, shared = pickle.loads(data)
+    base = open_view(arena, arena_id, owner, worker_id, *place).numpy()
     return decode(structure, tensors, piece_views(base, offsets, sizes), shared)
 
 

@@ -7,12 +7,14 @@ import gc
 import json
 import mmap
 import os
+import pickle
 import resource
 import shutil
 import stat
 import subprocess
 import sys
 import textwrap
+from multiprocessing.reduction import ForkingPickler
 
 import pytest
 import torch
@@ -110,10 +112,10 @@ def test_batches_take_consecutive_ranges_and_report_them():
     writer.begin(100)
     fill(writer, 100, 1)
     fill(writer, 10, 2)
-    assert writer.commit() == (2 * ALIGN + ALIGN, 0, 3 * ALIGN)  # end position, bytes [lo, hi) of the ring
+    assert writer.commit() == (2 * ALIGN + ALIGN, 0, 3 * ALIGN, 4096)  # end position, bytes [lo, hi) of a 4 KiB ring
     writer.begin(64)
     fill(writer, 64, 3)
-    assert writer.commit() == (4 * ALIGN, 3 * ALIGN, 4 * ALIGN)
+    assert writer.commit() == (4 * ALIGN, 3 * ALIGN, 4 * ALIGN, 4096)
 
 
 def test_rollback_leaves_nothing_taken():
@@ -132,15 +134,75 @@ def test_a_batch_that_runs_past_the_end_stays_one_range_through_the_mirror():
     writer = RingWriter(arena)
     writer.begin(3000)
     fill(writer, 3000, 1)
-    end, lo, hi = writer.commit()
+    end, lo, hi, _ = writer.commit()
     arena.header[0] = end  # released
     writer.begin(2000)  # 1,088 bytes left before the end: the batch runs on into the mirror
     fill(writer, 2000, 2)
-    end2, lo2, hi2 = writer.commit()
-    assert (lo2, hi2, end2) == (3008, 5056, 5056)  # no byte skipped at the end
-    view = open_view(None if arena.id in registry._mapped else arena, arena.id, "test-owner", 0, end2, lo2, hi2)
+    place = writer.commit()
+    assert place == (5056, 3008, 5056, 4096)  # no byte skipped at the end
+    view = open_view(None if arena.id in registry._mapped else arena, arena.id, "test-owner", 0, *place)
     assert view.numel() == 2048 and bool((view[:2000] == 2).all())
     assert bool((arena.ring[:2000 - 1088] == 2).all())  # the part past the end lies at the ring's start
+
+
+def test_an_arena_grows_in_place_and_the_batches_on_it_stay_where_they_are():
+    arena = Arena.create(4 * 4096)
+    writer = RingWriter(arena)
+    old = batch_on(writer, "t-grow", 10000, 1)  # opened at 16 KiB: the view reads the ring it was written in
+    size_before = os.fstat(arena.region.fileno()).st_size
+    try:
+        assert arena.grow(8 * 4096) is True
+        assert arena.capacity == 8 * 4096 and arena.nbytes == 9 * 4096
+        assert os.fstat(arena.region.fileno()).st_size == size_before + 4 * 4096  # the same fd, reserved further
+        assert bool((old[:10000] == 1).all())
+        new = batch_on(writer, "t-grow", 20000, 2)  # did not fit before: 16 KiB - 10,048 B were free
+        assert bool((new[:20000] == 2).all()) and bool((old[:10000] == 1).all())
+        assert bool((arena.ring[10048:10048 + 20000] == 2).all())  # right after the first batch
+        del old, new
+        gc.collect()
+        assert writer.room() == arena.capacity
+    finally:
+        registry.forget("t-grow")
+
+
+def test_the_main_process_counts_what_an_arena_grew_by_once_a_batch_written_in_it_arrives():
+    arena = Arena.create(4 * 4096)
+    writer = RingWriter(arena)
+    writer.begin(1000)
+    fill(writer, 1000, 1)
+    first = writer.commit()
+    assert arena.grow(8 * 4096)
+    writer.begin(1000)
+    fill(writer, 1000, 2)
+    second = writer.commit()
+    try:
+        shipped = pickle.loads(ForkingPickler.dumps(arena))  # as the main process gets it: the header says 32 KiB
+        view = open_view(shipped, arena.id, "t-count", 0, *first)
+        assert registry.mapped_bytes("t-count") == 5 * 4096  # the first batch tells of the 16 KiB ring only
+        view2 = open_view(None, arena.id, "t-count", 0, *second)
+        assert registry.mapped_bytes("t-count") == 9 * 4096
+        assert bool((view[:1000] == 1).all()) and bool((view2[:1000] == 2).all())
+    finally:
+        registry.forget("t-count")
+
+
+def test_an_arena_does_not_grow_while_its_batches_run_past_its_end():
+    arena = Arena.create(4096)
+    writer = RingWriter(arena)
+    writer.begin(3000)
+    fill(writer, 3000, 1)
+    arena.header[0] = writer.commit()[0]  # released
+    writer.begin(2000)
+    fill(writer, 2000, 2)
+    end = writer.commit()[0]  # bytes 3,008 to 5,056: past the end
+    assert arena.grow(8192) is False and arena.capacity == 4096  # nothing changed
+    arena.header[0] = end  # released: the ring is empty
+    assert arena.grow(8192) is True and arena.capacity == 8192
+    writer.begin(7000)
+    fill(writer, 7000, 3)
+    assert writer.commit()[1:] == (960, 960 + 7040, 8192)  # it goes on where the head was (960 = 5,056 - 4,096)
+    with pytest.raises(ValueError, match="grows"):
+        arena.grow(4096)
 
 
 def test_full_while_earlier_batches_are_held_never_waits():
@@ -166,8 +228,7 @@ def test_a_batch_larger_than_the_ring_is_refused():
 def batch_on(writer, owner, nbytes, value):
     writer.begin(nbytes)
     fill(writer, nbytes, value)
-    end, lo, hi = writer.commit()
-    return open_view(writer.arena, writer.arena.id, owner, 0, end, lo, hi)
+    return open_view(writer.arena, writer.arena.id, owner, 0, *writer.commit())
 
 
 def test_views_see_what_the_writer_wrote_and_release_when_dropped():
@@ -206,7 +267,7 @@ def test_release_is_in_ring_order_whatever_order_batches_are_dropped():
 
 def test_an_unknown_arena_is_a_clear_error():
     with pytest.raises(RuntimeError, match="never reached this process"):
-        open_view(None, "no-such-arena", "t-unknown", 0, 64, 0, 64)
+        open_view(None, "no-such-arena", "t-unknown", 0, 64, 0, 64, 4096)
 
 
 def test_unsent_batches_of_a_dead_writer_are_freed_and_a_live_writer_keeps_its_arena():
@@ -372,6 +433,94 @@ def test_the_next_epochs_workers_continue_the_same_arenas():
             assert sorted(seen) == list(range(48))
     assert sum(b > 0 for b in new_arena_bytes[:12]) == 2
     assert sum(b > 0 for b in new_arena_bytes[12:]) == 0
+
+
+class Growing(Dataset):
+    """Samples of 1 MiB, then of 4 MiB, filled with their index: each worker's first batch is small,
+    its later ones do not fit the arena sized for it."""
+
+    def __init__(self, n=32):
+        self.n = n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        return torch.full((1 << 18 if i < self.n // 4 else 1 << 20,), float(i))
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("context", ["fork", "spawn"])
+def test_arenas_grow_in_place_when_the_batches_outgrow_them_and_the_next_workers_continue_them(context):
+    loader = AdaptiveLoader(Growing(), max_batch_size=4, num_workers=2, collate_fn=list_collate,
+                            multiprocessing_context=context)
+    arenas, new_bytes, roads = {}, {(e, w): [] for e in (0, 1) for w in (0, 1)}, []
+    original = loader._after_batch
+
+    def spy(indices, stats, batch, wait_s, epoch):
+        assert [int(t[0]) for t in batch] == list(indices) and all(bool((t == t[0]).all()) for t in batch)
+        roads.append(stats.transport)
+        if stats.arena_new_bytes:
+            new_bytes[epoch, stats.worker_id].append(stats.arena_new_bytes)
+        for worker, arena in loader._pipeline.current_arenas().items():
+            arenas.setdefault(worker, []).append((arena.id, arena.capacity))
+        return original(indices, stats, batch, wait_s, epoch)
+
+    loader._after_batch = spy
+    with loader:
+        for _ in range(2):
+            assert sum(len(batch) for batch in loader) == 32
+        mapped = loader._pipeline.arena_bytes()  # what the main process counts: the rings it mapped, once
+    assert mapped == sum(seen[-1][1] + mmap.PAGESIZE for seen in arenas.values())
+    assert len(roads) == 16 and set(roads) <= set(ARENA_ROADS)
+    for worker, seen in arenas.items():
+        assert len({arena_id for arena_id, _ in seen}) == 1  # one arena all along, both epochs: never replaced
+        capacities = [capacity for _, capacity in seen]
+        assert capacities == sorted(capacities)
+        made, *grown = new_bytes[0, worker]  # the batches that brought the main process news of the arena
+        assert made == ARENA_MIN_BYTES + mmap.PAGESIZE and grown  # sized for the first batch, then grown
+        assert sum(new_bytes[0, worker]) == capacities[-1] + mmap.PAGESIZE  # the loader counted what it grew by
+        assert new_bytes[1, worker] == []  # the second epoch's workers write into the grown ring as it is
+
+
+def test_a_bigger_batch_waits_to_grow_the_arena_until_its_batches_stop_wrapping(monkeypatch, tmp_path):
+    """While the batches open in the main process run past the ring's end the arena cannot grow:
+    the batch takes the ring if it fits, the budget is not capped, and the arena grows at a later batch."""
+    from torch.utils.data._utils import worker as torch_worker
+
+    class Worker:
+        id, num_workers = 0, 1
+
+    monkeypatch.setattr(torch_worker, "_worker_info", Worker())
+    collate = measured_collate(default_collate, "/dev/shm", str(tmp_path), arena_owner="t-wrap", workers=1)
+    mib = 1 << 20
+
+    def batch_of(nbytes, value):
+        envelope = collate([torch.full((nbytes // 4,), float(value))])
+        assert envelope.stats.transport in ARENA_ROADS
+        return envelope.open(), envelope.stats
+
+    try:
+        open_batches = []
+        for k in range(6):  # 3 MiB each in a 16 MiB ring, the last two kept: bytes 12 to 18 MiB, past its end
+            open_batches = open_batches[-1:] + [batch_of(3 * mib, k)[0]]
+            gc.collect()
+        arena = collate._writer.arena
+        assert arena.capacity == ARENA_MIN_BYTES
+        big, stats = batch_of(5 * mib, 6)  # wants (2 + 2) x 5 MiB x 1.1 = 22 MiB
+        assert arena.capacity == ARENA_MIN_BYTES and stats.arena_capacity == 0  # not grown, not capped
+        open_batches.append(big)
+        del open_batches[:2]  # what is open now lies at 2 to 7 MiB: no longer past the end
+        gc.collect()
+        later, stats = batch_of(5 * mib, 7)
+        assert arena.capacity == 22 * mib and stats.arena_new_bytes == 6 * mib  # grown by 6 MiB, in place
+        assert collate._writer.arena is arena
+        assert bool((open_batches[0] == 6).all()) and bool((later == 7).all())
+        del open_batches, later, big
+        gc.collect()
+        assert collate._writer.room() == arena.capacity
+    finally:
+        registry.forget("t-wrap")
 
 
 def shm_used():
@@ -601,6 +750,45 @@ def test_a_shm_arena_bigger_than_a_small_dev_shm_fails_at_create_not_with_sigbus
     assert out["errno"] == errno.ENOSPC and "could not reserve a shm arena" in out["message"]
     assert out["small_blocks"] >= out["small_nbytes"]  # posix_fallocate, whatever the torch version
     assert out["before"] == out["listed_while_open"] == out["left"] == []  # never a name in /dev/shm
+
+
+SHM_ARENA_GROWS_PAST_THE_MOUNT = textwrap.dedent("""
+    import gc, json, os
+    import torch
+    from adaptive_loader.arena import Arena, ArenaUnavailable, RingWriter, open_view, registry
+
+    def used():
+        st = os.statvfs("/dev/shm")
+        return (st.f_blocks - st.f_bfree) * st.f_frsize
+
+    arena = Arena.create(8 << 20, kind="shm")
+    writer = RingWriter(arena)
+    writer.begin(1 << 20)
+    writer.alloc(1 << 20).fill_(5)
+    view = open_view(arena, arena.id, "t-past", 0, *writer.commit())
+    out = {"before": used(), "grown": arena.grow(12 << 20), "after_growing": used()}
+    try:
+        arena.grow(32 << 20)
+    except ArenaUnavailable as exc:
+        out.update(errno=exc.errno, message=str(exc))
+    out.update(after_refusal=used(), capacity=arena.capacity, size=os.fstat(arena.region.fileno()).st_size,
+               intact=bool((view[:1 << 20] == 5).all()))
+    writer.begin(10 << 20)  # the ring it has still works
+    writer.alloc(10 << 20).fill_(6)
+    out["next"] = bool((open_view(None, arena.id, "t-past", 0, *writer.commit())[:10 << 20] == 6).all())
+    print(json.dumps(out))
+""")
+
+
+@needs_sandbox
+@pytest.mark.timeout(180)
+def test_a_shm_arena_that_cannot_grow_in_a_small_dev_shm_says_so_and_keeps_its_ring(tmp_path):
+    out = run_in_small_shm(SHM_ARENA_GROWS_PAST_THE_MOUNT, tmp_path, shm_bytes=24 << 20)
+    assert out["grown"] is True and out["after_growing"] - out["before"] == 4 << 20
+    assert out["errno"] == errno.ENOSPC and "could not grow a shm arena" in out["message"]
+    assert out["after_refusal"] == out["after_growing"]  # what the refused call reserved is given back
+    assert out["capacity"] == 12 << 20 and out["size"] == (12 << 20) + mmap.PAGESIZE
+    assert out["intact"] and out["next"]
 
 
 NOBODY_OPENS = "import sys\ntry:\n    open(sys.argv[1], 'r+b')\nexcept PermissionError:\n    sys.exit(13)\n"

@@ -133,6 +133,22 @@ def test_mirrored_maps_the_same_pages_twice_back_to_back(kind):
                      (ring.ctypes.data + 2 * page, ring.ctypes.data + 4 * page)]  # two mappings, no copy
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_extend_reserves_more_of_the_same_fd_and_mirrored_maps_past_the_first_mapping(kind):
+    page = 4096
+    region = SharedRegion.create(2 * page, kind)
+    region.array[page:page + 3] = [1, 2, 3]
+    region.extend(4 * page)
+    region.extend(3 * page)  # never smaller
+    assert region.size() == 4 * page and region.nbytes == 2 * page  # ``array`` keeps what it mapped
+    assert os.fstat(region.fileno()).st_blocks * 512 >= 4 * page  # reserved, not a sparse hole
+    ring = mirrored(region, page, 3 * page)
+    assert ring[:3].tolist() == [1, 2, 3] and ring[3 * page:3 * page + 3].tolist() == [1, 2, 3]
+    ring[3 * page - 1] = 9  # the last new page is the same memory in the mirror's second half
+    assert ring[6 * page - 1] == 9
+    region.close()
+
+
 def test_a_mirror_outlives_its_region_and_is_unmapped_with_its_last_view():
     region = SharedRegion.create(2 * 4096, MEMFD if memfd_available() else SHM)
     ring = mirrored(region, 0, 8192)

@@ -7,7 +7,7 @@
 (b) with plenty of room (a private 8 GiB /dev/shm): the peak of AdaptiveLoader's arenas against vanilla
     DataLoader's peak /dev/shm use on the same batches (the seed and detection workloads); goal <= 2x.
     "memfd arenas" is what the loader's current arenas have mapped after each batch; "Shmem (memfd)"
-    the peak of Shmem in /proc/meminfo less before (every 5 ms): arenas being replaced included.
+    the peak of Shmem in /proc/meminfo less before (every 5 ms): any moment when arenas grow included.
 
     .venv/bin/python tests/benchmarks/memory_budget.py            # both (~2-3 min on 2 cores)
     .venv/bin/python tests/benchmarks/memory_budget.py --part a
