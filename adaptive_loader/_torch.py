@@ -29,7 +29,7 @@ from torch.utils.data._utils import worker as _worker  # noqa: E402
 
 __all__ = ["collate", "collate_tensor_fn", "default_collate_fn_map", "pin_memory", "hidden_worker_info",
            "watch_workers", "unwatch_workers", "detach_sigchld_watch", "iterator_workers", "shutdown_workers",
-           "live_iterator", "iterator_pins", "new_shared_storage", "messages",
+           "live_iterator", "iterator_pins", "disarm_half_built_iterator", "new_shared_storage", "messages",
            "worker_raised"]
 
 
@@ -65,6 +65,22 @@ def shutdown_workers(iterator: Any) -> None:
     shutdown = getattr(iterator, "_shutdown_workers", None)
     if shutdown is not None:
         shutdown()
+
+
+def disarm_half_built_iterator(exc: BaseException) -> None:
+    """An iterator whose ``__init__`` raised before it set ``_shutdown`` (its result queue could not
+    get its semaphore: /dev/shm full) starts no worker, but its ``__del__`` prints an AttributeError
+    traceback to stderr. Found in the traceback's frames and marked shut down, it goes quietly.
+    Checked: 2.1, 2.4, 2.13, 2.14 (``_shutdown`` is set right after the result queue is made)."""
+    tb = exc.__traceback__
+    while tb is not None:
+        frame = tb.tb_frame
+        if frame.f_code.co_name == "__init__":
+            half_built = frame.f_locals.get("self")
+            if type(half_built).__name__ == "_MultiProcessingDataLoaderIter" and not hasattr(half_built,
+                                                                                             "_shutdown"):
+                half_built._shutdown = True
+        tb = tb.tb_next
 
 
 def live_iterator(dataloader: Any) -> Any:

@@ -49,16 +49,27 @@ import torch
 
 from .region import MEMFD, SHM, SharedRegion, memfd_available, mirrored
 
-__all__ = ["Arena", "RingWriter", "ArenaFull", "ArenaUnavailable", "open_view", "registry", "default_kind"]
+__all__ = ["Arena", "RingWriter", "ArenaFull", "ArenaUnavailable", "CorruptBatch", "open_view", "registry",
+           "default_kind", "STAMP"]
 
 ALIGN = 64  # bytes; every allocation starts on such a boundary
 _HEADER = mmap.PAGESIZE  # bytes before the ring (whole pages: the ring is mapped on its own)
-_FIELDS = 6  # int64 slots at the header's start:
-_TAIL, _HEAD, _MAPPED, _WRITER, _BASE, _CAPACITY = range(_FIELDS)
+_FIELDS = 7  # int64 slots at the header's start:
+_TAIL, _HEAD, _MAPPED, _WRITER, _BASE, _CAPACITY, _GENERATION = range(_FIELDS)
+STAMP = ALIGN  # bytes of the stamp at each end of a batch on the ring
+_MAGIC = 0x5354414D50414C31  # "STAMPAL1"
+_SAMPLE_STRIDE = mmap.PAGESIZE // 8  # one 8-byte word per page goes into a stamp's sample sum
 
 
 class ArenaFull(Exception):
     """The ring has no contiguous room for this allocation now."""
+
+
+class CorruptBatch(RuntimeError):
+    """A batch's bytes on the ring are not what its worker wrote: a failure of the loader's own.
+
+    The batch is never handed out; its samples are dispatched again.
+    """
 
 
 class ArenaUnavailable(OSError, RuntimeError):
@@ -191,14 +202,22 @@ def _check_capacity(capacity: int) -> None:
 class RingWriter:
     """The worker's side: takes one contiguous range of the ring per batch.
 
-    ``begin`` a batch, ``alloc`` its pieces, then ``commit`` (publish the new
-    head) or ``rollback``. Nothing is visible to the main process before
-    ``commit``, so a worker killed half-way leaves no trace.
+    ``begin`` a batch, ``alloc`` its pieces, then ``commit`` (stamp it and publish the new head) or
+    ``rollback``. Nothing is visible to the main process before ``commit``, so a worker killed
+    half-way leaves no trace.
+
+    Each batch carries a stamp at both of its ends, written after its bytes: the worker, the
+    writer's generation (one more for each writer that takes the arena on), the batch's sequence
+    number and place, and a sum of one word per page of its bytes. The main process checks both
+    stamps against the handle before it hands out a view (:func:`open_view`).
     """
 
-    def __init__(self, arena: Arena) -> None:
+    def __init__(self, arena: Arena, worker: int = 0) -> None:
         self.arena = arena
-        self.arena.header[_WRITER] = os.getpid()
+        arena.ring_for(arena.capacity)  # a forked copy may have mapped the ring before an earlier writer grew it
+        arena.header[_WRITER] = os.getpid()
+        arena.header[_GENERATION] += 1
+        self.worker, self.generation, self._sequence = worker, int(arena.header[_GENERATION]), 0
         self.arena.map_pages()
         self._lo = self._cursor = -1  # the open batch: its first position and the next free one
         self._at = 0  # where the open batch starts in the ring
@@ -213,12 +232,14 @@ class RingWriter:
         return self.arena.capacity - int(self.arena.header[_HEAD] - self.arena.header[_TAIL])
 
     def begin(self, expected: int) -> None:
-        """Start a batch that should need ``expected`` contiguous bytes; ArenaFull if they are not free."""
+        """Start a batch that should need ``expected`` contiguous bytes (its stamps besides); ArenaFull
+        if they are not free."""
         capacity = self.arena.capacity
         head = int(self.arena.header[_HEAD])
+        expected += 2 * STAMP
         if expected > capacity or head + expected - int(self.arena.header[_TAIL]) > capacity:
             raise ArenaFull(f"{expected} B needed, {self.room()} B of {capacity} B free")
-        self._lo = self._cursor = head
+        self._lo, self._cursor = head, head + STAMP
         self._at = self.arena.offset_of(head)
 
     def alloc(self, nbytes: int) -> torch.Tensor:
@@ -234,18 +255,57 @@ class RingWriter:
         """Where ``tensor``'s data lies relative to the open batch's first byte, if in it."""
         base = self.arena.ring.ctypes.data + self._at
         offset = tensor.data_ptr() - base
-        return offset if 0 <= offset < self._cursor - self._lo else None
+        return offset if STAMP <= offset < self._cursor - self._lo else None
 
-    def commit(self) -> Tuple[int, int, int, int]:
-        """Publish the batch; its handle ``(end, lo, hi, capacity)``: where the ring is free again once
-        it is released, and the bytes ``[lo, hi)`` of the ring of ``capacity`` bytes that hold it."""
+    def commit(self) -> Tuple[int, int, int, int, Tuple[int, int, int, int]]:
+        """Stamp and publish the batch; its handle ``(end, lo, hi, capacity, stamp)``: where the ring
+        is free again once it is released, the bytes ``[lo, hi)`` of the ring of ``capacity`` bytes
+        that hold it, and what its stamps say (worker, generation, sequence, sample sum).
+        ArenaFull if its closing stamp does not fit."""
+        self.alloc(STAMP)
         lo, end = self._lo, self._cursor
+        slot = self.arena.ring[self._at:self._at + (end - lo)]
+        self._sequence += 1
+        stamp = (self.worker, self.generation, self._sequence, _sample_sum(slot[STAMP:-STAMP]))
+        words = _stamp_words(stamp, lo, end - lo)
+        slot[:STAMP].view(np.uint64)[:] = words
+        slot[-STAMP:].view(np.uint64)[:] = words
         self.arena.header[_HEAD] = end
         self._lo = self._cursor = -1
-        return end, self._at, self._at + (end - lo), self.arena.capacity
+        return end, self._at, self._at + (end - lo), self.arena.capacity, stamp
 
     def rollback(self) -> None:
         self._lo = self._cursor = -1
+
+
+def _sample_sum(payload: np.ndarray) -> int:
+    """A sum over one 8-byte word per page of ``payload`` (a whole number of words), each weighted by
+    its place: cheap (a cache line per page), and a page mapped wrongly or overwritten shows."""
+    words = payload.view(np.uint64)[::_SAMPLE_STRIDE]
+    return int((words * np.arange(1, len(words) + 1, dtype=np.uint64)).sum())
+
+
+def _stamp_words(stamp: Tuple[int, int, int, int], position: int, nbytes: int) -> np.ndarray:
+    """The stamp as written at both ends of a batch: its fields and a check over them."""
+    words = np.array([_MAGIC, *stamp, position, nbytes, 0], dtype=np.uint64)
+    weights = np.arange(1, len(words), dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+    words[-1] = (words[:-1] * weights).sum()  # wraps modulo 2**64
+    return words
+
+
+def _verify(slot: np.ndarray, end: int, stamp: Tuple[int, int, int, int], arena_id: str) -> None:
+    """CorruptBatch unless both stamps of the batch in ``slot`` and its sampled bytes are what the
+    worker wrote (``stamp`` came through the pipe, beside the handle)."""
+    expected = _stamp_words(stamp, end - len(slot), len(slot))
+    wrong = [name for name, words in (("its opening stamp", slot[:STAMP]), ("its closing stamp", slot[-STAMP:]))
+             if not np.array_equal(words.view(np.uint64), expected)]
+    if not wrong and _sample_sum(slot[STAMP:-STAMP]) != stamp[3]:
+        wrong.append("its sampled bytes")
+    if wrong:
+        worker, generation, sequence, _ = stamp
+        raise CorruptBatch(f"batch {sequence} of worker {worker} (writer generation {generation}) on arena "
+                           f"{arena_id[:8]}: {' and '.join(wrong)} {'do' if len(wrong) > 1 else 'does'} not match what the worker wrote; the batch "
+                           f"is refused and its samples are dispatched again")
 
 
 class _Mapped:
@@ -355,16 +415,19 @@ registry = _Registry()
 
 
 def open_view(arena: Optional[Arena], arena_id: str, owner: str, worker: int, end: int, lo: int,
-              hi: int, capacity: int) -> torch.Tensor:
+              hi: int, capacity: int, stamp: Tuple[int, int, int, int]) -> torch.Tensor:
     """The batch's bytes ``[lo, hi)`` of the ring (of ``capacity`` bytes when it was written) as a
-    uint8 tensor viewing the arena. When the last tensor built on it is gone, the ring up to ``end``
-    can go back to the writer."""
+    uint8 tensor viewing the arena, once its stamps are checked (:class:`CorruptBatch` if they do
+    not match ``stamp``). When the last tensor built on it is gone, the ring up to ``end`` can go
+    back to the writer."""
     mapped = registry.receive(arena, arena_id, owner, worker, capacity)
-    entry = [end, False]
     with registry.lock:  # the pin-memory thread opens batches too
+        buffer = mapped.arena.ring_for(capacity)[lo:hi]  # a new array object per batch: its finalizer is this batch's
+    _verify(buffer, end, stamp, arena_id)  # a refused batch takes no place in ``pending``: its arena is dropped
+    entry = [end, False]
+    with registry.lock:
         mapped.pending.append(entry)
         mapped.capacity = max(mapped.capacity, capacity)
-        buffer = mapped.arena.ring_for(capacity)[lo:hi]  # a new array object per batch: its finalizer is this batch's
     weakref.finalize(buffer, mapped.release, entry)
     return torch.from_numpy(buffer)
 

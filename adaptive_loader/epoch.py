@@ -103,8 +103,9 @@ class EpochIterator:
             loader._pipeline.drop()
         loader._actuator.event(Event.EPOCH_END, f"epoch {self.epoch} {'done' if completed else 'left early'} "
                                f"after {loader._ledger.step} batches in all", self.epoch, completed=completed,
-                               fallbacks=loader.fallbacks, arena_misses=loader._ledger.arena_misses)
-        loader._ledger.arena_misses = 0
+                               fallbacks=loader.fallbacks, arena_misses=loader._ledger.arena_misses,
+                               refused_batches=loader._ledger.refused_batches)
+        loader._ledger.arena_misses = loader._ledger.refused_batches = 0
 
     def __del__(self) -> None:
         try:
@@ -120,7 +121,8 @@ class EpochIterator:
         if loader._pipeline.num_workers == 0 and not (starting and loader.controller.num_workers):
             failure = Failure(None, "raised in the main process")
         else:
-            failure = classify(exc, _workers_of(self._dl_iter), loader._fd_pressure, starting=starting)
+            failure = classify(exc, _workers_of(self._dl_iter), loader._fd_pressure, starting=starting,
+                               oom_kills=loader._oom_evidence)
         cause = failure.cause
         if cause == Cause.NO_SHM_FOR_WORKERS:
             self._load_in_process(failure)
@@ -138,7 +140,7 @@ class EpochIterator:
                 loader._ledger.feed.outstanding.popleft()
                 loader._ledger.feed.delivered += 1
             raise exc
-        self._restarts += 1
+        self._restarts += cause != Cause.OOM_KILLED or loader.controller.num_workers == 0  # a step down is progress
         if self._restarts > loader.max_restarts:
             self.close()
             raise LoaderFailed(
@@ -152,14 +154,24 @@ class EpochIterator:
         ledger, actuator = loader._ledger, loader._actuator
         lost = sum(len(b) for b in ledger.feed.outstanding)
         actuator.count(Fallback.RECOVERY)
+        step_down, data = "", {}
+        if cause == Cause.OOM_KILLED:  # before workers start again
+            given_up, sentence = loader._step_down_after_oom()
+            step_down, data = f" Stepping down: {sentence}.", {"step_down": given_up}
         actuator.event(Event.RECOVERY, f"{cause}: {describe(exc)} ({failure.evidence}); rebuilding the iterator, "
-                       f"{lost} undelivered samples go back to the epoch. {loader._resource_summary()}", self.epoch,
-                       level=logging.WARNING, cause=cause.value, requeued_samples=lost)
+                       f"{lost} undelivered samples go back to the epoch.{step_down} {loader._resource_summary()}",
+                       self.epoch, level=logging.WARNING, cause=cause.value, requeued_samples=lost, **data)
         strategy = rules.strategy_after_failure(cause, loader._pipeline.sharing_strategy)
         if strategy is not None:
             actuator.switch_strategy(strategy, failure.evidence, self.epoch)
             loader.controller.strategy_switched = True
         loader._pipeline.drop(self._dl_iter)
+        if cause in (Cause.CORRUPT_BATCH, Cause.OOM_KILLED):
+            # whatever slipped, the next workers start on new arenas; after an OOM kill, sized anew and
+            # smaller: until then their memory is given back (what a batch in hand holds, when it goes)
+            loader._pipeline.forget_arenas()
+        if cause == Cause.CORRUPT_BATCH:
+            ledger.refused_batches += 1
         ledger.feed.requeue_outstanding()
 
     def _load_in_process(self, failure: Failure) -> None:

@@ -14,11 +14,13 @@ rebuilt, with nothing switched.
 from __future__ import annotations
 
 import errno
+import signal
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, List, Optional
 
 from . import _torch
+from .arena import CorruptBatch
 from .kinds import Cause
 
 __all__ = ["Failure", "classify", "describe"]
@@ -37,14 +39,18 @@ class Failure:
 
 
 def classify(exc: BaseException, workers: List[Any], fd_pressure: Callable[[], Optional[str]],
-             wait: float = EXIT_WAIT_SECONDS, starting: bool = False) -> Failure:
+             wait: float = EXIT_WAIT_SECONDS, starting: bool = False,
+             oom_kills: Callable[[], Optional[str]] = lambda: None) -> Failure:
     """The failure ``exc`` (raised by the DataLoader iterator) reports.
 
     ``workers`` are the iterator's worker processes; ``fd_pressure`` returns a
     sentence when measured fds per batch put the fd limit in reach, else None;
+    ``oom_kills`` a sentence when the memory cgroup's OOM kill count rose;
     ``starting``: the iterator (and its workers) was being made.
     """
     text, msg = str(exc), _torch.messages
+    if isinstance(exc, CorruptBatch):
+        return Failure(Cause.CORRUPT_BATCH, text.splitlines()[0] if text else "a batch's stamps did not match")
     if starting and isinstance(exc, OSError) and exc.errno in _NO_ROOM_ERRNOS:
         return Failure(Cause.NO_SHM_FOR_WORKERS, f"the workers could not start: {describe(exc)} (multiprocessing's "
                                                  f"queues need a few KiB of /dev/shm for their semaphores)")
@@ -54,7 +60,7 @@ def classify(exc: BaseException, workers: List[Any], fd_pressure: Callable[[], O
     if isinstance(exc, RuntimeError) and text.startswith(msg.TIMED_OUT):
         return Failure(Cause.TIMEOUT, text)
     if raised_in is None and msg.any_of(text, msg.WORKER_EXITED):
-        return Failure(Cause.WORKER_DIED, _exits(workers, 0) or text)
+        return _died(_exits(workers, 0) or text, workers, oom_kills)
     if _fd_errno(exc) or msg.any_of(text, msg.FDS):
         return Failure(Cause.FDS, f"the fds ran out while a batch was handed over ({describe(exc)})")
     broken = isinstance(exc, (ConnectionError, EOFError)) or (
@@ -63,12 +69,21 @@ def classify(exc: BaseException, workers: List[Any], fd_pressure: Callable[[], O
         return Failure(None, "raised by the pin memory thread" if raised_in else "not a loader failure")
     exited = _exits(workers, wait)
     if exited:
-        return Failure(Cause.WORKER_DIED, exited)
+        return _died(exited, workers, oom_kills)
     pressure = fd_pressure()
     if pressure:
         return Failure(Cause.FDS, pressure)
     return Failure(Cause.LOST, f"a batch's hand-over broke ({describe(exc)}) with every worker alive and the "
                                f"fds far from their limit")
+
+
+def _died(evidence: str, workers: List[Any], oom_kills: Callable[[], Optional[str]]) -> Failure:
+    """A dead worker; killed for memory when it died of SIGKILL and the OOM killer counted a kill."""
+    killed = any(w.exitcode == -signal.SIGKILL for w in workers)
+    oom = oom_kills() if killed else None
+    if oom:
+        return Failure(Cause.OOM_KILLED, f"{evidence}; {oom}")
+    return Failure(Cause.WORKER_DIED, evidence)
 
 
 def describe(exc: BaseException) -> str:

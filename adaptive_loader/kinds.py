@@ -65,7 +65,9 @@ class Cause(_Kind):
 
     FDS = "fds"  # fds ran out while a batch was handed over
     WORKER_DIED = "worker_died"
+    OOM_KILLED = "oom_killed"  # a worker died of SIGKILL and the memory cgroup counted an OOM kill
     TIMEOUT = "timeout"  # no batch within the poll interval (not yet a stall)
     WORKERS_NOT_STARTING = "workers_not_starting"
     NO_SHM_FOR_WORKERS = "no_shm_for_workers"  # not even multiprocessing's semaphores fit in /dev/shm
     LOST = "lost"  # a batch's hand-over broke with every worker alive and no sign of fd exhaustion
+    CORRUPT_BATCH = "corrupt_batch"  # a batch's stamps did not match: refused, its samples dispatched again

@@ -132,6 +132,7 @@ class Ledger:
         self.tight_arenas: Dict[int, int] = {}  # worker id -> its arena's capacity if too small, else 0
         self.last_target = 0.0  # the last decision's bytes per batch
         self.arena_misses = 0  # batches that could have gone through an arena and did not, this epoch (epoch_end)
+        self.refused_batches = 0  # batches whose stamps did not match: refused and dispatched again, this epoch
 
     def workers_started(self, workers: int, allocated: Optional[torch.Tensor]) -> None:
         self.allocated = allocated

@@ -91,7 +91,11 @@ class Pipeline:
             self.collate.batch_bytes_hint = batch_bytes_hint
             self.collate.rules = dataclasses.replace(self.collate.rules, memory_room=max(0, int(memory_room)))
         with _torch.quiet_worker_number_warning():
-            iterator = iter(self.dataloader)
+            try:
+                iterator = iter(self.dataloader)
+            except BaseException as exc:
+                _torch.disarm_half_built_iterator(exc)
+                raise
         if self.collate is not None:
             self.collate.arenas = {}  # the workers have them now; here they would outlive the loader's use
         _torch.detach_sigchld_watch(iterator)  # next_watched() registers them while waiting
@@ -161,6 +165,11 @@ class Pipeline:
                 logger.debug("arena of %d B for worker %d not reserved: %s", capacity, worker, exc)
                 return
             arena_registry.receive(arena, arena.id, self.arena_owner, worker)
+
+    def forget_arenas(self) -> None:
+        """The workers started next make or get new arenas (after a batch was refused)."""
+        if self.arena_owner is not None:
+            arena_registry.forget(self.arena_owner)
 
     def current_arenas(self) -> Dict[int, Any]:
         return arena_registry.arenas_of(self.arena_owner) if self.arena_owner is not None else {}

@@ -252,7 +252,7 @@ class MeasuredCollate:
         or ``(writer or None, why it could not be made or grown)``."""
         self._recent.append(expected)
         if self._writer is None and worker_id in self.arenas:
-            self._writer = RingWriter(self.arenas.pop(worker_id))  # continue the arena of the last worker
+            self._writer = RingWriter(self.arenas.pop(worker_id), worker_id)  # continue the arena of the last worker
             self._publish_arena_size(worker_id)
         reserved = int(self.arena_sizes.sum()) if self.arena_sizes is not None else 0  # by all of our workers
         room = self.rules.arena_room(free, self.kind, reserved)
@@ -272,7 +272,7 @@ class MeasuredCollate:
         before = self._writer.arena.nbytes if self._writer is not None else 0
         try:
             if self._writer is None:
-                self._writer = RingWriter(Arena.create(wanted, kind=self.kind, shm_path=self.shm_path))
+                self._writer = RingWriter(Arena.create(wanted, kind=self.kind, shm_path=self.shm_path), worker_id)
             elif not self._writer.arena.grow(wanted):
                 return self._writer, None  # its batches run past the ring's end now: it grows at a later batch
         except (RuntimeError, OSError) as exc:
@@ -468,6 +468,22 @@ def _is_resource_error(exc: BaseException) -> bool:
     return _torch.messages.any_of(text, _torch.messages.RESOURCE)
 
 
+#: A worker's ``oom_score_adj``: the OOM killer takes a worker before the main process. The main process
+#: maps every arena, so by resident size it would often be the one killed, and with it the job; a dead
+#: worker is a failure the loader recovers from (``Cause.OOM_KILLED``).
+WORKER_OOM_SCORE_ADJ = 1000
+
+
+def _first_for_the_oom_killer() -> None:
+    """Raise this process's ``oom_score_adj`` (raising needs no privilege; where it cannot be written,
+    e.g. no /proc, nothing changes)."""
+    try:
+        with open("/proc/self/oom_score_adj", "w") as f:
+            f.write(str(WORKER_OOM_SCORE_ADJ))
+    except OSError:
+        pass
+
+
 class WorkerSetup:
     """``worker_init_fn`` wrapper: sharing strategy and fd limit first, then the user's own."""
 
@@ -478,6 +494,7 @@ class WorkerSetup:
         self.fd_soft_limit = fd_soft_limit
 
     def __call__(self, worker_id: int) -> None:
+        _first_for_the_oom_killer()
         if torch.multiprocessing.get_sharing_strategy() != self.sharing_strategy:
             torch.multiprocessing.set_sharing_strategy(self.sharing_strategy)
         if self.fd_soft_limit is not None:

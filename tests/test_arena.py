@@ -23,7 +23,8 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 
 from adaptive_loader.pipeline import measured_collate
 from adaptive_loader import AdaptiveLoader
-from adaptive_loader.arena import ALIGN, Arena, ArenaFull, ArenaUnavailable, RingWriter, default_kind, open_view, registry
+from adaptive_loader.arena import (ALIGN, STAMP, Arena, ArenaFull, ArenaUnavailable, RingWriter, default_kind, open_view,
+                                   registry)
 from adaptive_loader.controller import ARENA_MARGIN, ARENA_MIN_BYTES, Controller, Observation, arena_capacity
 from adaptive_loader.kinds import ARENA_ROADS, Road
 from adaptive_loader.region import MEMFD, SHM, memfd_available
@@ -112,10 +113,11 @@ def test_batches_take_consecutive_ranges_and_report_them():
     writer.begin(100)
     fill(writer, 100, 1)
     fill(writer, 10, 2)
-    assert writer.commit() == (2 * ALIGN + ALIGN, 0, 3 * ALIGN, 4096)  # end position, bytes [lo, hi) of a 4 KiB ring
+    first = 3 * ALIGN + 2 * STAMP  # the pieces, aligned, between the batch's two stamps
+    assert writer.commit()[:4] == (first, 0, first, 4096)  # end position, bytes [lo, hi) of a 4 KiB ring
     writer.begin(64)
     fill(writer, 64, 3)
-    assert writer.commit() == (4 * ALIGN, 3 * ALIGN, 4 * ALIGN, 4096)
+    assert writer.commit()[:4] == (first + ALIGN + 2 * STAMP, first, first + ALIGN + 2 * STAMP, 4096)
 
 
 def test_rollback_leaves_nothing_taken():
@@ -134,15 +136,17 @@ def test_a_batch_that_runs_past_the_end_stays_one_range_through_the_mirror():
     writer = RingWriter(arena)
     writer.begin(3000)
     fill(writer, 3000, 1)
-    end, lo, hi, _ = writer.commit()
+    end = writer.commit()[0]
+    assert end == 3008 + 2 * STAMP
     arena.header[0] = end  # released
-    writer.begin(2000)  # 1,088 bytes left before the end: the batch runs on into the mirror
+    writer.begin(2000)  # 960 bytes left before the end: the batch runs on into the mirror
     fill(writer, 2000, 2)
     place = writer.commit()
-    assert place == (5056, 3008, 5056, 4096)  # no byte skipped at the end
+    assert place[:4] == (end + 2048 + 2 * STAMP, end, end + 2048 + 2 * STAMP, 4096)  # no byte skipped at the end
     view = open_view(None if arena.id in registry._mapped else arena, arena.id, "test-owner", 0, *place)
-    assert view.numel() == 2048 and bool((view[:2000] == 2).all())
-    assert bool((arena.ring[:2000 - 1088] == 2).all())  # the part past the end lies at the ring's start
+    assert view.numel() == 2048 + 2 * STAMP and bool((view[STAMP:STAMP + 2000] == 2).all())
+    past_end = end + STAMP + 2000 - 4096
+    assert bool((arena.ring[:past_end] == 2).all())  # the part past the end lies at the ring's start
 
 
 def test_an_arena_grows_in_place_and_the_batches_on_it_stay_where_they_are():
@@ -155,9 +159,10 @@ def test_an_arena_grows_in_place_and_the_batches_on_it_stay_where_they_are():
         assert arena.capacity == 8 * 4096 and arena.nbytes == 9 * 4096
         assert os.fstat(arena.region.fileno()).st_size == size_before + 4 * 4096  # the same fd, reserved further
         assert bool((old[:10000] == 1).all())
-        new = batch_on(writer, "t-grow", 20000, 2)  # did not fit before: 16 KiB - 10,048 B were free
+        new = batch_on(writer, "t-grow", 20000, 2)  # did not fit before: 16 KiB - 10,176 B were free
         assert bool((new[:20000] == 2).all()) and bool((old[:10000] == 1).all())
-        assert bool((arena.ring[10048:10048 + 20000] == 2).all())  # right after the first batch
+        after = 10048 + 3 * STAMP  # right after the first batch and its stamps, past the second's opening one
+        assert bool((arena.ring[after:after + 20000] == 2).all())
         del old, new
         gc.collect()
         assert writer.room() == arena.capacity
@@ -181,7 +186,7 @@ def test_the_main_process_counts_what_an_arena_grew_by_once_a_batch_written_in_i
         assert registry.mapped_bytes("t-count") == 5 * 4096  # the first batch tells of the 16 KiB ring only
         view2 = open_view(None, arena.id, "t-count", 0, *second)
         assert registry.mapped_bytes("t-count") == 9 * 4096
-        assert bool((view[:1000] == 1).all()) and bool((view2[:1000] == 2).all())
+        assert bool((view[STAMP:STAMP + 1000] == 1).all()) and bool((view2[STAMP:STAMP + 1000] == 2).all())
     finally:
         registry.forget("t-count")
 
@@ -194,13 +199,15 @@ def test_an_arena_does_not_grow_while_its_batches_run_past_its_end():
     arena.header[0] = writer.commit()[0]  # released
     writer.begin(2000)
     fill(writer, 2000, 2)
-    end = writer.commit()[0]  # bytes 3,008 to 5,056: past the end
+    end = writer.commit()[0]  # bytes 3,136 to 5,312: past the end
+    assert end == 3008 + 2048 + 4 * STAMP
     assert arena.grow(8192) is False and arena.capacity == 4096  # nothing changed
     arena.header[0] = end  # released: the ring is empty
     assert arena.grow(8192) is True and arena.capacity == 8192
     writer.begin(7000)
     fill(writer, 7000, 3)
-    assert writer.commit()[1:] == (960, 960 + 7040, 8192)  # it goes on where the head was (960 = 5,056 - 4,096)
+    head = end - 4096  # it goes on where the head was
+    assert writer.commit()[1:4] == (head, head + 7040 + 2 * STAMP, 8192)
     with pytest.raises(ValueError, match="grows"):
         arena.grow(4096)
 
@@ -228,7 +235,7 @@ def test_a_batch_larger_than_the_ring_is_refused():
 def batch_on(writer, owner, nbytes, value):
     writer.begin(nbytes)
     fill(writer, nbytes, value)
-    return open_view(writer.arena, writer.arena.id, owner, 0, *writer.commit())
+    return open_view(writer.arena, writer.arena.id, owner, 0, *writer.commit())[STAMP:-STAMP]  # the batch's own bytes
 
 
 def test_views_see_what_the_writer_wrote_and_release_when_dropped():
@@ -257,7 +264,7 @@ def test_release_is_in_ring_order_whatever_order_batches_are_dropped():
         assert writer.room() == taken  # the first still holds the ring's tail
         del first
         gc.collect()
-        assert writer.room() == writer.arena.capacity - 1024  # the second is still alive through its view
+        assert writer.room() == writer.arena.capacity - 1024 - 2 * STAMP  # the second is alive through its view
         del second_view
         gc.collect()
         assert writer.room() == writer.arena.capacity
@@ -267,7 +274,7 @@ def test_release_is_in_ring_order_whatever_order_batches_are_dropped():
 
 def test_an_unknown_arena_is_a_clear_error():
     with pytest.raises(RuntimeError, match="never reached this process"):
-        open_view(None, "no-such-arena", "t-unknown", 0, 64, 0, 64, 4096)
+        open_view(None, "no-such-arena", "t-unknown", 0, 64, 0, 64, 4096, (0, 1, 1, 0))
 
 
 def test_unsent_batches_of_a_dead_writer_are_freed_and_a_live_writer_keeps_its_arena():
@@ -772,10 +779,10 @@ SHM_ARENA_GROWS_PAST_THE_MOUNT = textwrap.dedent("""
     except ArenaUnavailable as exc:
         out.update(errno=exc.errno, message=str(exc))
     out.update(after_refusal=used(), capacity=arena.capacity, size=os.fstat(arena.region.fileno()).st_size,
-               intact=bool((view[:1 << 20] == 5).all()))
+               intact=bool((view[64:64 + (1 << 20)] == 5).all()))
     writer.begin(10 << 20)  # the ring it has still works
     writer.alloc(10 << 20).fill_(6)
-    out["next"] = bool((open_view(None, arena.id, "t-past", 0, *writer.commit())[:10 << 20] == 6).all())
+    out["next"] = bool((open_view(None, arena.id, "t-past", 0, *writer.commit())[64:64 + (10 << 20)] == 6).all())
     print(json.dumps(out))
 """)
 

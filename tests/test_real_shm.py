@@ -142,3 +142,37 @@ def test_after_the_first_epoch_batches_go_through_arenas_sized_for_the_small_shm
     for epoch in result["transports"][1:]:
         off_arena = sum(n for transport, n in epoch.items() if transport not in ("arena", "memfd"))
         assert off_arena <= 0.05 * sum(epoch.values()), result["transports"]
+
+
+FULL_SHM_BEFORE_THE_START = """
+import json, torch
+from torch.utils.data import Dataset
+from adaptive_loader import AdaptiveLoader
+with open("/dev/shm/filler", "wb") as f:  # /dev/shm 100 % full: not even a semaphore fits
+    try:
+        while True:
+            f.write(b"x" * 65536)
+    except OSError:
+        pass
+
+class Rows(Dataset):
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, i):
+        return torch.full((4,), i)
+
+loader = AdaptiveLoader(Rows(), max_batch_size=2, num_workers=2)
+print(json.dumps({"rows": [row.tolist() for batch in loader for row in batch], "fallbacks": loader.fallbacks}))
+loader.close()
+"""
+
+
+def test_a_full_dev_shm_before_the_start_falls_back_without_a_torch_traceback():
+    command = sandbox_command([sys.executable, "-c", FULL_SHM_BEFORE_THE_START], 1 << 20)
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["rows"] == [[i] * 4 for i in range(8)] and result["fallbacks"] == {"in_process": 1}
+    assert "Traceback" not in done.stderr and "Exception ignored" not in done.stderr, done.stderr
+    assert "loading in the main process" in done.stderr  # the one line that says what happened
