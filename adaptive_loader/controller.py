@@ -191,6 +191,9 @@ class Controller:
         self.strategy_switched = False
         self.external_cap = math.inf  # the smallest cap from another limit (e.g. the device), see loader._cap_budget
         self.probing = False  # one batch in flight until the first is measured (see start_probe)
+        # the depth a memory limit (a decision bound by memory, or an OOM kill) left: no later epoch starts deeper,
+        # its arenas and heaps being still there when it starts
+        self.depth_cap: Optional[Tuple[int, int]] = None
 
     def decide(self, obs: Observation) -> Decision:
         """The next budget and fallbacks. What is given up, in order: the road (the workers'
@@ -213,6 +216,8 @@ class Controller:
                 f"(workers x prefetch), so that batches keep the size asked for; {usable / 2**20:.1f} MiB "
                 f"usable ({self.limit})")
             self.num_workers, self.prefetch_factor = workers, prefetch
+            if self.limit != "/dev/shm":  # /dev/shm frees as batches are dropped; memory holds arenas and heaps
+                self.depth_cap = (workers, prefetch)
         elif deeper:
             reasons.append(f"first batch measured: the depth asked for, {workers}x{prefetch} (workers x prefetch), "
                            f"fits {usable / 2**20:.1f} MiB usable ({self.limit})")
@@ -257,10 +262,40 @@ class Controller:
                 return w, p
         return 1, 1
     def restore_pipeline(self, num_workers: int, prefetch_factor: int) -> bool:
-        """Each epoch starts with the depth the user asked for; True if it changed."""
+        """Each epoch starts with the depth the user asked for, no deeper than a memory limit left it
+        (``depth_cap``); True if it changed."""
+        if self.depth_cap is not None:
+            num_workers, prefetch_factor = min(num_workers, self.depth_cap[0]), min(prefetch_factor, self.depth_cap[1])
         changed = (num_workers, prefetch_factor) != (self.num_workers, self.prefetch_factor)
         self.num_workers, self.prefetch_factor = num_workers, prefetch_factor
         return changed
+
+    def step_down_after_oom(self) -> Tuple[str, str, Optional[float]]:
+        """The OOM killer took a worker: give up the next thing, in the order promised (batches in
+        flight, then workers, then half the budget down to ``floor_cost``, then the workers
+        altogether), and keep it for the epochs to come. ``(what, sentence, cap)``: ``what`` is
+        ``"fewer_in_flight"``, ``"budget"`` (``cap``: the budget's new cap, for the loader to apply
+        as a cap of its own) or ``"in_process"``."""
+        before = f"{self.num_workers}x{self.prefetch_factor}"
+        if self.prefetch_factor > 1 or self.num_workers > 1:
+            if self.prefetch_factor > 1:
+                self.prefetch_factor = 1
+            else:
+                self.num_workers -= 1
+            self.depth_cap = (self.num_workers, self.prefetch_factor)
+            return "fewer_in_flight", (f"fewer batches in flight: {before} -> {self.num_workers}x"
+                                       f"{self.prefetch_factor} (workers x prefetch)"), None
+        floor = min(self.floor_cost, self.user_max_cost)
+        whole_batch = (self.max_batch_size or math.inf) * self.max_sample_cost
+        current = min(self.max_cost, self.user_max_cost, whole_batch)
+        if current > floor and math.isfinite(current):
+            cap = max(floor, current / 2)
+            return "budget", (f"lower max_cost {format_cost(current)} -> {format_cost(cap)} with one worker and "
+                              f"one batch in flight"), cap
+        self.num_workers = 0
+        self.depth_cap = (0, self.prefetch_factor)
+        return "in_process", ("loading in the main process (num_workers=0): one worker with the smallest "
+                              "batches did not fit"), None
 
     def start_probe(self) -> bool:
         """Before anything is measured under a memory budget: one batch in flight (one worker,

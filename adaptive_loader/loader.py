@@ -20,7 +20,7 @@ import tempfile
 import time
 import uuid
 import weakref
-from typing import Any, Callable, Dict, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -34,10 +34,10 @@ from .arena import registry as arena_registry
 from .controller import Controller, Observation
 from .costs import as_cost_array, as_group_array
 from .epoch import EpochIterator, LoaderFailed, LoaderStalled, Rate, after_batch
-from .kinds import ARENA_ROADS, Road
+from .kinds import ARENA_ROADS, Fallback, Road
 from .ledger import LastBatch, Ledger
 from .measure import ShmProbe, host_ram_available, read_fds, rss_of
-from .memory import read_memory, resolve_memory_budget
+from .memory import read_memory, read_oom_kills, resolve_memory_budget
 from .options import check_dataloader_options, shuffle_seed, warn_worker_number
 from .pipeline import Pipeline
 from .region import MEMFD, SHM, memfd_available
@@ -202,6 +202,7 @@ class AdaptiveLoader:
         self._fds = None  # last fd reading
         self._ram: Optional[int] = None
         self._caps: Dict[str, float] = {}  # cost caps from other limits (e.g. "device"), by source
+        self._oom_kills = read_oom_kills()  # the memory cgroup's OOM kills when the workers last started
         self._active: Optional[weakref.ref] = None  # the epoch iterator in use
         self._pending_give_back: List[List[int]] = []  # batches given back on this rank alone
         self._rebuild_pending = False  # a give-back waits for the next batch
@@ -394,6 +395,22 @@ class AdaptiveLoader:
         elif at_batch is not None and max_cost is not None and max_cost < sampler.max_cost_at(at_batch):
             sampler.schedule_budget(at_batch, max(float(max_cost), controller.min_cost), sampler.max_batch_size)
 
+    def _oom_evidence(self) -> Optional[str]:
+        """A sentence when the memory cgroup's OOM kill count rose since it was last read, else None."""
+        seen, self._oom_kills = self._oom_kills, read_oom_kills()
+        if seen is None or self._oom_kills is None or self._oom_kills <= seen:
+            return None
+        return f"the memory cgroup's OOM killer count rose from {seen} to {self._oom_kills}"
+
+    def _step_down_after_oom(self) -> Tuple[str, str]:
+        """A worker was OOM-killed: the controller gives up the next thing; the loader applies it."""
+        given_up, sentence, cap = self.controller.step_down_after_oom()
+        if cap is not None:
+            self._cap_budget("oom_kill", cap)
+        if given_up != "budget":  # a budget change is an event of its own kind, not a fallback
+            self._actuator.count(Fallback(given_up))
+        return given_up, sentence
+
     def _take_give_backs(self, iterator: Any) -> Any:
         """Before the next batch: batches given back go to the epoch again, with what was in
         flight (the sampler re-plans them under the budget now in force; across ranks the
@@ -419,7 +436,8 @@ class AdaptiveLoader:
         self._epoch_chosen = self._resuming = False
         self._epoch_iterated = self.sampler.epoch
         changed = self.controller.restore_pipeline(self.num_workers, self.prefetch_factor or 1)
-        probe = self.memory_budget is not None and self.num_workers and self.controller.model.coefficients() is None
+        limited = self.memory_budget is not None or self._memory.source != "host"  # a budget, or a cgroup's limit
+        probe = limited and self.num_workers and self.controller.model.coefficients() is None
         if probe:  # nothing measured: one batch in flight first, and none planned before it is measured
             changed = self.controller.start_probe() or changed
         if changed:
@@ -432,6 +450,7 @@ class AdaptiveLoader:
 
     def _start_iterator(self) -> Any:
         controller = self.controller
+        self._oom_kills = read_oom_kills()  # a kill counted from here on is evidence against these workers
         workers = controller.num_workers if self.num_workers else 0
         hint = max(self._ledger.recent_batches, default=0)  # measured, not the model's worst case
         room = self._memory_room(self._pipeline.arena_bytes())

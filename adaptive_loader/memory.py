@@ -20,7 +20,7 @@ import os
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
-__all__ = ["MemoryState", "read_memory", "read_meminfo", "resolve_memory_budget", "V1_UNLIMITED"]
+__all__ = ["MemoryState", "read_memory", "read_meminfo", "read_oom_kills", "resolve_memory_budget", "V1_UNLIMITED"]
 
 #: cgroup v1 writes "no limit" as the largest page-aligned int64 (2**63 - 4096 with 4 KiB pages);
 #: anything from 2**62 up is read as no limit.
@@ -245,6 +245,27 @@ def read_memory(root: str = "/") -> MemoryState:
             return MemoryState(limit, used, max(0, min(headroom, mem_available)), shmem,
                                f"cgroup {version} {name}", cgroup)
     return MemoryState(total, max(0, total - mem_available), mem_available, shmem, "host", cgroup)
+
+
+_OOM_FILES = {"v1": "memory.oom_control", "v2": "memory.events"}
+
+
+def read_oom_kills(root: str = "/") -> Optional[int]:
+    """Processes the kernel's OOM killer has killed in this process's memory cgroup and the groups
+    above it (``oom_kill`` of v1 ``memory.oom_control``, v2 ``memory.events``), summed over the
+    levels; None without a memory cgroup or where the kernel does not count them."""
+    version, levels = _locate(root, _read(_path(root, "/proc/self/cgroup")) or "")
+    counts = [_field(_read(os.path.join(level.directory, _OOM_FILES[version])), "oom_kill") for level in levels]
+    known = [count for count in counts if count is not None]
+    return sum(known) if known else None
+
+
+def _field(text: Optional[str], name: str) -> Optional[int]:
+    for line in (text or "").splitlines():
+        key, _, value = line.partition(" ")
+        if key == name and value.strip().isdigit():
+            return int(value)
+    return None
 
 
 # -- the user's budget ----------------------------------------------------------------------------------

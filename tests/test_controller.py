@@ -412,6 +412,30 @@ def test_depth_never_grows_within_an_epoch_and_is_restored_for_the_next():
     assert c.restore_pipeline(4, 2) and (c.num_workers, c.prefetch_factor) == (4, 2)
 
 
+def test_after_an_oom_kill_the_loader_gives_up_in_the_promised_order_and_keeps_it():
+    c = deep_controller(floor_cost=10.0)  # 4 workers x 2, the user's max_cost 100
+    steps = [c.step_down_after_oom() for _ in range(4)]
+    assert [what for what, _, _ in steps] == ["fewer_in_flight"] * 4
+    assert "4x2 -> 4x1" in steps[0][1] and "2x1 -> 1x1" in steps[3][1]
+    caps = []
+    while True:
+        what, _, cap = c.step_down_after_oom()
+        if what != "budget":
+            break
+        caps.append(cap)
+        c.external_cap = cap  # as the loader applies it (AdaptiveLoader._cap_budget)
+        c.max_cost = c.capped(c.memory_max_cost)
+    assert caps == [50.0, 25.0, 12.5, 10.0]  # halved, never below the floor
+    assert what == "in_process" and c.num_workers == 0
+    assert c.restore_pipeline(4, 2) is False and (c.num_workers, c.prefetch_factor) == (0, 1)  # kept next epoch
+
+
+def test_a_step_down_to_fewer_workers_holds_for_the_next_epochs():
+    c = deep_controller()
+    c.step_down_after_oom()
+    assert c.restore_pipeline(4, 2) is False and (c.num_workers, c.prefetch_factor) == (4, 1)
+
+
 # -- Controller: the real memory limits ---------------------------------------------------------------
 
 def observe_memory(controller, *, available, budget=None, ours=0, shm_free=0, shm_road=False, ranks=1):

@@ -164,6 +164,10 @@ def test_a_broken_handover_is_classified_by_evidence_not_by_which_worker_lives()
         os.kill(pids[0], signal.SIGKILL)
         failure = classify(ConnectionResetError(), workers, pressed)
         assert failure.cause == Cause.WORKER_DIED and "signal 9" in failure.evidence
+        counted = lambda: "the memory cgroup's OOM killer count rose from 0 to 1"  # noqa: E731
+        failure = classify(ConnectionResetError(), workers, calm, oom_kills=counted)
+        assert failure.cause == Cause.OOM_KILLED and "signal 9" in failure.evidence and "rose from 0 to 1" in \
+            failure.evidence  # a SIGKILL and a kill counted by the kernel: a memory failure
     finally:
         signal_handling._set_worker_pids(id(iterator), pids)  # as _shutdown_workers expects
         iterator._shutdown_workers()
