@@ -196,8 +196,8 @@ class Pipeline:
                           worker_init_fn=WorkerSetup(self.user_worker_init, self.sharing_strategy,
                                                      self.fd_soft_limit))
         else:
-            kwargs.pop("persistent_workers", None)
-            kwargs.pop("prefetch_factor", None)
+            for name in ("persistent_workers", "prefetch_factor", "multiprocessing_context"):  # refused without workers
+                kwargs.pop(name, None)
             if self.user_worker_init is not None:
                 kwargs["worker_init_fn"] = self.user_worker_init
         allocated = _shared_counters(workers)

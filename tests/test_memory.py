@@ -8,7 +8,8 @@ import subprocess
 
 import pytest
 
-from adaptive_loader.memory import V1_UNLIMITED, MemoryState, read_meminfo, read_memory, resolve_memory_budget
+from adaptive_loader.memory import (V1_UNLIMITED, MemoryState, read_meminfo, read_memory, read_oom_kills,
+                                   resolve_memory_budget)
 from adaptive_loader.memory import _mounts
 from adaptive_loader.region import SharedRegion, memfd_available
 
@@ -46,6 +47,13 @@ def test_v1_with_a_limit():
     state = fixture("v1-limit")  # 400 MiB used minus 150 MiB of inactive file cache (total_, hierarchical)
     assert (state.limit, state.used, state.available) == (512 * MiB, 250 * MiB, 262 * MiB)
     assert state.source == "cgroup v1 /docker/abc123"
+
+
+def test_oom_kills_are_summed_over_the_levels_that_count_them():
+    assert read_oom_kills(os.path.join(FIXTURES, "v2-nested")) == 3  # memory.events: the pod's 2, the container's 1
+    assert read_oom_kills(os.path.join(FIXTURES, "v1-limit")) == 3  # memory.oom_control of its group only
+    assert read_oom_kills(os.path.join(FIXTURES, "v2-limit")) is None  # no memory.events: not counted
+    assert read_oom_kills(os.path.join(FIXTURES, "host")) is None  # no memory cgroup
 
 
 def test_v1_unlimited_is_the_host():
