@@ -13,7 +13,8 @@ import threading
 import time
 from typing import Any, Dict, List, Optional
 
-from .child import LOADERS
+from .cgroup import exit_on_sigterm, memory_cgroup_available
+from .child import LOADERS, VANILLA_LOADERS
 from .harness import run_case
 from .report import results_table, side_by_side
 from .sandbox import parse_size, sandbox_available
@@ -21,6 +22,7 @@ from .scenarios import SCENARIOS, get
 
 
 DEMO_SCENARIO = "detection"
+DEFAULT_SHM = "64M"
 
 
 def main(argv: Optional[List[str]] = None, prog: str = "python -m stress") -> int:
@@ -39,7 +41,8 @@ def main(argv: Optional[List[str]] = None, prog: str = "python -m stress") -> in
     demo.add_argument("--scenario", choices=list(SCENARIOS), default=DEMO_SCENARIO,
                       help=f"the workload (default {DEMO_SCENARIO})")
     for p in (run, matrix, demo):
-        p.add_argument("--shm-size", default="64M", help="size of the private /dev/shm (default 64M)")
+        p.add_argument("--shm-size", help=f"size of the private /dev/shm (default {DEFAULT_SHM}; the scenario's own "
+                                          f"where it names one: memory-limit 8G)")
         p.add_argument("--workers", type=int, default=2, help="DataLoader workers (default 2)")
         p.add_argument("--epochs", type=int, default=3 if p is demo else 1,
                        help=f"epochs per run (default {3 if p is demo else 1}); every sample once in each")
@@ -47,9 +50,14 @@ def main(argv: Optional[List[str]] = None, prog: str = "python -m stress") -> in
                        help="seconds without a batch that count as a hang (default 20)")
         p.add_argument("--quick", action="store_true", help="fewer samples (CI)")
         p.add_argument("--json", metavar="FILE", help="write the results as JSON")
+    for p in (run, matrix):
+        p.add_argument("--memory", metavar="SIZE",
+                       help="run each case in a fresh memory cgroup of SIZE, e.g. 768M (needs root; 0: none; "
+                            "default none, except the scenario's own where it names one: memory-limit 768M)")
     demo.add_argument("--out", default="stress-results",
                       help="folder for the telemetry, the timelines and the picture (default stress-results)")
     args = parser.parse_args(argv)
+    exit_on_sigterm()  # a run in a memory cgroup must not outlive the harness, nor its group
 
     if args.command == "list":
         for scenario in SCENARIOS.values():
@@ -61,9 +69,8 @@ def main(argv: Optional[List[str]] = None, prog: str = "python -m stress") -> in
     if not ok:
         print(f"cannot run: {why}. Refusing to run on the machine's own /dev/shm.", file=sys.stderr)
         return 2
-    shm = parse_size(args.shm_size)
     if args.command == "demo":
-        return _demo(args, shm)
+        return _demo(args, _shm_for(args.scenario, args))
     names = [args.scenario] if args.command == "run" else [get(n.strip()).name for n in args.scenarios.split(",")]
     if args.command == "matrix":
         loaders = [name.strip() for name in args.loaders.split(",")]
@@ -75,12 +82,34 @@ def main(argv: Optional[List[str]] = None, prog: str = "python -m stress") -> in
     if args.command == "run" and get(args.scenario).loaders and args.loader != "both" \
             and args.loader not in get(args.scenario).loaders:
         parser.error(f"{args.scenario} runs with {', '.join(get(args.scenario).loaders)} only")
-    results = [_run_with_progress(name, loader, shm, args) for name in names for loader in loaders
-               if not get(name).loaders or loader in get(name).loaders]
+    limited = [name for name in names if _memory_for(name, args)]
+    ok, why = memory_cgroup_available() if limited else (True, "")
+    if not ok and (args.command == "run" or args.memory):
+        print(f"cannot run with a memory limit: {why}. Run as root on a machine with cgroup v1 or v2 memory "
+              f"control, or pass --memory 0 to run without one.", file=sys.stderr)
+        return 2
+    if not ok:
+        print(f"skipping {', '.join(limited)}: it runs in a memory cgroup and none can be made here ({why})",
+              file=sys.stderr)
+        names = [name for name in names if name not in limited]
+    results = [_run_with_progress(name, loader, _shm_for(name, args), args, memory=_memory_for(name, args))
+               for name in names for loader in loaders if not get(name).loaders or loader in get(name).loaders]
     print(results_table(results))
     _write_json(args.json, results)
-    bad = [r for r in results if r["loader"] != "vanilla" and not _adaptive_ok(r)]
+    bad = [r for r in results if r["loader"] not in VANILLA_LOADERS and not _adaptive_ok(r)]
     return 1 if bad else 0
+
+
+def _shm_for(name: str, args) -> int:
+    """--shm-size, else the scenario's own size, else the default."""
+    return parse_size(args.shm_size) if args.shm_size else get(name).shm_bytes or parse_size(DEFAULT_SHM)
+
+
+def _memory_for(name: str, args) -> Optional[int]:
+    """--memory (0: none), else the scenario's own limit; None: no memory cgroup."""
+    if getattr(args, "memory", None) is not None:
+        return parse_size(args.memory) or None
+    return get(name).memory_bytes
 
 
 def _demo(args, shm: int) -> int:
@@ -146,7 +175,8 @@ def _write_pictures(args, name: str, shm: int, paths: Dict[str, str]) -> None:
         print(f"\nno picture: {exc}")
 
 
-def _run_with_progress(name: str, loader: str, shm: int, args, timeline: Optional[str] = None) -> Dict[str, Any]:
+def _run_with_progress(name: str, loader: str, shm: int, args, timeline: Optional[str] = None,
+                       memory: Optional[int] = None) -> Dict[str, Any]:
     label = f"{name} / {loader:17}"
     interactive = sys.stdout.isatty()
     said = {"at": 0.0}
@@ -163,9 +193,13 @@ def _run_with_progress(name: str, loader: str, shm: int, args, timeline: Optiona
 
     started = time.monotonic()
     result = run_case(name, loader, shm_bytes=shm, workers=args.workers, quick=args.quick, epochs=args.epochs,
-                      hang_after=args.hang_after, on_tick=tick, timeline=timeline)
+                      hang_after=args.hang_after, on_tick=tick, timeline=timeline, memory_bytes=memory)
     line = (f"{label} {result['outcome']:5} {result['delivered']}/{result['expected']} samples in "
             f"{result['seconds']:.1f} s (run {time.monotonic() - started:.0f} s with start-up)")
+    if memory:
+        peak = result["peak_memory_bytes"]
+        line += (f"; memory peak {'?' if peak is None else f'{peak / 2**20:.0f}'} of {memory / 2**20:.0f} MiB, "
+                 f"{result['oom_kills']} OOM kills")
     print(("\r" if interactive else "") + line.ljust(78), flush=True)
     return result
 

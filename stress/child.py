@@ -19,8 +19,10 @@ import time
 import traceback
 from typing import Any, Dict, Optional
 
-#: vanilla DataLoader; AdaptiveLoader as it comes; AdaptiveLoader with a new shm block per batch
-LOADERS = ("vanilla", "adaptive", "adaptive-no-arena")
+#: vanilla DataLoader; AdaptiveLoader as it comes; AdaptiveLoader with a new shm block per batch; vanilla
+#: DataLoader with ``num_workers=0`` (every batch made in the main process: the memory floor of a run)
+LOADERS = ("vanilla", "adaptive", "adaptive-no-arena", "vanilla-main")
+VANILLA_LOADERS = ("vanilla", "vanilla-main")
 
 
 def shm_used() -> int:
@@ -119,6 +121,14 @@ def adaptive_options(scenario: Dict[str, Any], loader: str, telemetry: Optional[
     return options
 
 
+def vanilla_options(scenario: Dict[str, Any], loader: str) -> Dict[str, Any]:
+    """DataLoader's keywords: the scenario's; ``vanilla-main`` the same batches with no workers."""
+    if loader != "vanilla-main":
+        return dict(scenario)
+    options = {k: v for k, v in scenario.items() if k not in ("prefetch_factor", "persistent_workers")}
+    return dict(options, num_workers=0)
+
+
 def _wait_for_workers(timeout: float = 3.0) -> None:
     """Let the loader's workers end (a closed loader joins them; vanilla's go with its iterator)."""
     import psutil
@@ -167,10 +177,10 @@ def main() -> None:
     result: Dict[str, Any] = {"outcome": "ok", "error": None, "fallbacks": {}, "notes": notes}
     loader = None
     try:
-        if args.loader == "vanilla":
+        if args.loader in VANILLA_LOADERS:
             from torch.utils.data import DataLoader
 
-            loader = DataLoader(setup.dataset, **setup.vanilla)
+            loader = DataLoader(setup.dataset, **vanilla_options(setup.vanilla, args.loader))
         else:
             from adaptive_loader import AdaptiveLoader
 
@@ -204,8 +214,8 @@ def main() -> None:
         result["outcome"], result["error"] = "crash", notes["problem"]
     result["seconds"] = time.monotonic() - start
     result["peak_shm_used_bytes"] = usage.peak
-    result["fallbacks"] = getattr(loader, "fallbacks", {}) if args.loader != "vanilla" else {}
-    if args.loader != "vanilla" and loader is not None:
+    result["fallbacks"] = getattr(loader, "fallbacks", {}) if args.loader not in VANILLA_LOADERS else {}
+    if args.loader not in VANILLA_LOADERS and loader is not None:
         try:
             loader.close()  # ends the telemetry with its run_end record
         except Exception:  # noqa: BLE001 - the outcome is already measured

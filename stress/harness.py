@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -13,6 +14,8 @@ import time
 from collections import Counter
 from typing import Any, Dict, List, Optional, Tuple
 
+from .cgroup import MemoryCgroup, MemoryUsage
+from .child import VANILLA_LOADERS
 from .leftovers import list_tree
 from .sandbox import sandbox_command
 from .scenarios import get
@@ -21,8 +24,9 @@ __all__ = ["run_case", "RESULT_FIELDS"]
 
 #: The keys of every result, in order (documented in docs/stress.md).
 RESULT_FIELDS = ("scenario", "loader", "outcome", "epochs", "expected", "delivered", "missing", "duplicated",
-                 "batches", "mean_batch_size", "shm_size_bytes", "peak_shm_used_bytes", "shm_left", "spill_left",
-                 "seconds", "samples_per_s", "fallbacks", "notes", "error")
+                 "batches", "mean_batch_size", "shm_size_bytes", "peak_shm_used_bytes", "memory_limit_bytes",
+                 "peak_memory_bytes", "oom_kills", "shm_left", "spill_left", "seconds", "samples_per_s", "fallbacks",
+                 "notes", "error")
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 # From a clone the harness is the top-level package ``stress`` (its parent goes on the child's path);
@@ -34,14 +38,16 @@ _PATH_FOR_CHILD = os.path.dirname(_HERE) if _PACKAGE == "stress" else None
 def run_case(scenario: str, loader: str, *, shm_bytes: int, workers: int = 2, quick: bool = False,
              epochs: int = 1, hang_after: float = 20.0, max_seconds: float = 600.0, telemetry: Optional[str] = None,
              log_path: Optional[str] = None, timeline: Optional[str] = None, on_progress=None,
-             on_tick=None) -> Dict[str, Any]:
-    """Run one scenario with one loader in a private /dev/shm of ``shm_bytes``.
+             on_tick=None, memory_bytes: Optional[int] = None) -> Dict[str, Any]:
+    """Run one scenario with one loader in a private /dev/shm of ``shm_bytes`` and, given
+    ``memory_bytes``, in a fresh memory cgroup of that size (:mod:`.cgroup`; it is joined before
+    the sandbox is made, so every process of the run is inside, and removed afterwards).
 
     A run that delivers nothing new for ``hang_after`` seconds (after it has
     started) is killed and reported as a ``hang``. ``on_progress(delivered)``
     is called as batches arrive, ``on_tick(delivered, idle_s, limit_s)`` every
     0.1 s; ``timeline`` names a JSON file to write the run's time series to
-    (for :mod:`picture`).
+    (for :mod:`picture`). A run the OOM killer ends is a ``crash`` whose error says so.
     """
     spec = get(scenario)
     with tempfile.TemporaryDirectory(prefix="adaptive-stress-") as work:
@@ -52,7 +58,7 @@ def run_case(scenario: str, loader: str, *, shm_bytes: int, workers: int = 2, qu
                 "--spill-dir", spill]
         if quick:
             argv.append("--quick")
-        if telemetry and loader != "vanilla":
+        if telemetry and loader not in VANILLA_LOADERS:
             argv += ["--telemetry", os.path.abspath(telemetry)]
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         if _PATH_FOR_CHILD:
@@ -60,11 +66,18 @@ def run_case(scenario: str, loader: str, *, shm_bytes: int, workers: int = 2, qu
         log = open(log_path or os.path.join(work, "log"), "w")
         started = time.monotonic()
         after = [sys.executable, "-m", f"{_PACKAGE}.leftovers", work]  # lists /dev/shm before the namespace goes
-        proc = subprocess.Popen(sandbox_command(argv, shm_bytes, nofile=spec.nofile, after=after),
-                                cwd=_PATH_FOR_CHILD or work, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
-        hung, ended = _watch(proc, os.path.join(work, "progress"), hang_after, max_seconds, on_progress, on_tick,
-                             os.path.join(work, "pid"))
+        command = sandbox_command(argv, shm_bytes, nofile=spec.nofile, after=after)
+        with MemoryCgroup(memory_bytes) if memory_bytes else contextlib.nullcontext() as group:
+            proc = subprocess.Popen(group.command(command) if group else command, cwd=_PATH_FOR_CHILD or work,
+                                    env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    start_new_session=True)
+            try:
+                hung, ended = _watch(proc, os.path.join(work, "progress"), hang_after, max_seconds, on_progress,
+                                     on_tick, os.path.join(work, "pid"))
+            except BaseException:  # e.g. Ctrl-C: the run must not outlive the harness
+                _kill_group(proc, os.path.join(work, "pid"))
+                raise
+            memory = group.usage() if group else None
         child_start = (_read_json(os.path.join(work, "limits.json")) or {}).get("start")
         # the same clock in the child: a hang's seconds count from its loop's start, like an ok run's
         seconds = ended - (child_start if child_start and child_start > started else started)
@@ -85,6 +98,8 @@ def run_case(scenario: str, loader: str, *, shm_bytes: int, workers: int = 2, qu
     else:
         outcome, error = child["outcome"], child["error"]
         seconds = child["seconds"]
+    if memory is not None and memory.oom_kills:
+        outcome, error = _oom_outcome(outcome, error, hung, child is None, proc.returncode, memory, tail)
     per_epoch += [[] for _ in range(epochs - len(per_epoch))]
     counts = [Counter(indices) for indices in per_epoch[:epochs]]
     received = sum(len(indices) for indices in per_epoch)
@@ -94,7 +109,8 @@ def run_case(scenario: str, loader: str, *, shm_bytes: int, workers: int = 2, qu
         "delivered": sum(len(c) for c in counts), "missing": sum(len(set(range(n)) - set(c)) for c in counts),
         "duplicated": sum(v - 1 for c in counts for v in c.values()), "batches": batches,
         "mean_batch_size": round(received / batches, 2) if batches else None, "shm_size_bytes": shm_bytes,
-        "peak_shm_used_bytes": peak, "shm_left": shm_left, "spill_left": spill_left, "seconds": round(seconds, 3),
+        "peak_shm_used_bytes": peak, **_memory_fields(memory), "shm_left": shm_left, "spill_left": spill_left,
+        "seconds": round(seconds, 3),
         "samples_per_s": round(received / seconds, 1) if seconds > 0 else None,
         "fallbacks": (child or {}).get("fallbacks", {}), "notes": (child or {}).get("notes", notes), "error": error,
     }
@@ -104,6 +120,31 @@ def run_case(scenario: str, loader: str, *, shm_bytes: int, workers: int = 2, qu
                            hang_after=hang_after, shm_size_bytes=shm_bytes, seconds=seconds,
                            samples_per_s=result["samples_per_s"], mean_batch_size=result["mean_batch_size"]), f)
     return result
+
+
+def _oom_outcome(outcome: str, error: Optional[str], hung: bool, unreported: bool, returncode: int,
+                 memory: MemoryUsage, tail: str) -> Tuple[str, Optional[str]]:
+    """The outcome and error of a run in whose cgroup the OOM killer killed: a child killed before it
+    reported is a ``crash`` named so; a hang or a crash it reported keeps its kind and gains the kills in its
+    error; an ``ok`` run (e.g. a worker killed and its batches loaded again) stays as it is."""
+    kills = (f"the OOM killer killed {memory.oom_kills} process(es) in its memory cgroup of "
+             f"{memory.limit_bytes / 2**20:.0f} MiB (peak {_mib(memory.peak_bytes)})")
+    if unreported and not hung:
+        return "crash", f"OOM-killed: {kills}; exit status {returncode}. Last error in its log: {tail}"
+    if outcome == "ok":
+        return outcome, error
+    return outcome, f"{error}; {kills}" if error else kills[0].upper() + kills[1:]
+
+
+def _memory_fields(memory: Optional[MemoryUsage]) -> Dict[str, Optional[int]]:
+    if memory is None:
+        return {"memory_limit_bytes": None, "peak_memory_bytes": None, "oom_kills": None}
+    return {"memory_limit_bytes": memory.limit_bytes, "peak_memory_bytes": memory.peak_bytes,
+            "oom_kills": memory.oom_kills}
+
+
+def _mib(nbytes: Optional[int]) -> str:
+    return "unknown" if nbytes is None else f"{nbytes / 2**20:.0f} MiB"
 
 
 def _watch(proc: subprocess.Popen, progress: str, hang_after: float, max_seconds: float, on_progress,

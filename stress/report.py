@@ -10,13 +10,15 @@ _COLUMNS = [("scenario", "scenario"), ("loader", "loader"), ("outcome", "outcome
             ("missing", "missing"), ("duplicated", "dup"), ("mean_batch_size", "per batch"),
             ("peak_shm_used_bytes", "peak shm"), ("shm_left", "shm left"), ("spill_left", "spill left"),
             ("seconds", "seconds"), ("samples_per_s", "samples/s"), ("fallbacks", "fallbacks")]
+#: shown after "peak shm" when some run had a memory limit
+_MEMORY_COLUMNS = [("memory_limit_bytes", "mem limit"), ("peak_memory_bytes", "peak mem"), ("oom_kills", "oom kills")]
 
 
 def _cell(key: str, result: Dict[str, Any]) -> str:
     value = result.get(key)
     if key == "delivered":
         return f"{value}/{result['expected']}"
-    if key == "peak_shm_used_bytes":
+    if key in ("peak_shm_used_bytes", "memory_limit_bytes", "peak_memory_bytes"):
         return "-" if value is None else f"{value / 2**20:.1f} MiB"
     if key in ("shm_left", "spill_left"):  # what the run left: files in /dev/shm, entries in its spill dir
         return "-" if value is None else str(len(value))
@@ -28,10 +30,14 @@ def _cell(key: str, result: Dict[str, Any]) -> str:
 
 
 def results_table(results: Sequence[Dict[str, Any]]) -> str:
-    """One row per result, columns aligned."""
-    rows: List[List[str]] = [[title for _, title in _COLUMNS]]
-    rows += [[_cell(key, r) for key, _ in _COLUMNS] for r in results]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(_COLUMNS))]
+    """One row per result, columns aligned; the memory columns where some run had a memory limit."""
+    columns = list(_COLUMNS)
+    if any(r.get("memory_limit_bytes") is not None for r in results):
+        at = [key for key, _ in columns].index("peak_shm_used_bytes") + 1
+        columns[at:at] = _MEMORY_COLUMNS
+    rows: List[List[str]] = [[title for _, title in columns]]
+    rows += [[_cell(key, r) for key, _ in columns] for r in results]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(columns))]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * width for width in widths))
     errors = [f"  {r['scenario']}/{r['loader']}: {r['error']}" for r in results if r.get("error")]

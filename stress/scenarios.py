@@ -45,6 +45,8 @@ class Scenario:
     build: Callable[[int, int, bool], Setup]  # (shm_bytes, workers, quick) -> Setup
     nofile: Optional[int] = None  # ulimit -n inside the sandbox
     loaders: Optional[tuple] = None  # the loaders it makes sense for; None: all
+    memory_bytes: Optional[int] = None  # the memory cgroup limit `stress run/matrix` give it without --memory
+    shm_bytes: Optional[int] = None  # the /dev/shm size they give it without --shm-size
 
 
 def _seed(shm: int, workers: int, quick: bool) -> Setup:
@@ -65,6 +67,17 @@ def _detection(shm: int, workers: int, quick: bool) -> Setup:
     ds = w.CocoStyleDataset(48 if quick else 400)
     return Setup(
         dataset=ds, check=w.CocoStyleDataset.check, prepare=ds.prepare,
+        vanilla=dict(batch_size=8, shuffle=True, num_workers=workers, collate_fn=w.detection_collate),
+        adaptive=dict(costs=ds.objects, max_batch_size=8, shuffle=True, num_workers=workers,
+                      collate_fn=w.detection_collate))
+
+
+def _memory_limit(shm: int, workers: int, quick: bool) -> Setup:
+    # the detection workload, 96 images (48 quick): meant for a memory cgroup (--memory) with plenty of
+    # /dev/shm, where vanilla's batches in flight are bounded by memory rather than by the tmpfs
+    ds = w.CocoStyleDataset(48 if quick else 96)
+    return Setup(
+        dataset=ds, check=ds.check_against_getitem, prepare=ds.prepare,
         vanilla=dict(batch_size=8, shuffle=True, num_workers=workers, collate_fn=w.detection_collate),
         adaptive=dict(costs=ds.objects, max_batch_size=8, shuffle=True, num_workers=workers,
                       collate_fn=w.detection_collate))
@@ -224,6 +237,10 @@ SCENARIOS: Dict[str, Scenario] = {s.name: s for s in [
     Scenario("detection", "COCO-style detection: 320x240 JPEGs decoded and 1..150 polygons drawn into uint8 "
              "masks per image in __getitem__, tuple(zip(*batch)) collate, batches of 8, shuffled, sizes fixed: "
              "vanilla hangs or crashes; adaptive keeps the batches of 8 the user asked for", _detection),
+    Scenario("memory-limit", "the detection workload (96 images) in a memory cgroup: run it with --memory "
+             "(default 768M) and plenty of /dev/shm (default 8G); every sample is compared with __getitem__'s "
+             "output made again in the main process; an OOM kill is a crash", _memory_limit,
+             memory_bytes=768 << 20, shm_bytes=8 << 30),
     Scenario("volumes", "fixed-shape 3-D volumes with default collate, which allocates shm inside the worker: "
              "vanilla crashes with ENOSPC; adaptive shrinks the batch", _volumes),
     Scenario("giant-sample", "one sample larger than all of /dev/shm: adaptive sends that batch through a "

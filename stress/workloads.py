@@ -125,9 +125,27 @@ class CocoStyleDataset(Dataset):
         images, targets, ids = batch
         for image, target, i in zip(images, targets, ids):
             assert int(target["image_id"]) == i and int(target["labels"][0]) == 1 + i % 80, f"sample {i} corrupted"
-            assert target["masks"].dtype == torch.uint8 and int(target["masks"].sum()) > 0, f"sample {i}: empty masks"
-            assert tuple(image.shape) == (3, target["masks"].shape[1], target["masks"].shape[2])
+            assert target["masks"].dtype == torch.uint8 and int(target["masks"].sum()) > 0, \
+                f"sample {i} corrupted: empty masks"
+            assert tuple(image.shape) == (3, target["masks"].shape[1], target["masks"].shape[2]), \
+                f"sample {i} corrupted: image {tuple(image.shape)}, masks {tuple(target['masks'].shape)}"
         return list(ids)
+
+    def check_against_getitem(self, batch) -> List[int]:
+        """:meth:`check`, then every tensor of every sample compared with ``self[i]`` made again here
+        (dtype, shape and every value): the full content, not only the index."""
+        ids = self.check(batch)
+        images, targets, _ = batch
+        for image, target, i in zip(images, targets, ids):
+            want_image, want, _ = self[i]
+            got = {"image": image, **{key: target[key] for key in want}}
+            for key, expected in {"image": want_image, **want}.items():
+                value = got[key]
+                assert value.dtype == expected.dtype and value.shape == expected.shape, \
+                    f"sample {i} corrupted: {key} is {value.dtype} {tuple(value.shape)}, __getitem__ makes " \
+                    f"{expected.dtype} {tuple(expected.shape)}"
+                assert torch.equal(value, expected), f"sample {i} corrupted: its {key} differ from __getitem__'s"
+        return ids
 
 
 class VolumeDataset(Dataset):
