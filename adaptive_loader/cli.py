@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import json
+import importlib.util
 import os
 import sys
-import threading
-import time
-from typing import Iterator, List, Optional
+from typing import List, NoReturn, Optional
 
-from rich.console import Console
+from .watch import WatchError, watch_file
 
-from .dashboard import Dashboard
-from .telemetry import RUN_END as _RUN_END
+#: Tells the harness the program name for its usage line (stress/__main__.py reads it).
+STRESS_PROG_ENV = "ADAPTIVE_LOADER_STRESS_PROG"
 
 
 class UsageError(Exception):
@@ -61,7 +59,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.command == "report":
             return _report(args)
         return watch_file(args.path, total=args.total, once=args.once, safety=args.safety)
-    except UsageError as exc:
+    except (UsageError, WatchError) as exc:
         print(f"adaptive-loader {args.command}: {exc}", file=sys.stderr)
         return 2
 
@@ -82,69 +80,16 @@ def _report(args) -> int:
     return 0
 
 
-def _stress(argv: List[str]) -> int:
-    try:
-        from .stress.__main__ import main as stress_main
-    except ImportError:  # a clone without an install: the harness is the top-level stress/
-        from stress.__main__ import main as stress_main
-    return stress_main(argv, prog="adaptive-loader stress")
-
-
-def watch_file(path: str, *, total: Optional[int] = None, once: bool = False, safety: float = 0.8,
-               console: Optional[Console] = None, stop: Optional[threading.Event] = None,
-               poll: float = 0.25, quiet: bool = False) -> int:
-    """Follow ``path`` like ``tail -f`` and draw the dashboard across epochs until the run
-    ends (a ``run_end`` record), ``stop`` is set, or Ctrl-C. ``once``: draw what the file holds
-    and exit; a file that does not exist or holds no record is then a :class:`UsageError`."""
-    dashboard = Dashboard(total_samples=total, safety=safety, console=console)
-    try:
-        if once:
-            if not os.path.exists(path):
-                raise UsageError(f"{path}: no such file")
-            records = 0
-            for record in _records(path, follow=False):
-                dashboard.fold(record)
-                records += 1
-            if not records:
-                raise UsageError(f"{path}: no telemetry records in it")
-            dashboard.console.print(dashboard.render())
-            return 0
-        if not os.path.exists(path) and not quiet:
-            print(f"waiting for {path} to appear (a job writing telemetry={path!r}); Ctrl-C to stop",
-                  file=sys.stderr)
-        with dashboard:
-            for record in _records(path, follow=True, stop=stop, poll=poll):
-                dashboard.fold(record)
-                if record.get("event") == _RUN_END:
-                    break
-        return 0
-    except KeyboardInterrupt:
-        return 0
-
-
-def _records(path: str, *, follow: bool, stop: Optional[threading.Event] = None,
-             poll: float = 0.25) -> Iterator[dict]:
-    """Records of a JSONL file; with ``follow``, also those appended later."""
-    while follow and not os.path.exists(path):
-        if stop is not None and stop.is_set():
-            return
-        time.sleep(poll)
-    with open(path, encoding="utf-8") as f:
-        pending = ""
-        while True:
-            pending += f.readline()
-            if pending.endswith("\n"):
-                try:
-                    record = json.loads(pending)
-                except json.JSONDecodeError:
-                    record = None
-                if isinstance(record, dict) and record.get("kind") in ("batch", "event"):
-                    yield record
-                pending = ""
-            elif not follow or (stop is not None and stop.is_set()):
-                return
-            else:
-                time.sleep(poll)  # at the end, or a line still being written
+def _stress(argv: List[str]) -> NoReturn:
+    """Become the stress harness, ``python -m adaptive_loader.stress ARGV`` (``python -m stress`` in a
+    clone without an install). The library never imports its harness (the harness imports the library),
+    so the harness runs as its own program; exec, not a child, so that signals and the exit status are
+    the harness's own. Does not return."""
+    module = "adaptive_loader.stress" if importlib.util.find_spec("adaptive_loader.stress") else "stress"
+    env = dict(os.environ, **{STRESS_PROG_ENV: "adaptive-loader stress"})
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable, "-m", module, *argv], env)
 
 
 if __name__ == "__main__":

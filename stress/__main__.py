@@ -23,9 +23,12 @@ from .scenarios import SCENARIOS, get
 
 DEMO_SCENARIO = "detection"
 DEFAULT_SHM = "64M"
+#: Set by ``adaptive-loader stress`` (adaptive_loader/cli.py), which runs this program: its usage line's name.
+PROG_ENV = "ADAPTIVE_LOADER_STRESS_PROG"
 
 
-def main(argv: Optional[List[str]] = None, prog: str = "python -m stress") -> int:
+def main(argv: Optional[List[str]] = None, prog: Optional[str] = None) -> int:
+    prog = prog or os.environ.get(PROG_ENV) or "python -m stress"
     parser = argparse.ArgumentParser(prog=prog, description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="the scenarios and what each proves")
@@ -138,7 +141,7 @@ def _demo(args, shm: int) -> int:
 
 def _run_with_dashboard(name: str, shm: int, args, telemetry: str, timeline: str) -> Dict[str, Any]:
     """The adaptive run, with the live dashboard following its telemetry file."""
-    from adaptive_loader.cli import watch_file
+    from adaptive_loader.watch import watch_file
 
     stop = threading.Event()
     total = len(get(name).build(shm, args.workers, args.quick).dataset)

@@ -1,13 +1,12 @@
-"""The house's rules, checked on the source: no import cycles, decisions apart from mechanics,
-every private torch name in one module (docs/design.md has the picture)."""
+"""The house's rules, checked on the source: no import cycles (the stress harness included), the library
+never imports its harness, decisions apart from mechanics, every private torch name in one module
+(docs/design.md has the picture)."""
 
 from __future__ import annotations
 
 import ast
 import pathlib
 import re
-
-import pytest
 
 PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "adaptive_loader"
 SHIPPED = [PACKAGE, PACKAGE.parent / "stress"]
@@ -25,49 +24,95 @@ def modules():
     return {p.stem: p for p in PACKAGE.glob("*.py") if p.stem != "__init__"}
 
 
-def imported_modules(path: pathlib.Path):
-    """The package's modules ``path`` imports, outside ``if TYPE_CHECKING:`` blocks (lazy imports count)."""
+def shipped_modules():
+    """Every module of the library and the harness by dotted name (stress/__main__.py: stress.__main__)."""
+    return {".".join(p.relative_to(PACKAGE.parent).with_suffix("").parts): p
+            for root in SHIPPED for p in sorted(root.rglob("*.py"))}
+
+
+def canonical(name: str) -> str:
+    """The harness's repo name: installed, stress/ ships as adaptive_loader.stress."""
+    return name[len("adaptive_loader."):] if name.split(".")[:2] == ["adaptive_loader", "stress"] else name
+
+
+def imports(path: pathlib.Path, package: str, type_checking: bool = False):
+    """Every module ``path`` (a module of ``package``) imports, as absolute dotted names; lazy imports
+    count, those under ``if TYPE_CHECKING:`` only with ``type_checking``. ``from a import b`` gives both
+    ``a`` and ``a.b`` (``b`` may be a module)."""
     tree = ast.parse(path.read_text())
     skipped = set()
     for node in ast.walk(tree):
-        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+        if not type_checking and isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
             skipped.update(id(n) for n in ast.walk(node))
     found = set()
     for node in ast.walk(tree):
         if id(node) in skipped:
             continue
         if isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level == 1 and not base:  # from . import x, y
-                found.update(alias.name for alias in node.names)
-            elif node.level == 1:
-                found.add(base.split(".")[0])
-            elif base.startswith("adaptive_loader."):
-                found.add(base.split(".")[1])
+            parts = package.split(".")
+            base = ".".join(parts[:len(parts) - node.level + 1]) if node.level else ""
+            base = ".".join(filter(None, (base, node.module)))
+            found.add(canonical(base))
+            found.update(canonical(f"{base}.{alias.name}") for alias in node.names)
         elif isinstance(node, ast.Import):
-            for alias in node.names:
-                if alias.name.startswith("adaptive_loader."):
-                    found.add(alias.name.split(".")[1])
-    return found & set(modules())
+            found.update(canonical(alias.name) for alias in node.names)
+    return found
 
 
-def test_there_are_no_import_cycles():
-    graph = {name: imported_modules(path) for name, path in modules().items()}
+def imported_modules(path: pathlib.Path):
+    """The package's modules ``path`` imports, outside ``if TYPE_CHECKING:`` blocks (lazy imports count)."""
+    return {name.split(".")[1] for name in imports(path, "adaptive_loader")
+            if name.startswith("adaptive_loader.")} & set(modules())
+
+
+def find_cycle(graph):
+    """One import cycle of ``graph`` (module -> the modules it imports) as a list of names, or None."""
     state = {}
 
     def visit(node, trail):
         if state.get(node) == "done":
-            return
+            return None
         if state.get(node) == "open":
-            cycle = trail[trail.index(node):] + [node]
-            pytest.fail(f"import cycle: {' -> '.join(cycle)}")
+            return trail[trail.index(node):] + [node]
         state[node] = "open"
         for child in sorted(graph[node]):
-            visit(child, trail + [node])
+            cycle = visit(child, trail + [node])
+            if cycle:
+                return cycle
         state[node] = "done"
+        return None
 
     for name in sorted(graph):
-        visit(name, [])
+        cycle = visit(name, [])
+        if cycle:
+            return cycle
+    return None
+
+
+def test_there_are_no_import_cycles():
+    cycle = find_cycle({name: imported_modules(path) for name, path in modules().items()})
+    assert cycle is None, f"import cycle: {' -> '.join(cycle)}"
+
+
+def test_there_are_no_import_cycles_across_the_library_and_the_harness():
+    """The harness exercises the library, never the other way: one direction only."""
+    shipped = {name: path for name, path in shipped_modules().items() if not name.endswith("__init__")}
+    graph = {name: imports(path, name.rsplit(".", 1)[0]) & set(shipped) for name, path in shipped.items()}
+    assert any(name.startswith("adaptive_loader.") for edges in graph.values() for name in edges) \
+        and any(name.startswith("stress.") for edges in graph.values() for name in edges)  # not vacuous
+    cycle = find_cycle(graph)
+    assert cycle is None, f"import cycle: {' -> '.join(cycle)}"
+
+
+def test_the_library_does_not_import_the_stress_harness():
+    offenders = []
+    for name, path in shipped_modules().items():
+        if name.startswith("adaptive_loader."):
+            wrong = sorted(n for n in imports(path, name.rsplit(".", 1)[0], type_checking=True)
+                           if n == "stress" or n.startswith("stress."))
+            if wrong:
+                offenders.append(f"{path.relative_to(PACKAGE.parent)} imports {', '.join(wrong)}")
+    assert not offenders, "the library imports its stress harness:\n" + "\n".join(offenders)
 
 
 def test_the_decide_layer_imports_no_mechanics_and_no_io():
@@ -121,3 +166,15 @@ def test_the_check_itself_catches_a_private_name(tmp_path):
     sample = tmp_path / "m.py"
     sample.write_text("from . import loader\nfrom .kinds import Road\nimport adaptive_loader.arena\n")
     assert imported_modules(sample) == {"loader", "kinds", "arena"}
+
+
+def test_the_cross_package_check_sees_both_spellings_of_the_harness(tmp_path):
+    """Relative, absolute and installed names of the harness all resolve to stress.*; a lazy import counts."""
+    sample = tmp_path / "m.py"
+    sample.write_text("def f():\n    from .stress.__main__ import main\n    import stress.harness\n"
+                      "    from adaptive_loader.stress import scenarios\n")
+    assert {"stress.__main__", "stress.harness", "stress.scenarios"} <= imports(sample, "adaptive_loader")
+    sample.write_text("from .harness import run_case\nfrom adaptive_loader.cli import watch_file\n")
+    assert {"stress.harness", "adaptive_loader.cli"} <= imports(sample, "stress")
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) is None

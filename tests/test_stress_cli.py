@@ -79,6 +79,15 @@ def test_adaptive_loader_stress_runs_the_same_harness():
     helptext = subprocess.run([sys.executable, "-m", "adaptive_loader.cli", "stress", "--help"], cwd=REPO,
                               capture_output=True, text=True, timeout=120).stdout
     assert helptext.startswith("usage: adaptive-loader stress")
+    assert stress("--help").stdout.startswith("usage: python -m stress")
+
+
+def test_adaptive_loader_stress_passes_on_the_harness_errors_and_exit_status():
+    """The subcommand runs the harness as its own program (the library does not import it)."""
+    out = subprocess.run([sys.executable, "-m", "adaptive_loader.cli", "stress", "run", "no-such-scenario"],
+                         cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert out.stderr.startswith("usage: adaptive-loader stress run") and "no-such-scenario" in out.stderr
 
 
 def test_the_detection_workload_decodes_jpegs_and_draws_polygons():
