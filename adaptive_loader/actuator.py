@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 from . import distributed
 from .controller import format_cost
@@ -24,7 +24,7 @@ __all__ = ["Actuator"]
 
 class Actuator:
     def __init__(self, sampler: BudgetBatchSampler, pipeline: Pipeline, ledger: Ledger, telemetry: Any,
-                 group: Any, sync_every: int, user_max_cost: float, whole_batch_cost: float = math.inf) -> None:
+                 group: Any, sync_every: int, user_max_cost: float) -> None:
         self.sampler = sampler
         self.pipeline = pipeline
         self.ledger = ledger
@@ -32,7 +32,8 @@ class Actuator:
         self.group = group
         self.sync_every = sync_every
         self.user_max_cost = user_max_cost
-        self.whole_batch_cost = whole_batch_cost  # a budget at least this cuts no batch the user asked for
+        # the largest batch asked for (samples, None: no size cap) and its cost: a budget at least this cuts none
+        self.whole_batch: Tuple[Optional[int], float] = (None, math.inf)
         self.fallbacks: Dict[str, int] = {}
         self._warned_epoch: Optional[int] = None  # the budget went below the user's in this epoch, said so
 
@@ -68,12 +69,13 @@ class Actuator:
 
     def _warn_if_below_asked(self, max_cost: float, decision: Any, epoch: int) -> None:
         """Once per epoch: the batches got smaller than the user asked, how much and why."""
-        if max_cost >= min(self.user_max_cost, self.whole_batch_cost) or self._warned_epoch == epoch:
+        size, whole_cost = self.whole_batch
+        asked_cost = min(self.user_max_cost, whole_cost)
+        if max_cost >= asked_cost or self._warned_epoch == epoch:
             return
         self._warned_epoch = epoch
         asked = (f"your max_cost {format_cost(self.user_max_cost)}" if math.isfinite(self.user_max_cost)
-                 else f"what {self.sampler.max_batch_size} of the largest samples cost ({format_cost(self.whole_batch_cost)})")
-        asked_cost = min(self.user_max_cost, self.whole_batch_cost)
+                 else f"what {size} of the largest samples cost ({format_cost(whole_cost)})")
         share = f" ({max_cost / asked_cost:.0%} of it)"
         self.telemetry.event(
             Event.BUDGET.value, f"batches are smaller than asked this epoch: the cost budget is {format_cost(max_cost)}, "

@@ -50,6 +50,16 @@ class EpochIterator:
     def __iter__(self) -> "EpochIterator":
         return self
 
+    @property
+    def started(self) -> bool:
+        """Whether the epoch began (at the first ``next()``)."""
+        return self.epoch is not None
+
+    @property
+    def done(self) -> bool:
+        """Whether the epoch ended: completed, closed, or left for a newer iterator."""
+        return self._done
+
     def __len__(self) -> int:
         return len(self.loader)
 

@@ -12,20 +12,19 @@ epoch: iterate, recover, catch stalls.
 
 from __future__ import annotations
 
-import inspect
 import logging
 import math
 import os
 import tempfile
 import time
 import uuid
+import warnings
 import weakref
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
-from torch.utils.data import (BatchSampler, DataLoader, Dataset, IterableDataset, RandomSampler, SequentialSampler,
-                              default_collate)
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler, default_collate
 
 from . import controller as rules
 from . import distributed
@@ -38,9 +37,9 @@ from .kinds import ARENA_ROADS, Fallback, Road
 from .ledger import LastBatch, Ledger
 from .measure import ShmProbe, host_ram_available, read_fds, rss_of
 from .memory import read_memory, read_oom_kills, resolve_memory_budget
-from .options import check_dataloader_options, shuffle_seed, warn_worker_number
+from .options import (check_arena, check_dataloader_options, check_keywords, check_sampling, check_settings,
+                      check_spill_dir, refuse_batch_sampler_as_sampler, shuffle_seed, warn_worker_number)
 from .pipeline import Pipeline
-from .region import MEMFD, SHM, memfd_available
 from .routing import UNBOUNDED
 from .sampler import DEFAULT_WINDOW, BudgetBatchSampler, _pack_bits, _unpack_bits
 from .telemetry import SinkSpec, Telemetry
@@ -118,20 +117,13 @@ class AdaptiveLoader:
                  rank: Optional[int] = None, sync_every: int = 8, arena: Any = True,
                  memory_budget: Optional[float] = None, min_batch_size: int = 1, group_ids: Any = None,
                  cost: str = "sum", quadratic: float = 0.0, **dataloader_kwargs: Any) -> None:
-        if isinstance(dataset, IterableDataset) or not hasattr(dataset, "__len__"):
-            raise TypeError("AdaptiveLoader needs a map-style dataset with __len__ and __getitem__")
-        max_batch_size = _take_batch_size_alias(max_batch_size, dataloader_kwargs)
-        _refuse_own_keywords(dataloader_kwargs)
-        _refuse_unknown_keywords(dataloader_kwargs)
+        sampling, dataloader_kwargs = check_keywords(dataloader_kwargs)  # in DataLoader's order from here
         opts = check_dataloader_options(num_workers=num_workers, seed=seed, **dataloader_kwargs)
         num_workers = opts["num_workers"]
-        if not opts["in_order"]:
-            raise ValueError("in_order=False is not supported: AdaptiveLoader matches batches to indices in order")
-        _check_fraction("safety", safety)
-        _check_positive("stall_timeout", stall_timeout)
-        _check_int("max_restarts", max_restarts, 0)
-        _check_int("sync_every", sync_every, 1)
-        arena_kind = _arena_kind(arena)
+        max_batch_size = check_sampling(dataset, max_batch_size, shuffle, drop_last, sampling)
+        check_settings(safety=safety, stall_timeout=stall_timeout, max_restarts=max_restarts, sync_every=sync_every,
+                       min_batch_size=min_batch_size)
+        arena_kind = check_arena(arena)
         self._memory, self._memory_read_at = read_memory(), time.monotonic()
         if memory_budget is not None:
             resolve_memory_budget(memory_budget, self._memory.limit)  # the TypeError/ValueError now
@@ -150,13 +142,12 @@ class AdaptiveLoader:
                                   else (opts["seed"] or 0), drop_last=drop_last, window=window,
                                   num_replicas=num_replicas, rank=rank, **sampler_options)
         self.sampler = self._make_sampler(n)
-        _check_int("min_batch_size", min_batch_size, 1)
         if self.sampler.max_batch_size is not None and min_batch_size > self.sampler.max_batch_size:
             raise ValueError(f"min_batch_size={min_batch_size} is above max_batch_size={self.sampler.max_batch_size}")
         self.min_batch_size = min_batch_size
         self.sync_every = sync_every
         self.user_max_cost = self.sampler.max_cost
-        self.spill_dir = _check_spill_dir(spill_dir if spill_dir is not None else tempfile.gettempdir())
+        self.spill_dir = check_spill_dir(spill_dir if spill_dir is not None else tempfile.gettempdir())
         self._shm = ShmProbe(shm_path)
         self._asked = {key: opts[key] for key in ("num_workers", "prefetch_factor", "in_order", "timeout",
                                                    "worker_init_fn")}
@@ -190,10 +181,9 @@ class AdaptiveLoader:
                                   stall_timeout=self.stall_timeout, user_worker_init=self._asked["worker_init_fn"],
                                   dataloader_kwargs=dataloader_kwargs,
                                   arena_kind=arena_kind if arena_kind is not False else None)
-        size_cap = self.sampler.max_batch_size
-        whole = size_cap * float(self.sampler.unit_costs.max()) if size_cap is not None and n else math.inf
         self._actuator = Actuator(self.sampler, self._pipeline, self._ledger, self._telemetry, self._group,
-                                  sync_every, self.user_max_cost, whole)
+                                  sync_every, self.user_max_cost)
+        self._actuator.whole_batch = self._whole_batch()
         self._dataset = dataset
         self._epochs_started = 0
         self._epoch_iterated = 0
@@ -207,6 +197,7 @@ class AdaptiveLoader:
         self._pending_give_back: List[List[int]] = []  # batches given back on this rank alone
         self._rebuild_pending = False  # a give-back waits for the next batch
         self._rate = Rate()
+        self._closed = self._warned_superseded = False
         self._initialized = True
 
     # -- construction from an existing DataLoader ------------------------------
@@ -246,8 +237,18 @@ class AdaptiveLoader:
         super().__setattr__(name, value)
 
     def __len__(self) -> int:
-        """Batches in a whole epoch at the current budget (exact while the budget does not drop),
-        also while a resumed epoch is under way (like DataLoader)."""
+        """Batches in a whole epoch at the current budget (exact while the budget does not drop).
+
+        Between epochs it follows the dataset's length now, as DataLoader's does: a dataset that grew
+        or shrank gets its sampler re-derived here, as the next epoch would, and that epoch plans over
+        every sample. The epoch under way keeps its length until it ends, and so does a resumed epoch
+        (counted whole, like DataLoader): they deliver the samples they started with. Where the plan
+        cannot follow (``costs=`` or ``group_ids=`` given as numbers for the old length), this raises
+        the ValueError the next epoch would. Cheap: ``len(dataset)`` and a cached count."""
+        if len(self._dataset) != len(self.sampler.costs):
+            active = self._active() if self._active is not None else None
+            if active is None or not active.started or active.done:
+                self._follow_dataset_length()
         return self.sampler.epoch_length()
 
     dataset = property(lambda self: self._dataset, doc="The dataset (read-only, as in DataLoader).")
@@ -333,7 +334,10 @@ class AdaptiveLoader:
     def __iter__(self) -> Iterator[Any]:
         previous = self._active() if self._active is not None else None
         if previous is not None:
-            previous.close()  # like a new DataLoader iterator: the old one's workers go
+            self._end_superseded(previous)
+        if self._closed:  # iterated again after close(): as a DataLoader would, with everything made anew
+            self._telemetry.reopen()
+            self._closed = False
         iterator = EpochIterator(self)  # the epoch starts at its first next(), as a generator's would:
         self._active = weakref.ref(iterator)  # Lightning sets the sampler's epoch after iter()
         return iterator
@@ -346,13 +350,27 @@ class AdaptiveLoader:
         return StepGuard(self, **options)
 
     def close(self) -> None:
-        """End the epoch under way, stop the workers (persistent ones too), release the arenas,
-        restore the sharing strategy, and close the telemetry sinks it opened."""
+        """End the epoch under way, stop the workers (persistent ones too), release the arenas and
+        the spill directory, restore the sharing strategy, and close the telemetry sinks it opened.
+        Iterating again afterwards works: what it needs is made anew."""
         previous = self._active() if self._active is not None else None
         if previous is not None:
             previous.close()
         self._pipeline.close()
         self._telemetry.close()
+        self._closed = True
+
+    def _end_superseded(self, previous: EpochIterator) -> None:
+        """A new ``iter()`` ends the epoch under way (one epoch at a time: its budget, ledger and
+        workers are shared); say so once if that epoch had started and not ended."""
+        if previous.started and not previous.done and not self._warned_superseded:
+            self._warned_superseded = True
+            warnings.warn(
+                f"iter(loader) was called while an earlier iterator of this AdaptiveLoader was in the middle of "
+                f"epoch {previous.epoch}: that iterator has ended and yields nothing more (unlike DataLoader, an "
+                f"AdaptiveLoader runs one epoch at a time). Finish or drop the first iterator before starting "
+                f"another, or use a second AdaptiveLoader. (Said once per loader.)", RuntimeWarning, stacklevel=3)
+        previous.close()  # like a new DataLoader iterator: the old one's workers go
 
     def __enter__(self) -> "AdaptiveLoader":
         return self
@@ -545,52 +563,59 @@ class AdaptiveLoader:
         cost_array = _cost_array(self._costs_given, n, self.__dict__.get("_dataset"))
         return BudgetBatchSampler(cost_array, num_samples=n, **self._sampler_args)
 
+    def _largest_batch(self) -> Optional[int]:
+        """The most samples one batch can hold: the size cap, or one rank's share of the dataset where
+        that is less (a cap above it asks for nothing more, and must not cut workers); None: no cap."""
+        cap, samples = self.sampler.max_batch_size, len(self.sampler.costs)
+        if not samples:
+            return cap
+        share = -(-samples // self.sampler.num_replicas)
+        return share if cap is None else min(cap, share)
+
+    def _whole_batch(self) -> Tuple[Optional[int], float]:
+        """The largest batch asked for, and a bound on its cost (inf: no size cap bounds it)."""
+        size, costs = self._largest_batch(), self.sampler.unit_costs
+        return size, size * float(costs.max()) if size is not None and len(costs) else math.inf
+
     def _make_controller(self) -> Controller:
         costs = self.sampler.unit_costs
         positive = costs[costs > 0]
         min_cost = float(positive.min()) if len(positive) else 0.0
         floor = min_cost + (self.min_batch_size - 1) * (float(costs.mean()) if len(costs) else 0.0)
         return Controller(
-            user_max_cost=self.user_max_cost, max_batch_size=self.sampler.max_batch_size,
+            user_max_cost=self.user_max_cost, max_batch_size=self._largest_batch(),
             min_cost=min_cost, num_workers=self.num_workers, prefetch_factor=self.prefetch_factor or 1,
             safety=self.safety, max_sample_cost=float(costs.max()) if len(costs) else 0.0, floor_cost=floor)
 
     def _follow_dataset_length(self) -> None:
-        """A dataset whose length changed since the last epoch: re-derive the costs, or say why not."""
-        n = len(self._dataset)
-        if n == len(self.sampler.costs):
+        """Between epochs, a dataset whose length changed since the sampler was made gets a sampler
+        over its samples now (costs re-derived; the epoch, the seed and the budget kept; the workers,
+        which hold a copy of the old dataset, stopped), or a ValueError that says why it cannot. A
+        resumed epoch first ends over the samples it was saved with: the epoch after it follows."""
+        n, planned = len(self._dataset), len(self.sampler.costs)
+        if n == planned or self._resuming:
             return
         if self._costs_given is not None and not callable(self._costs_given):
             raise ValueError(
-                f"the dataset now has {n} samples but costs= was given for {len(self.sampler.costs)}: pass "
-                f"costs as a callable (costs(index) -> number) to follow a dataset whose length changes, or "
-                f"build a new AdaptiveLoader")
+                f"the dataset now has {n} samples but costs= was given for {planned}: pass costs as a callable "
+                f"(costs(index) -> number) to follow a dataset whose length changes, or build a new AdaptiveLoader")
+        if self._sampler_args.get("group_ids") is not None:
+            raise ValueError(f"the dataset now has {n} samples but group_ids= was given for {planned}: build a new "
+                             f"AdaptiveLoader with one group id per sample")
         epoch = self.sampler.epoch
         sampler = self._make_sampler(n)
         sampler.set_epoch(epoch)
         sampler.max_cost = min(sampler.max_cost, self.sampler.max_cost)
         object.__setattr__(self, "sampler", sampler)
         self._ledger.feed.sampler = self._actuator.sampler = sampler
+        self._actuator.whole_batch = self._whole_batch()
         self.controller = self._make_controller()
         self._pipeline.drop()
 
 
-# -- argument checks and conversions ---------------------------------------------------
+# -- conversions: costs for the sampler, a DataLoader's sampling for wrap() ------------------
 def _cost_array(costs: Any, n: int, dataset: Any) -> Any:
     return as_cost_array(costs, expected_len=n, dataset=dataset)
-
-
-def _arena_kind(arena: Any) -> Any:
-    """``False``, or the kind of region the arenas live in (``True``: a memfd where there are memfds)."""
-    if arena is True:
-        return MEMFD if memfd_available() else SHM
-    if arena is False:
-        return False
-    if arena == MEMFD and not memfd_available():
-        raise ValueError("arena='memfd' needs os.memfd_create (Linux >= 3.17, Python >= 3.8); use arena='shm'")
-    if arena in (MEMFD, SHM):
-        return arena
-    raise ValueError(f"arena must be True, False, 'memfd' or 'shm', got {arena!r}")
 
 
 def _wrapped_sampling(dataloader: DataLoader) -> Dict[str, Any]:
@@ -612,7 +637,7 @@ def _wrapped_sampling(dataloader: DataLoader) -> Dict[str, Any]:
             f"wrap() cannot reproduce the batch sampler {type(batch_sampler).__name__}: AdaptiveLoader plans "
             f"its own batches. Build AdaptiveLoader(dataset, costs=..., max_cost=..., max_batch_size=..., "
             f"shuffle=...) yourself (group_ids= for batches that must not mix groups)")
-    _refuse_batch_sampler_as_sampler(sampler)
+    refuse_batch_sampler_as_sampler(sampler)
     if type(sampler) not in (SequentialSampler, RandomSampler):
         raise ValueError(
             f"wrap() keeps a SequentialSampler or RandomSampler; this DataLoader uses {type(sampler).__name__}, "
@@ -629,69 +654,3 @@ def _wrapped_sampling(dataloader: DataLoader) -> Dict[str, Any]:
     if shuffle:
         extra["seed"] = shuffle_seed(None, getattr(sampler, "generator", None) or dataloader.generator)
     return dict(max_batch_size=batch_size, shuffle=shuffle, **extra)
-
-
-def _take_batch_size_alias(max_batch_size: Optional[int], kwargs: Dict[str, Any]) -> Optional[int]:
-    if "batch_size" in kwargs:
-        batch_size = kwargs.pop("batch_size")
-        if max_batch_size is not None and batch_size is not None and batch_size != max_batch_size:
-            raise ValueError(f"batch_size={batch_size} and max_batch_size={max_batch_size} disagree; give one")
-        return max_batch_size if max_batch_size is not None else batch_size
-    return max_batch_size
-
-
-def _refuse_own_keywords(kwargs: Dict[str, Any]) -> None:
-    sampler = kwargs.get("sampler")
-    if sampler is not None:
-        _refuse_batch_sampler_as_sampler(sampler)
-    for key in ("sampler", "batch_sampler"):
-        if kwargs.get(key) is not None:
-            raise ValueError(f"AdaptiveLoader builds its own batch sampler from costs/max_cost/max_batch_size/"
-                             f"shuffle; {key}= cannot be passed")
-        kwargs.pop(key, None)
-
-
-_OWN_OR_DERIVED = {"dataset", "batch_size", "shuffle", "sampler", "batch_sampler", "num_workers", "collate_fn",
-                   "drop_last"}  # AdaptiveLoader's own parameters, or refused
-
-
-def _refuse_unknown_keywords(kwargs: Dict[str, Any]) -> None:
-    """Unknown DataLoader keywords fail now, not at the first batch."""
-    known = set(inspect.signature(DataLoader.__init__).parameters) - {"self"} - _OWN_OR_DERIVED
-    unknown = sorted(set(kwargs) - known)
-    if unknown:
-        raise TypeError(f"unknown keyword(s) {', '.join(unknown)}: AdaptiveLoader passes on these DataLoader "
-                        f"keywords: {', '.join(sorted(known))}")
-
-
-def _refuse_batch_sampler_as_sampler(sampler: Any) -> None:
-    if isinstance(sampler, (BatchSampler, BudgetBatchSampler)):
-        raise ValueError(
-            f"a batch sampler ({type(sampler).__name__}) was passed as sampler=: DataLoader then treats each "
-            f"list of indices as one sample and yields batches of one. Pass it as batch_sampler=, or give "
-            f"AdaptiveLoader costs= and max_cost= instead")
-
-
-def _check_spill_dir(path: Any) -> str:
-    if not isinstance(path, (str, os.PathLike)):
-        raise TypeError(f"spill_dir must be a path, got {type(path).__name__}")
-    path = os.fspath(path)
-    if not os.path.isdir(path) or not os.access(path, os.W_OK):
-        raise ValueError(f"spill_dir {path!r} is not a writable directory; batches that cannot go through "
-                         f"shared memory are written there")
-    return path
-
-
-def _check_fraction(name: str, value: Any) -> None:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value <= 1:
-        raise ValueError(f"{name} must be a number in (0, 1], got {value!r}")
-
-
-def _check_positive(name: str, value: Any) -> None:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0 or math.isnan(value):
-        raise ValueError(f"{name} must be a number > 0, got {value!r}")
-
-
-def _check_int(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")

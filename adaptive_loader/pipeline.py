@@ -47,7 +47,8 @@ class Pipeline:
         self.ledger = ledger
         self.collate_fn = collate_fn
         self.shm = shm
-        self.spill = SpillDir.create(spill_dir)  # private (0700), one per loader; a dead run's are removed
+        self.spill_parent = spill_dir
+        self._spill: Optional[SpillDir] = None
         self.arena_owner = arena_owner
         self.arena_kind = arena_kind
         self.safety = safety
@@ -62,6 +63,14 @@ class Pipeline:
         self.num_workers = 0
         self.prefetch_factor: Optional[int] = None
         self._stale = False
+
+    @property
+    def spill(self) -> SpillDir:
+        """The loader's private (0700) spill directory, made at first use, and again after :meth:`close`
+        (a dead run's directories are removed then)."""
+        if self._spill is None:
+            self._spill = SpillDir.create(self.spill_parent)
+        return self._spill
 
     def set_worker_init(self, fn: Optional[Callable[[int], None]]) -> None:
         """The workers started from now on call ``fn`` (after the loader's own setup)."""
@@ -137,7 +146,9 @@ class Pipeline:
         self.drop()
         if self.arena_owner is not None:
             arena_registry.forget(self.arena_owner)
-        self.spill.close()
+        if self._spill is not None:
+            self._spill.close()
+            self._spill = None
         if self.sharing_strategy != self.strategy_at_start:
             torch.multiprocessing.set_sharing_strategy(self.strategy_at_start)
             self.sharing_strategy = self.strategy_at_start

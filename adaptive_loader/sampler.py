@@ -726,9 +726,10 @@ def _unpack_bits(data: bytes, count: int) -> np.ndarray:
 
 def _short(positions: np.ndarray, costs_at: np.ndarray, max_cost: float, max_batch_size: int,
            padded: bool = False) -> bool:
-    """Whether drop_last drops this final batch: not full without a cost cap (as DataLoader),
-    under half full with one (a cost-capped batch is rarely exactly full)."""
-    if math.isinf(max_cost):
+    """Whether drop_last drops this final batch: not full where the cost cap cannot bind (none, or a
+    budget above what ``max_batch_size`` of the largest samples cost: as DataLoader), under half full
+    where it can (a cost-capped batch is rarely exactly full)."""
+    if max_batch_size * float(costs_at.max(initial=0.0)) <= max_cost:  # an infinite max_cost too
         return len(positions) < max_batch_size
     costs = costs_at[positions]
     total = len(costs) * float(costs.max(initial=0.0)) if padded else float(costs.sum())

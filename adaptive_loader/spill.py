@@ -132,7 +132,30 @@ def remove_stale(parent: str) -> int:
     return removed
 
 
-def _remove_tree(path: str, owner_pid: int) -> None:
+class _DirFd:
+    """The spill directory's fd in one process, kept apart from the :class:`SpillDir` so its
+    finalizer can close it (a loader dropped without ``close()`` must not leak it)."""
+
+    def __init__(self) -> None:
+        self.fd: Optional[int] = None
+        self.pid = 0
+
+    def mine(self) -> bool:
+        return self.fd is not None and self.pid == os.getpid()
+
+    def set(self, fd: int) -> None:
+        self.close()
+        self.fd, self.pid = fd, os.getpid()
+
+    def close(self) -> None:
+        if self.mine():
+            with contextlib.suppress(OSError):
+                os.close(self.fd)
+        self.fd = None
+
+
+def _remove_tree(path: str, owner_pid: int, dir_fd: _DirFd) -> None:
+    dir_fd.close()
     if os.getpid() == owner_pid:  # a forked worker inherits this finalizer: never let it remove the dir
         shutil.rmtree(path, ignore_errors=True)
 
@@ -155,8 +178,7 @@ class SpillDir:
         self.path = path
         self._id = (dev, ino)
         self._owner_pid = owner_pid
-        self._dir_fd: Optional[int] = None
-        self._dir_fd_pid = 0
+        self._dir = _DirFd()
         self._finalizer: Optional[weakref.finalize] = None
 
     @classmethod
@@ -169,7 +191,7 @@ class SpillDir:
         path = tempfile.mkdtemp(prefix=f"{PREFIX}{pid}-{_start_token(pid) or 0}-", dir=parent)
         st = os.lstat(path)
         spill = cls(path, st.st_dev, st.st_ino, pid)
-        spill._finalizer = weakref.finalize(spill, _remove_tree, path, pid)
+        spill._finalizer = weakref.finalize(spill, _remove_tree, path, pid, spill._dir)
         spill._check(os.open(path, _DIR_FLAGS), keep=True)
         _spare.hold()
         return spill
@@ -178,7 +200,7 @@ class SpillDir:
         return {"path": self.path, "_id": self._id, "_owner_pid": self._owner_pid}
 
     def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state, _dir_fd=None, _dir_fd_pid=0, _finalizer=None)
+        self.__dict__.update(state, _dir=_DirFd(), _finalizer=None)
         _spare.hold()  # a spawned worker: while its fds are still plentiful
 
     def _check(self, fd: int, keep: bool) -> int:
@@ -190,9 +212,7 @@ class SpillDir:
             os.close(fd)
             raise
         if keep:
-            if self._dir_fd is not None and self._dir_fd_pid == os.getpid():
-                os.close(self._dir_fd)
-            self._dir_fd, self._dir_fd_pid = fd, os.getpid()
+            self._dir.set(fd)
         return fd
 
     def _verify(self, fd: int) -> None:
@@ -216,17 +236,18 @@ class SpillDir:
     def _open_dir(self) -> int:
         """The directory's fd, opened and checked once per process: files are made relative to it,
         so a path swapped meanwhile cannot redirect them."""
-        if self._dir_fd is not None and self._dir_fd_pid != os.getpid():  # inherited through fork
+        held = self._dir
+        if held.fd is not None and not held.mine():  # inherited through fork
             try:
-                self._verify(self._dir_fd)
-                self._dir_fd_pid = os.getpid()
+                self._verify(held.fd)
+                held.pid = os.getpid()
             except OSError:  # not our directory's fd (any more): open it again
-                self._dir_fd = None
-        if self._dir_fd is None:
+                held.fd = None
+        if held.fd is None:
             self._check(_spare.open(self.path, _DIR_FLAGS), keep=True)
         else:
-            self._verify(self._dir_fd)  # its owner and mode, before each use
-        return self._dir_fd
+            self._verify(held.fd)  # its owner and mode, before each use
+        return held.fd
 
     def write(self, pieces: Sequence[np.ndarray]) -> Tuple[str, int, List[int]]:
         """A new spill file holding ``pieces`` (uint8 arrays) behind the header: its path, its size,
@@ -266,11 +287,8 @@ class SpillDir:
         return removed
 
     def close(self) -> None:
-        """Remove the directory and everything in it (main process only)."""
-        if self._dir_fd is not None and self._dir_fd_pid == os.getpid():
-            with contextlib.suppress(OSError):
-                os.close(self._dir_fd)
-        self._dir_fd = None
+        """Remove the directory and everything in it (main process only), and close its fd."""
+        self._dir.close()
         if self._finalizer is not None:
             self._finalizer()
 

@@ -270,6 +270,7 @@ class Telemetry:
 
     def __init__(self, spec: SinkSpec = None, *, total_samples: Optional[int] = None, safety: float = 0.8,
                  log_every: float = 30.0) -> None:
+        self._spec = (spec, total_samples, safety, log_every)
         self.sinks: List[Sink] = make_sinks(spec, total_samples, safety)
         self._log = LogSink(every=log_every)
         self._closed = False
@@ -301,6 +302,16 @@ class Telemetry:
         self._where = (record.get("step", 0), record.get("epoch", 0))
         for sink in self.sinks:
             sink.record(record)
+
+    def reopen(self) -> None:
+        """After :meth:`close`: the sinks again (files appended to, a new dashboard), for a loader
+        iterated after it was closed."""
+        if not self._closed:
+            return
+        spec, total_samples, safety, log_every = self._spec
+        self.sinks = make_sinks(spec, total_samples, safety)
+        self._log = LogSink(every=log_every)
+        self._closed = False
 
     def close(self) -> None:
         """Say the run ended (a ``run_end`` event, for ``adaptive-loader watch``), then close the sinks

@@ -422,7 +422,7 @@ def _stacking_into(writer: RingWriter) -> Iterator[None]:
 def _stackable(obj: Any) -> bool:
     """Plain CPU tensors: their bytes can be stacked into the ring and viewed again."""
     return (type(obj) is torch.Tensor and obj.device.type == "cpu" and obj.layout == torch.strided
-            and not obj.requires_grad and not obj.is_quantized)
+            and not obj.is_nested and not obj.requires_grad and not obj.is_quantized)
 
 
 def _stack_tensors(batch, *, collate_fn_map=None):

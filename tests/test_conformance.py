@@ -17,8 +17,8 @@ import warnings
 
 import pytest
 import torch
-from torch.utils.data import (BatchSampler, DataLoader, Dataset, RandomSampler, Sampler, SequentialSampler,
-                              SubsetRandomSampler, default_collate, get_worker_info)
+from torch.utils.data import (BatchSampler, DataLoader, Dataset, IterableDataset, RandomSampler, Sampler,
+                              SequentialSampler, SubsetRandomSampler, default_collate, get_worker_info)
 
 from adaptive_loader import AdaptiveLoader
 
@@ -127,6 +127,16 @@ def test_drop_last_drops_the_short_final_batch_as_dataloader(n, batch_size):
     assert as_lists(al) == as_lists(dl)
 
 
+@pytest.mark.timeout(120)
+def test_drop_last_still_drops_after_the_memory_budget_was_set():
+    """With workers the controller sets a finite budget after the first batches; a size cap that
+    the budget does not bind keeps DataLoader's rule in every later epoch."""
+    dl, al = both(tensors(14), 3, drop_last=True, num_workers=2)
+    for _ in range(3):
+        assert as_lists(al) == as_lists(dl) and len(al) == len(dl)
+    al.close()
+
+
 @pytest.mark.parametrize("drop_last", [False, True])
 @pytest.mark.parametrize("n, batch_size", [(0, 3), (1, 3), (10, 3), (12, 4), (10, 4)])
 def test_len_as_dataloader(n, batch_size, drop_last):
@@ -137,6 +147,113 @@ def test_len_as_dataloader(n, batch_size, drop_last):
 def test_an_empty_dataset_gives_an_empty_epoch():
     dl, al = both(tensors(0))
     assert as_lists(al) == as_lists(dl) == []
+
+
+# -- a dataset whose length changes -------------------------------------------------------------------
+
+def grow(dataset: list, to: int) -> None:
+    dataset.extend(torch.tensor(i) for i in range(len(dataset), to))
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+@pytest.mark.parametrize("kind", LOADERS)
+def test_len_follows_a_list_that_grew_after_construction(kind, shuffle):
+    # torch's test_growing_dataset (test/test_dataloader.py), as it is written there
+    dataset = [torch.ones(4) for _ in range(4)]
+    loader = (DataLoader if kind == "DataLoader" else AdaptiveLoader)(dataset, shuffle=shuffle)
+    dataset.append(torch.ones(4))
+    assert len(loader) == 5
+
+
+@pytest.mark.parametrize("shuffle, drop_last, workers", [(False, False, 0), (True, False, 0), (False, True, 0),
+                                                      (False, False, 2), (True, False, 2)])
+def test_after_the_dataset_grew_len_and_the_next_epoch_are_dataloaders(shuffle, drop_last, workers):
+    dataset = tensors(10)
+    dl, al = both(dataset, B, shuffle=shuffle, drop_last=drop_last, num_workers=workers)
+    as_lists(dl), as_lists(al)  # an epoch over the 10 samples first
+    grow(dataset, 14)
+    assert len(al) == len(dl) == (4 if drop_last else 5)
+    theirs, ours = as_lists(dl), as_lists(al)
+    assert sorted(flat(ours)) == sorted(flat(theirs)) == list(range(12 if drop_last else 14))  # each once
+    assert len(ours) == len(al)
+    if not shuffle:
+        assert ours == theirs
+
+
+def test_len_between_epochs_restarts_persistent_workers_that_hold_the_old_dataset():
+    # DataLoader's persistent workers keep the list they were started with: index 10 is out of their range
+    dataset = tensors(10)
+    al = AdaptiveLoader(dataset, max_batch_size=B, num_workers=2, persistent_workers=True)
+    as_lists(al)
+    grow(dataset, 14)
+    assert len(al) == 5
+    assert flat(as_lists(al)) == list(range(14))
+
+
+def test_the_epoch_under_way_keeps_its_length_and_its_samples_and_the_next_one_follows():
+    # DataLoader's len() says 5 at once, while the epoch under way delivers the 10 samples it started with
+    dataset = tensors(10)
+    al = AdaptiveLoader(dataset, max_batch_size=B)
+    iterator = iter(al)
+    first = next(iterator).tolist()
+    grow(dataset, 14)
+    assert len(al) == len(iterator) == 4
+    assert flat([first] + as_lists(iterator)) == list(range(10))
+    assert len(al) == 5
+    assert flat(as_lists(al)) == list(range(14))
+
+
+@pytest.mark.parametrize("given", ["numbers", "callable"])
+def test_costs_given_as_numbers_cannot_follow_and_len_says_so_between_epochs(given):
+    dataset = tensors(10)
+    al = AdaptiveLoader(dataset, max_batch_size=B, costs=[1.0] * 10 if given == "numbers" else lambda i: 1.0)
+    iterator = iter(al)
+    next(iterator)
+    grow(dataset, 13)
+    assert len(al) == 4  # the epoch under way still has its plan
+    as_lists(iterator)
+    if given == "callable":
+        assert len(al) == 5 and flat(as_lists(al)) == list(range(13))
+        return
+    refused = "the dataset now has 13 samples but costs= was given for 10: pass costs as a callable"
+    with pytest.raises(ValueError, match=refused):
+        len(al)  # the error the next epoch would raise, not a length it cannot deliver
+    with pytest.raises(ValueError, match=refused):
+        next(iter(al))
+
+
+def test_a_resumed_epoch_ends_over_the_samples_it_was_saved_with_then_the_next_one_follows():
+    dataset = tensors(10)
+    make_loader = lambda: AdaptiveLoader(dataset, max_batch_size=B, shuffle=True, seed=3)  # noqa: E731
+    first = make_loader()
+    iterator = iter(first)
+    head = [next(iterator).tolist() for _ in range(2)]
+    state = first.state_dict()
+    first.close()
+    second = make_loader()
+    second.load_state_dict(state)
+    grow(dataset, 14)
+    assert len(second) == 4  # the resumed epoch, counted whole
+    assert sorted(flat(head + as_lists(second))) == list(range(10))
+    assert len(second) == 5
+    assert sorted(flat(as_lists(second))) == list(range(14))
+
+
+def test_with_several_ranks_each_rank_follows_as_a_loader_built_over_the_grown_dataset():
+    dataset = tensors(10)
+    ranks = lambda: [AdaptiveLoader(dataset, max_batch_size=B, num_replicas=2, rank=rank, shuffle=True, seed=1)
+                     for rank in range(2)]  # noqa: E731
+    grown = ranks()
+    for loader in grown:
+        as_lists(loader)  # epoch 0 over 10 samples
+    grow(dataset, 14)
+    built = ranks()
+    for loader in built:
+        loader.set_epoch(1)
+    assert [len(loader) for loader in grown] == [len(loader) for loader in built] == [3, 3]
+    epochs = [as_lists(loader) for loader in grown]
+    assert epochs == [as_lists(loader) for loader in built]
+    assert sorted(flat(epochs[0] + epochs[1])) == list(range(14))
 
 
 # -- shuffle --------------------------------------------------------------------------------------
@@ -308,6 +425,69 @@ def test_construction_errors_of_the_same_type_as_dataloader(kwargs):
         DataLoader(tensors(), **kwargs)
     with pytest.raises(theirs.type):
         AdaptiveLoader(tensors(), **kwargs)
+
+
+class Counting(IterableDataset):
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __iter__(self):
+        return iter(range(self.n))
+
+    def __len__(self) -> int:
+        return self.n
+
+
+def _torch_invalid_ctor_cases():
+    """torch's own test_invalid_ctor_args_combinations (test/test_dataloader.py), case by case: the
+    exception DataLoader raises and the regex torch's test matches its message with."""
+    dataset, iterable = tensors(20), Counting(20)
+    sampler = SequentialSampler(dataset)
+    batch_sampler = BatchSampler(sampler, 3, False)
+    context = torch.multiprocessing.get_all_start_methods()[-1]
+    exclusive = "batch_sampler option is mutually exclusive with"
+    unspecified = "DataLoader with IterableDataset: expected unspecified "
+    cases = [
+        (ValueError, "num_workers option should be non-negative", dataset, dict(num_workers=-1)),
+        (ValueError, "timeout option should be non-negative", dataset, dict(timeout=-1)),
+        (ValueError, "batch_size=None option disables auto-batching and is mutually exclusive", dataset,
+         dict(batch_size=None, drop_last=True)),
+        (ValueError, r"multi-process loading \(num_workers > 0\), but got", dataset,
+         dict(num_workers=0, multiprocessing_context=context)),
+        (ValueError, "should specify a valid start method in", dataset,
+         dict(num_workers=1, multiprocessing_context="bad")),
+        (TypeError, "multiprocessing_context option should be a valid context ", dataset,
+         dict(num_workers=1, multiprocessing_context=object())),
+        (ValueError, "sampler option is mutually exclusive with shuffle", dataset,
+         dict(batch_size=11, sampler=sampler, shuffle=True)),
+        (ValueError, "sampler option is mutually exclusive with shuffle", dataset,
+         dict(batch_sampler=batch_sampler, sampler=sampler, shuffle=True)),
+        (ValueError, "sampler option is mutually exclusive with shuffle", dataset,
+         dict(batch_sampler=batch_sampler, sampler=sampler, shuffle=3)),
+        (ValueError, exclusive, dataset, dict(batch_size=11, batch_sampler=batch_sampler)),
+        (ValueError, exclusive, dataset, dict(shuffle=True, batch_sampler=batch_sampler)),
+        (ValueError, exclusive, dataset, dict(drop_last=True, batch_sampler=batch_sampler)),
+        (ValueError, exclusive, dataset, dict(drop_last=3, batch_sampler=batch_sampler)),
+        (ValueError, unspecified + "shuffle", iterable, dict(shuffle=True)),
+        (ValueError, unspecified + "shuffle", iterable, dict(shuffle=3)),
+        (ValueError, unspecified + "sampler", iterable, dict(sampler=SequentialSampler(iterable))),
+        (ValueError, unspecified + "sampler", iterable, dict(sampler=3)),
+        (ValueError, unspecified + "batch_sampler", iterable,
+         dict(batch_sampler=BatchSampler(SequentialSampler(iterable), 3, False))),
+        (ValueError, unspecified + "batch_sampler", iterable, dict(batch_sampler=3)),
+    ]
+    return [pytest.param(exc, pattern, dataset, kwargs, id=f"{type(dataset).__name__}:{_id(kwargs)}")
+            for exc, pattern, dataset, kwargs in cases]
+
+
+@pytest.mark.parametrize("exc, pattern, dataset, kwargs", _torch_invalid_ctor_cases())
+@pytest.mark.parametrize("kind", LOADERS)
+def test_invalid_argument_combinations_raise_dataloaders_exception_in_its_words(kind, exc, pattern, dataset, kwargs):
+    # AdaptiveLoader refuses sampler= and batch_sampler= always; where DataLoader refuses the combination
+    # too, the message starts with DataLoader's words, then says what to pass instead
+    with pytest.raises(exc, match=pattern) as raised:
+        (DataLoader if kind == "DataLoader" else AdaptiveLoader)(dataset, **kwargs)
+    assert type(raised.value) is exc
 
 
 @pytest.mark.parametrize("kwargs, exc, match", [

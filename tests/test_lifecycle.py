@@ -3,12 +3,15 @@ a worker that dies, and the process-wide sharing strategy given back."""
 
 from __future__ import annotations
 
+import gc
+import json
 import os
 import time
+import warnings
 
 import pytest
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 from adaptive_loader import AdaptiveLoader, LoaderStalled
 
@@ -59,7 +62,8 @@ def test_a_second_iter_ends_the_first_cleanly():
     first = iter(loader)
     head = [next(first)]
     workers = list(first._dl_iter._workers)
-    second = list(iter(loader))
+    with pytest.warns(RuntimeWarning, match="has ended"):
+        second = list(iter(loader))
     assert values(second) == list(range(24))
     with pytest.raises(StopIteration):
         next(first)
@@ -129,3 +133,103 @@ def test_the_sharing_strategy_is_given_back_when_the_loader_closes():
     assert torch.multiprocessing.get_sharing_strategy() == other
     loader.close()
     assert torch.multiprocessing.get_sharing_strategy() == before
+
+
+# -- loaders that come and go (issue 24) ---------------------------------------------------------
+def open_fds():
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.timeout(300)
+def test_loaders_dropped_without_close_leave_no_fd_behind():
+    """A job that makes a loader per stage or per epoch must not run out of fds."""
+    def make_and_drop(workers, iterate):
+        loader = AdaptiveLoader(Numbers(), max_batch_size=4, num_workers=workers)
+        if iterate:
+            assert values(loader) == list(range(24))
+        del loader
+        gc.collect()
+
+    make_and_drop(2, True)  # the process-wide spare fd, held from the first loader on
+    before = open_fds()
+    for round in range(30):
+        make_and_drop(2 if round % 3 == 0 else 0, iterate=round % 2 == 0)
+    assert open_fds() <= before, f"{open_fds() - before} more fds open after 30 loaders made and dropped"
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("persistent", [False, True])
+def test_a_closed_loader_iterates_again_as_a_dataloader_would(persistent, tmp_path):
+    log = tmp_path / "records.jsonl"
+    loader = AdaptiveLoader(Numbers(), max_batch_size=4, num_workers=2, persistent_workers=persistent,
+                            telemetry=str(log))
+    assert values(loader) == list(range(24))
+    loader.close()
+    assert values(loader) == list(range(24))
+    loader.close()
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    run_ends = [i for i, r in enumerate(records) if r.get("event") == "run_end"]
+    assert len(run_ends) == 2 and any(r["kind"] == "batch" for r in records[run_ends[0]:run_ends[1]])
+
+
+@pytest.mark.timeout(120)
+def test_a_second_iter_in_the_middle_of_an_epoch_warns_once():
+    loader = AdaptiveLoader(Numbers(), max_batch_size=4, num_workers=2)
+    first = iter(loader)
+    next(first)
+    with pytest.warns(RuntimeWarning, match="earlier iterator .* has ended and yields nothing more"):
+        second = iter(loader)
+    next(second)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert values(iter(loader)) == list(range(24))  # said once per loader
+    loader.close()
+
+
+@pytest.mark.timeout(120)
+def test_peeking_one_batch_then_iterating_does_not_warn():
+    loader = AdaptiveLoader(Numbers(), max_batch_size=4, num_workers=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert values([next(iter(loader))]) == [0, 1, 2, 3]
+        assert values(loader) == list(range(24))
+    loader.close()
+
+
+class Rows(Numbers):
+    """64 KiB samples: a whole batch of them is a few MiB."""
+
+    def __getitem__(self, i):
+        return torch.full((16384,), float(i))
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("max_batch_size", [64, 10_000])
+def test_a_size_cap_above_the_dataset_is_the_whole_dataset(max_batch_size):
+    """A cap larger than the dataset asks for nothing more than the whole dataset in a batch: no
+    fewer workers, no word of smaller batches, exactly as with the cap equal to the dataset."""
+    events = []
+    loader = AdaptiveLoader(Rows(64), max_batch_size=max_batch_size, num_workers=2, memory_budget=64 << 20,
+                            telemetry=lambda r: events.append(r) if r["kind"] == "event" else None)
+    for _ in range(2):
+        batches = list(loader)
+        assert [len(b) for b in batches] == [64] and batches[0][:, 0].tolist() == list(range(64))
+    assert loader.fallbacks == {}
+    assert not [e for e in events if e["data"].get("below_asked")], "warned that batches are smaller than asked"
+    loader.close()
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("arena", [True, False])
+def test_nested_tensors_get_torchs_own_message(arena):
+    class Nested(Numbers):
+        def __getitem__(self, i):
+            return torch.nested.nested_tensor([torch.zeros(i % 3 + 1), torch.zeros(2)])
+
+    expected = "Batches of nested tensors are not currently supported by the default collate_fn"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's word that nested tensors are a prototype
+        for loader in (DataLoader(Nested(8), batch_size=4, num_workers=2),
+                       AdaptiveLoader(Nested(8), max_batch_size=4, num_workers=2, arena=arena)):
+            with pytest.raises(RuntimeError, match=expected):
+                next(iter(loader))

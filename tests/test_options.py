@@ -16,8 +16,8 @@ from adaptive_loader.options import SEED_RANGE, check_dataloader_options, shuffl
 
 CPUS = len(os.sched_getaffinity(0))
 
-# what DataLoader itself refuses at construction: ours must raise the same type
-SHARED_REFUSALS = [
+# what DataLoader itself refuses at construction, in its own words: ours start with them
+REFUSED_IN_DATALOADERS_WORDS = [
     dict(num_workers=-1),
     dict(timeout=-1),
     dict(timeout=-0.5),
@@ -27,9 +27,9 @@ SHARED_REFUSALS = [
     dict(num_workers=2, multiprocessing_context="bogus"),
     dict(num_workers=2, multiprocessing_context=object()),
     dict(num_workers=0, multiprocessing_context="spawn"),
-    dict(num_workers="2"),
-    dict(timeout="1"),
 ]
+# ... and all it refuses (a str num_workers or timeout with Python's own TypeError): ours must raise the same type
+SHARED_REFUSALS = REFUSED_IN_DATALOADERS_WORDS + [dict(num_workers="2"), dict(timeout="1")]
 
 
 @pytest.mark.parametrize("kwargs", SHARED_REFUSALS, ids=lambda k: ",".join(f"{a}={v!r}" for a, v in k.items()))
@@ -38,6 +38,17 @@ def test_refuses_what_dataloader_refuses_with_the_same_exception_type(kwargs):
         DataLoader(list(range(4)), **kwargs)
     with pytest.raises(theirs.type):
         check_dataloader_options(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs", REFUSED_IN_DATALOADERS_WORDS,
+                         ids=lambda k: ",".join(f"{a}={v!r}" for a, v in k.items()))
+def test_the_message_starts_with_dataloaders_own_words(kwargs):
+    # code and tests written against DataLoader match on its words; ours go on to say what to pass
+    with pytest.raises((TypeError, ValueError)) as theirs:
+        DataLoader(list(range(4)), **kwargs)
+    with pytest.raises(theirs.type) as ours:
+        check_dataloader_options(**kwargs)
+    assert str(ours.value).startswith(str(theirs.value)), (str(ours.value), str(theirs.value))
 
 
 @pytest.mark.parametrize("kwargs, exc, match", [
@@ -52,11 +63,11 @@ def test_refuses_what_dataloader_refuses_with_the_same_exception_type(kwargs):
     (dict(prefetch_factor=2), ValueError, "prefetch_factor=2 needs num_workers > 0"),
     (dict(num_workers=1, prefetch_factor=0), ValueError, "prefetch_factor must be an int >= 1"),
     (dict(num_workers=1, prefetch_factor=2.0), TypeError, "prefetch_factor must be an int"),
-    (dict(persistent_workers=True), ValueError, "persistent_workers=True needs num_workers > 0"),
+    (dict(persistent_workers=True), ValueError, "needs num_workers > 0. persistent_workers=True keeps the worker"),
     (dict(num_workers=1, persistent_workers="yes"), TypeError, "persistent_workers must be True or False"),
     (dict(pin_memory=1), TypeError, "pin_memory must be True or False"),
     (dict(num_workers=1, multiprocessing_context="bogus"), ValueError, "start method in .*'bogus'"),
-    (dict(num_workers=1, multiprocessing_context=3), TypeError, "multiprocessing_context should be"),
+    (dict(num_workers=1, multiprocessing_context=3), TypeError, "should be a valid context.*type int: pass a start"),
     (dict(multiprocessing_context="fork"), ValueError, "num_workers > 0"),
     (dict(seed=-1), ValueError, r"0 <= seed < 2\*\*64, got -1"),
     (dict(seed=2**64), ValueError, r"0 <= seed < 2\*\*64"),
