@@ -22,6 +22,7 @@ this one goes through libc's ``mmap`` by ctypes).
 from __future__ import annotations
 
 import ctypes
+import errno
 import mmap
 import os
 import sys
@@ -184,8 +185,29 @@ def _mmap_calls():
         libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
                               ctypes.c_long)
         libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
+        libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
         _libc = libc
     return _libc
+
+
+_MADV_POPULATE_READ, _MADV_POPULATE_WRITE = 22, 23  # Linux >= 5.14; Python's mmap module lacks them
+_populate_works = True
+
+
+def populate(array: np.ndarray, write: bool) -> bool:
+    """Map the pages of ``array`` (viewing a shared mapping) into this process's page
+    tables in one call, writable with ``write``, instead of one fault per page or per 16 pages.
+    False where the kernel cannot (before 5.14, or the pages cannot be had): the caller touches them."""
+    global _populate_works
+    if not _populate_works or not array.size:
+        return _populate_works
+    advice = _MADV_POPULATE_WRITE if write else _MADV_POPULATE_READ
+    start = array.ctypes.data - array.ctypes.data % mmap.PAGESIZE
+    if _mmap_calls().madvise(start, array.ctypes.data + array.nbytes - start, advice) == 0:
+        return True
+    if ctypes.get_errno() == errno.EINVAL:  # an older kernel: do not ask again
+        _populate_works = False
+    return False
 
 
 class _Unmap:

@@ -261,7 +261,11 @@ class MeasuredCollate:
         current = self._writer.arena.capacity if self._writer is not None else 0
         tight = self.rules.arena_tight(current, batch)
         if self._writer is not None and self.rules.keep_arena(wanted, current) and not tight:
-            return self._writer, None
+            if self._writer.fits(expected) or current > room:
+                return self._writer, None
+            # large enough, yet full: the user holds batches on it beyond those in flight. A new ring, as
+            # DataLoader gives each batch memory of its own; the old one goes with the last view on it
+            return self._reserve(current, worker_id, replace=True)
         if wanted <= current or wanted - current > room:
             if tight:  # until it can grow: else the budget swings
                 self._tight_capacity = current
@@ -269,18 +273,24 @@ class MeasuredCollate:
                                   f"{'shm' if self.kind == 'shm' else 'memory'} left above the safety line, "
                                   f"{reserved} B in arenas, batches of up to {batch} B")
         self._tight_capacity = 0  # there is room: the arena is made or grows now, or at a later batch
-        before = self._writer.arena.nbytes if self._writer is not None else 0
+        result = self._reserve(wanted, worker_id, replace=self._writer is None)
+        if tight and result[1] is not None:
+            self._tight_capacity = current
+        return result
+
+    def _reserve(self, capacity: int, worker_id: int, replace: bool):
+        """A new arena of ``capacity`` bytes (``replace``), else the current one grown to it:
+        ``(writer, None)``, or ``(writer or None, why not)``."""
+        before = self._writer.arena.nbytes if self._writer is not None and not replace else 0
         try:
-            if self._writer is None:
-                self._writer = RingWriter(Arena.create(wanted, kind=self.kind, shm_path=self.shm_path), worker_id)
-            elif not self._writer.arena.grow(wanted):
+            if replace:
+                self._writer = RingWriter(Arena.create(capacity, kind=self.kind, shm_path=self.shm_path), worker_id)
+            elif not self._writer.arena.grow(capacity):
                 return self._writer, None  # its batches run past the ring's end now: it grows at a later batch
         except (RuntimeError, OSError) as exc:
             if not _is_resource_error(exc):
                 raise
-            if tight:
-                self._tight_capacity = current
-            return self._writer, f"could not reserve an arena of {wanted} B: {exc}"
+            return self._writer, f"could not reserve an arena of {capacity} B: {exc}"
         self._publish_arena_size(worker_id)
         added = self._writer.arena.nbytes - before
         if self.allocated is not None:
