@@ -27,6 +27,7 @@ from adaptive_loader.arena import (ALIGN, STAMP, Arena, ArenaFull, ArenaUnavaila
                                    registry)
 from adaptive_loader.controller import ARENA_MARGIN, ARENA_MIN_BYTES, Controller, Observation, arena_capacity
 from adaptive_loader.kinds import ARENA_ROADS, Road
+from adaptive_loader import region
 from adaptive_loader.region import MEMFD, SHM, memfd_available
 from adaptive_loader.transport import MeasuredCollate
 
@@ -143,6 +144,26 @@ def test_a_writer_maps_the_pages_its_batches_reach_and_no_more():
     os.waitpid(pid, 0)
     assert faults < (16 << 20) // mmap.PAGESIZE // 20, f"{faults} faults writing 16 MiB"
     assert resident < 20 << 20, f"{resident} B of a 64 MiB ring mapped for a 16 MiB batch"
+
+
+@pytest.mark.parametrize("populate_works", [True, False], ids=["madvise", "older kernel"])
+def test_map_pages_maps_the_range_asked_for(monkeypatch, populate_works):
+    """One madvise call, or (before Linux 5.14) a byte read per page: either way the range is mapped."""
+    monkeypatch.setattr(region, "_populate_works", populate_works)
+    arena = Arena.create(32 << 20)
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            arena.map_pages(0, 8 << 20, new=True)
+            os.write(write_end, str(resident_bytes_at(arena.ring.ctypes.data)).encode())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    resident = int(os.read(read_end, 64))
+    os.close(read_end)
+    os.waitpid(pid, 0)
+    assert 8 << 20 <= resident < 12 << 20
 
 
 def test_batches_take_consecutive_ranges_and_report_them():
