@@ -101,10 +101,16 @@ class Actuator:
     def event(self, kind: Event, message: str, epoch: int, level: int = logging.INFO, **data: Any) -> None:
         self.telemetry.event(kind.value, message, step=self.ledger.step, epoch=epoch, level=level, **data)
 
+    def agreement_due(self) -> bool:
+        """Whether the ranks agree on the budget after this batch: every ``sync_every`` batches of
+        the epoch, the same batches on every rank, whatever each rank's own memory says (a rank
+        missing one leaves the others waiting in it)."""
+        return self.group is not None and self.ledger.feed.delivered % self.sync_every == 0
+
     def _agree_on_budget(self, decision: Any, epoch: int) -> None:
         """Ranks must plan the same batches: every ``sync_every`` batches they take the
         smallest proposed budget and apply it from a global batch none has planned yet."""
-        if self.group is None or self.ledger.feed.delivered % self.sync_every:
+        if not self.agreement_due():
             return
         agreed, at = distributed.agree_on_minimum(self.group, decision.max_cost,
                                                   -float(self.sampler.global_position))

@@ -225,9 +225,10 @@ def after_batch(loader: "AdaptiveLoader", indices: Any, stats: Any, batch: Any, 
                                bytes=stats.batch_bytes)
     rate = loader._rate.update(len(indices))
     fds = loader._fds
-    decide = loader._pipeline.num_workers > 0 and (controller.probing or rules.decision_due(
-        ledger.step, ledger.last_target, ledger.largest_batch,
-        stats.transport in (Road.SHM, *ARENA_ROADS), stats.handles, fds.soft_limit if fds else None))
+    decide = loader._actuator.agreement_due() or loader._pipeline.num_workers > 0 and (
+        controller.probing or rules.decision_due(ledger.step, ledger.last_target, ledger.largest_batch,
+                                                 stats.transport in (Road.SHM, *ARENA_ROADS), stats.handles,
+                                                 fds.soft_limit if fds else None))
     telemetry = loader._telemetry
     if not (decide or telemetry.wants_batches):
         return False

@@ -128,6 +128,7 @@ class BudgetBatchSampler(Sampler[List[int]]):
         # (BUDGET, global batch, max_cost, max_batch_size) or (REQUEUE, global batch, indices, epoch, number
         # in the order scheduled), by batch
         self._schedule: List[tuple] = []
+        self._ran_out = False  # the last plan yielded its last batch: budgets scheduled past it start the next
         self._requeues = 0
         self._budget_log: List[tuple] = []  # the entries applied this epoch
         self.epoch_budget = (_finite_or_none(self._max_cost), self.max_batch_size)  # at the epoch's start
@@ -194,9 +195,14 @@ class BudgetBatchSampler(Sampler[List[int]]):
 
     def __iter__(self) -> Iterator[List[int]]:
         if not (self._resume and self._plan is not None and self._plan.epoch == self.epoch):
-            # give-backs scheduled for another epoch (one left before its end) have nothing to give back
-            self._schedule = [e for e in self._schedule if e[0] == BUDGET or e[3] == self.epoch]
-            self._plan = self._new_plan()
+            # A budget scheduled past the end of an epoch that ran out starts the next one, on every rank:
+            # whether a rank's plan looked at it before running out depends on how far ahead it planned.
+            # Give-backs scheduled for another epoch (one left before its end) have nothing to give back.
+            carried = [e for e in self._schedule if e[0] == BUDGET] if self._ran_out else []
+            self._schedule = [e for e in self._schedule if e not in carried and (e[0] == BUDGET or e[3] == self.epoch)]
+            self._plan, self._ran_out = self._new_plan(), False
+            for entry in carried:
+                self.set_budget(*entry[2:])
             self._apply_schedule(0)
             self.epoch_budget = (_finite_or_none(self._max_cost), self.max_batch_size)
             self._budget_log = []
@@ -222,6 +228,7 @@ class BudgetBatchSampler(Sampler[List[int]]):
             if not ready:
                 if self._requeue_at_end():
                     continue
+                self._ran_out = True
                 return
             indices, bounds, n_batches = plan.chunk_idx, plan.bounds, plan.chunk_batches
             k = plan.next_k

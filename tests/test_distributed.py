@@ -45,3 +45,14 @@ def test_adaptive_loader_ranks_agree_on_a_moving_budget(tmp_path):
     assert verdict["exactly_once"] == [True, True], verdict
     assert min(verdict["budget_events"]) >= 1, verdict
     assert verdict["group_released"] == [True, True], verdict  # the loader's gloo group goes with it
+
+
+@pytest.mark.skipif(not sandbox_available()[0], reason=f"no private /dev/shm: {sandbox_available()[1]}")
+def test_ranks_whose_own_decisions_differ_still_meet_at_every_agreement(tmp_path):
+    """A rank whose memory never asks for a decision (here: loading in its main process) must
+    still take part in every agreement, or the other rank waits in it forever (seen across two
+    nodes with different memory limits)."""
+    verdict = torchrun("uneven", tmp_path / "v.json", shm_bytes=48 * 2**20)
+    for epoch_counts in zip(*verdict["counts"]):
+        assert len(set(epoch_counts)) == 1, verdict
+    assert verdict["exactly_once"] == [True, True], verdict

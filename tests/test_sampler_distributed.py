@@ -97,3 +97,30 @@ def test_schedule_budget_validates():
 def test_drop_last_with_several_replicas_is_refused():
     with pytest.raises(ValueError, match="drop_last=True is not supported with several replicas"):
         BudgetBatchSampler([1, 2, 3, 4], max_cost=5, num_replicas=2, rank=0, drop_last=True)
+
+
+def test_a_budget_agreed_past_the_epochs_end_starts_the_next_epoch_on_every_rank_alike():
+    """Ranks agree after a batch, and a rank that planned ahead may have run out of batches by then
+    while another has not: the budget agreed from the epoch's last global batch on must start the
+    next epoch on both (seen across two nodes: one loaded in its main process, the other ahead)."""
+    costs = np.random.default_rng(0).integers(1, 51, 96)
+    epochs = []
+    for ran_out_first in (True, False):
+        sampler = BudgetBatchSampler(costs, max_cost=160, max_batch_size=8, shuffle=True, seed=0, num_replicas=4,
+                                     rank=0)
+        batches = iter(sampler)
+        first = [next(batches) for _ in range(3)]
+        end = 4 * len(sampler)  # global batches in this epoch
+        if ran_out_first:
+            first += list(batches)
+            sampler.schedule_budget(end, 1.0, 8)
+        else:
+            sampler.schedule_budget(end, 1.0, 8)
+            first += list(batches)
+        sampler.set_epoch(1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # every sample costs more than 1: a batch of its own
+            epochs.append((first, list(sampler)))
+    (first_a, next_a), (first_b, next_b) = epochs
+    assert [list(b) for b in first_a] == [list(b) for b in first_b]
+    assert [list(b) for b in next_a] == [list(b) for b in next_b] and all(len(b) == 1 for b in next_a)

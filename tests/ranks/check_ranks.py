@@ -21,7 +21,7 @@ from stress.workloads import SegmentationDataset, detection_collate  # noqa: E40
 def main(mode: str, out: str) -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    costs = np.random.default_rng(0).integers(10, 1201, 240 if mode == "loader" else 5000)
+    costs = np.random.default_rng(0).integers(10, 1201, 5000 if mode == "sampler" else 240)
     events, group_released = [], None
     if mode == "sampler":  # plain sampler, a budget change at an agreed batch
         sampler = BudgetBatchSampler(costs, max_cost=1500, max_batch_size=10, window=512)
@@ -33,8 +33,10 @@ def main(mode: str, out: str) -> None:
             epochs.append([b for b in sampler])
         epochs = [[list(b) for b in e] for e in epochs]
     else:  # AdaptiveLoader in a small /dev/shm: the budget moves, ranks must agree
+        # "uneven": rank 1 loads in its main process, where no decision of its own is ever due
+        workers = 0 if mode == "uneven" and rank == 1 else 2
         dataset = SegmentationDataset(costs, side=40)
-        loader = AdaptiveLoader(dataset, costs=costs, max_batch_size=10, num_workers=2,
+        loader = AdaptiveLoader(dataset, costs=costs, max_batch_size=10, num_workers=workers,
                                 collate_fn=detection_collate, shuffle=True, sync_every=4,
                                 telemetry=lambda r: events.append(r) if r["kind"] == "event" else None)
         epochs = []
