@@ -1,0 +1,134 @@
+"""Run by torchrun on each simulated node (stress/nodes.py) from tests/test_two_nodes.py; every rank writes
+``$NODE_OUT_DIR/rank<RANK>.json``: what it got, each sample's content checked, the budget, the events.
+
+    python -m torch.distributed.run --nnodes 2 --node_rank I ... tests/ranks/node_ranks.py [--max-mib 8 ...]
+"""
+
+import argparse
+import faulthandler
+import json
+import os
+import resource
+import sys
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import Dataset
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+from adaptive_loader import AdaptiveLoader, distributed  # noqa: E402
+
+INT64_PER_MIB = 2**20 // 8
+
+
+class UnevenDataset(Dataset):
+    """Sample ``i``: ``mib[i]`` MiB (1 to ``max_mib``, drawn once from ``seed``) of int64s that
+    only index ``i`` has: ``i << 40`` plus the position."""
+
+    def __init__(self, n: int, max_mib: int, seed: int = 0) -> None:
+        self.mib = np.random.default_rng(seed).integers(1, max_mib + 1, n)
+
+    def __len__(self) -> int:
+        return len(self.mib)
+
+    def __getitem__(self, i: int):
+        return i, torch.arange(int(self.mib[i]) * INT64_PER_MIB, dtype=torch.int64).add_(i << 40)
+
+
+def collate(samples):
+    return tuple(zip(*samples))  # (indices, tensors): the tensors differ in size
+
+
+class Report(dict):
+    """What this rank writes to ``$NODE_OUT_DIR/rank<RANK>.json``, saved after every batch and on entering
+    every agreement: a rank killed or stuck later still says how far it got."""
+
+    def __init__(self, out: str, rank: int, world: int) -> None:
+        super().__init__(rank=rank, node=int(os.environ["GROUP_RANK"]), local_rank=int(os.environ["LOCAL_RANK"]),
+                         world=world, epochs=[], events=[], agreements=[], bad_content=[], checked=0, done=False)
+        self.path, self.position = os.path.join(out, f"rank{rank}.json"), {"epoch": 0, "after_batch": 0}
+
+    def save(self) -> None:
+        with open(self.path + ".tmp", "w") as f:
+            json.dump(self, f, default=str)
+        os.replace(self.path + ".tmp", self.path)
+
+
+def spy_on_agreements(report: Report) -> None:
+    """Record every budget agreement as this rank enters it (one it is stuck in keeps ``agreed`` None):
+    where this rank stood, what it proposed, what the ranks agreed and from which global batch."""
+    agree = distributed.agree_on_minimum
+
+    def agree_and_record(group, max_cost, *rest):
+        entry = {**report.position, "proposed": max_cost, "agreed": None, "at": None}
+        report["agreements"].append(entry)
+        report.save()
+        agreed = agree(group, max_cost, *rest)
+        entry.update(agreed=agreed[0], at=-agreed[1] if rest else None)
+        return agreed
+
+    distributed.agree_on_minimum = agree_and_record  # the actuator calls it through the module
+
+
+def run_epoch(loader, dataset, epoch: int, report: Report) -> None:
+    """One epoch: every sample's content against ``dataset[i]`` made anew, the budget after each batch."""
+    loader.set_epoch(epoch)
+    got = {"indices": [], "batches": 0, "max_cost_after_batch": []}
+    report["epochs"].append(got)
+    report.position.update(epoch=epoch, after_batch=0)
+    for indices, tensors in loader:
+        for i, tensor in zip(indices, tensors):
+            if not torch.equal(tensor, dataset[i][1]):
+                report["bad_content"].append(i)
+        report["checked"] += len(indices)
+        got["indices"].extend(int(i) for i in indices)
+        got["batches"] += 1
+        got["max_cost_after_batch"].append(loader.max_cost)
+        report.position.update(after_batch=got["batches"])
+        report.save()
+    # the agreed changes by global batch: the same on every rank, or their plans parted
+    got["schedule"] = [list(entry) for entry in loader.sampler.budget_schedule()]
+    got["fallbacks"] = loader.fallbacks
+
+
+def run(opts) -> None:
+    dist.init_process_group("gloo")
+    report = Report(opts.out, dist.get_rank(), dist.get_world_size())
+    spy_on_agreements(report)
+    dataset = UnevenDataset(opts.samples, opts.max_mib)
+    loader = AdaptiveLoader(dataset, costs=dataset.mib, max_cost=opts.max_cost, max_batch_size=8, num_workers=1,
+                            collate_fn=collate, shuffle=True, seed=0, sync_every=opts.sync_every,
+                            telemetry=lambda r: report["events"].append(r) if r["kind"] == "event" else None)
+    try:
+        for epoch in range(opts.epochs):
+            run_epoch(loader, dataset, epoch, report)
+        report["done"] = True
+    except BaseException as exc:  # say how it ended before torchrun reports the exit status
+        report["error"] = f"{type(exc).__name__}: {exc}"
+        raise
+    finally:
+        report["maxrss_mib"] = {who: resource.getrusage(which).ru_maxrss / 1024 for who, which in
+                                (("self", resource.RUSAGE_SELF), ("workers", resource.RUSAGE_CHILDREN))}
+        report.save()
+    dist.barrier()
+    loader.close()
+    dist.destroy_process_group()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--samples", type=int, default=96)
+    parser.add_argument("--max-mib", type=int, default=8)
+    parser.add_argument("--max-cost", type=float, default=16)
+    parser.add_argument("--sync-every", type=int, default=4)
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--out", default=os.environ.get("NODE_OUT_DIR", "."))
+    parser.add_argument("--hang-after", type=float, default=170, help="dump the stacks and exit after this long")
+    opts = parser.parse_args()
+    faulthandler.dump_traceback_later(opts.hang_after, exit=True)  # a hang shows where, before the harness's timeout
+    run(opts)
+
+
+if __name__ == "__main__":
+    main()
