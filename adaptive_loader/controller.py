@@ -330,7 +330,7 @@ class Controller:
     def _slots(workers: int, prefetch: int, obs: Observation) -> float:
         """Batches the usable shm must hold at once. Each arena is one worker's share: it holds
         that worker's batches in flight and its share of those the user holds, with the arena's margin."""
-        if obs.arenas:
+        if obs.arenas and workers:  # without workers (loading in the main process) no arena fills
             return workers * _arena_batches(prefetch, workers)
         return workers * prefetch + max(1, obs.held_batches)
 

@@ -602,3 +602,16 @@ def test_controller_invariants(a, b, noise, min_cost, user_factor, max_batch_siz
                    d.fd_soft_limit is not None or d.sharing_strategy is not None)
         assert bool(d.reasons) == any(changed)
         assert all(isinstance(r, str) and r for r in d.reasons)
+
+
+def test_a_decision_while_loading_in_the_main_process_with_arenas_left():
+    """Ranks decide at every agreement, also while loading in the main process after a step down,
+    when the workers' arenas may still be mapped: the batches held count, no arena does."""
+    c = make_controller(num_workers=0)
+    for _ in range(3):
+        c.model.observe(np.array([10.0]), np.array([1000.0]))
+    obs = Observation(shm_free=1 << 30, ours_in_shm=0, held_batches=2, fds_in_use=16, fd_soft_limit=1 << 20,
+                      fd_hard_limit=1 << 20, fds_per_batch=1, arenas=True, memory_available=1 << 30,
+                      ours_in_memory=1 << 20, shm_road=False)
+    decision = c.decide(obs)
+    assert math.isfinite(decision.per_batch_bytes) and c.num_workers == 0
