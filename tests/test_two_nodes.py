@@ -72,6 +72,17 @@ def test_two_generous_nodes_one_plan(nothing_left):
     assert {rank["node"] for rank in ranks} == {0, 1}
 
 
+def test_a_worker_killed_on_one_node_mid_epoch(nothing_left):
+    """Rank 2 (node B) loses its worker to a SIGKILL after its 3rd batch: its samples come again on
+    that rank, exactly once over the job, and node A's ranks go on as one plan with it."""
+    results = run_nodes([SCRIPT, "--max-mib", "8", "--max-cost", "8", "--kill-workers", "2:3"],
+                        [NodeSpec(3 * GIB, 64 * MIB), NodeSpec(3 * GIB, 1 * GIB)], timeout=100)
+    ranks = {rank["rank"]: rank for rank in check_job(results, samples=96)}
+    assert ranks[2]["killed_workers"] == 1
+    assert ranks[2]["epochs"][0]["fallbacks"].get("recovery") == 1, ranks[2]["epochs"][0]["fallbacks"]
+    assert all("recovery" not in ranks[r]["epochs"][0]["fallbacks"] for r in (0, 1, 3))
+
+
 @pytest.mark.parametrize("node_b_memory", [
     pytest.param(2560 * MIB, id="node_b_2560MiB"),  # it hung before every rank met at every agreement
     # recovers from its workers' OOM kills (5 in a run of today), every index once, one plan; the

@@ -9,9 +9,11 @@ import faulthandler
 import json
 import os
 import resource
+import signal
 import sys
 
 import numpy as np
+import psutil
 import torch
 import torch.distributed as dist
 from torch.utils.data import Dataset
@@ -71,8 +73,17 @@ def spy_on_agreements(report: Report) -> None:
     distributed.agree_on_minimum = agree_and_record  # the actuator calls it through the module
 
 
-def run_epoch(loader, dataset, epoch: int, report: Report) -> None:
-    """One epoch: every sample's content against ``dataset[i]`` made anew, the budget after each batch."""
+def kill_my_workers() -> int:
+    """SIGKILL this rank's DataLoader workers (its child processes), as a crash or the OOM killer would."""
+    children = psutil.Process().children()
+    for child in children:
+        os.kill(child.pid, signal.SIGKILL)
+    return len(children)
+
+
+def run_epoch(loader, dataset, epoch: int, report: Report, kill_after: int = 0) -> None:
+    """One epoch: every sample's content against ``dataset[i]`` made anew, the budget after each batch;
+    with ``kill_after``, this rank's workers are SIGKILLed after that many batches."""
     loader.set_epoch(epoch)
     got = {"indices": [], "batches": 0, "max_cost_after_batch": []}
     report["epochs"].append(got)
@@ -86,6 +97,8 @@ def run_epoch(loader, dataset, epoch: int, report: Report) -> None:
         got["batches"] += 1
         got["max_cost_after_batch"].append(loader.max_cost)
         report.position.update(after_batch=got["batches"])
+        if got["batches"] == kill_after:
+            report["killed_workers"] = kill_my_workers()
         report.save()
     # the agreed changes by global batch: the same on every rank, or their plans parted
     got["schedule"] = [list(entry) for entry in loader.sampler.budget_schedule()]
@@ -101,8 +114,10 @@ def run(opts) -> None:
                             collate_fn=collate, shuffle=True, seed=0, sync_every=opts.sync_every,
                             telemetry=lambda r: report["events"].append(r) if r["kind"] == "event" else None)
     try:
+        kill_rank, _, kill_after = (opts.kill_workers or "-1:0").partition(":")
         for epoch in range(opts.epochs):
-            run_epoch(loader, dataset, epoch, report)
+            run_epoch(loader, dataset, epoch, report,
+                      int(kill_after) if epoch == 0 and report["rank"] == int(kill_rank) else 0)
         report["done"] = True
     except BaseException as exc:  # say how it ended before torchrun reports the exit status
         report["error"] = f"{type(exc).__name__}: {exc}"
@@ -124,6 +139,8 @@ def main() -> None:
     parser.add_argument("--sync-every", type=int, default=4)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--out", default=os.environ.get("NODE_OUT_DIR", "."))
+    parser.add_argument("--kill-workers", metavar="RANK:BATCH", help="SIGKILL that rank's workers after that "
+                        "many batches of the first epoch")
     parser.add_argument("--hang-after", type=float, default=170, help="dump the stacks and exit after this long")
     opts = parser.parse_args()
     faulthandler.dump_traceback_later(opts.hang_after, exit=True)  # a hang shows where, before the harness's timeout
