@@ -470,10 +470,18 @@ class AdaptiveLoader:
         controller = self.controller
         self._oom_kills = read_oom_kills()  # a kill counted from here on is evidence against these workers
         workers = controller.num_workers if self.num_workers else 0
-        hint = max(self._ledger.recent_batches, default=0)  # measured, not the model's worst case
         room = self._memory_room(self._pipeline.arena_bytes())
         return self._pipeline.start_iterator(workers, controller.prefetch_factor if workers else None,
-                                             self._arena_plan, hint, UNBOUNDED if room is None else int(room))
+                                             self._arena_plan, self._expected_batch_bytes(),
+                                             UNBOUNDED if room is None else int(room))
+
+    def _expected_batch_bytes(self) -> int:
+        """What the next workers' batches should take: the largest measured lately (not the model's
+        worst case), but no more than the model's bound under the budget now, which a step down
+        lowered (arenas sized for the earlier batches would hold memory the budget gave up)."""
+        recent = max(self._ledger.recent_batches, default=0)
+        bound = self.controller.batch_bytes_bound()
+        return int(min(recent, bound)) if bound > 0 else recent
 
     def _memory_room(self, held: int) -> Optional[float]:
         """Bytes the memfd arenas may reserve together, given ``held`` bytes of arenas we hold now."""
@@ -482,8 +490,9 @@ class AdaptiveLoader:
         return self.controller.memory_room(memory.available, budget, self._local_world_size, held)
 
     def _arena_plan(self) -> Any:
-        ledger, pipeline = self._ledger, self._pipeline
-        if not ledger.recent_batches:
+        pipeline = self._pipeline
+        expected = self._expected_batch_bytes()
+        if not expected:
             return None
         current = pipeline.current_arenas()
         held = pipeline.arena_bytes()
@@ -494,8 +503,8 @@ class AdaptiveLoader:
         else:
             shm = self._shm.read()
             room = shm.free + held - (1 - self.safety) * shm.total
-        return rules.arena_plan(max(ledger.recent_batches), self.controller.prefetch_factor, room,
-                                self.controller.num_workers, current, pipeline.arena_idle)
+        return rules.arena_plan(expected, self.controller.prefetch_factor, room, self.controller.num_workers,
+                                current, pipeline.arena_idle)
 
     def _after_batch(self, indices: List[int], stats: Any, batch: Any, wait_s: float, epoch: int) -> bool:
         """Record, decide if due, act, show (see :func:`epoch.after_batch`); True: rebuild."""

@@ -917,3 +917,18 @@ def test_another_user_cannot_open_a_region_file_while_it_has_a_name(tmp_path):
     finally:
         os.close(fd)
         os.unlink(path)
+
+
+@pytest.mark.timeout(180)
+def test_arenas_follow_the_budget_down():
+    """After a step down (here a cap from another limit) the next workers' arenas are sized for the
+    batches the budget allows, not for the larger ones measured before: they would hold the memory
+    the budget gave up."""
+    loader = AdaptiveLoader(Floats(n=64, numel=1 << 20), max_batch_size=4, num_workers=2)  # 16 MiB batches
+    with loader:
+        assert sorted(v for b in loader for v in values_of(b)) == list(range(64))
+        before = loader._pipeline.arena_bytes()
+        loader._cap_budget("test", 1.0)  # one 4 MiB sample per batch
+        assert sorted(v for b in loader for v in values_of(b)) == list(range(64))
+        after = loader._pipeline.arena_bytes()
+    assert after < before / 2, (before, after)
