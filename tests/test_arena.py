@@ -81,24 +81,36 @@ def test_a_shortage_is_an_oserror_with_its_errno(tmp_path):
     assert caught.value.errno == errno.ENOENT and "could not reserve a shm arena" in str(caught.value)
 
 
-def faults_writing_the_ring_in_a_child(arena, map_first):
-    """Minor page faults a forked child takes to fill the ring (after ``map_pages``, or not)."""
+def in_a_forked_child(work):
+    """``work()``'s list of ints, run in a forked child: a new process, whose page tables hold
+    none of the shared memory's pages (fork copies no shm PTEs)."""
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:
         try:
-            if map_first:
-                arena.map_pages()
-            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-            arena.ring[:arena.capacity] = 7  # the ring once (its mirror faults in where batches wrap)
-            os.write(write_end, str(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before).encode())
+            os.write(write_end, " ".join(map(str, work())).encode())
         finally:
             os._exit(0)
     os.close(write_end)
-    faults = int(os.read(read_end, 64))
+    values = [int(v) for v in os.read(read_end, 256).split()]
     os.close(read_end)
     os.waitpid(pid, 0)
-    return faults
+    return values
+
+
+def minor_faults():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def faults_writing_the_ring_in_a_child(arena, map_first):
+    """Minor page faults a forked child takes to fill the ring (after ``map_pages``, or not)."""
+    def work():
+        if map_first:
+            arena.map_pages()
+        before = minor_faults()
+        arena.ring[:arena.capacity] = 7  # the ring once (its mirror faults in where batches wrap)
+        return [minor_faults() - before]
+    return in_a_forked_child(work)[0]
 
 
 def test_map_pages_spares_a_new_process_the_write_faults():
@@ -126,22 +138,15 @@ def test_a_writer_maps_the_pages_its_batches_reach_and_no_more():
     """The first batch does not wait for the whole ring: a new writer maps a batch's pages at
     once when the batch begins (no fault per page), and only those."""
     arena = Arena.create(64 << 20)
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        try:
-            writer = RingWriter(arena)
-            writer.begin(16 << 20)
-            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-            writer.alloc(16 << 20).numpy()[:] = 3
-            faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-            os.write(write_end, f"{faults} {resident_bytes_at(arena.ring.ctypes.data)}".encode())
-        finally:
-            os._exit(0)
-    os.close(write_end)
-    faults, resident = map(int, os.read(read_end, 64).split())
-    os.close(read_end)
-    os.waitpid(pid, 0)
+
+    def work():
+        writer = RingWriter(arena)
+        writer.begin(16 << 20)
+        before = minor_faults()
+        writer.alloc(16 << 20).numpy()[:] = 3
+        return [minor_faults() - before, resident_bytes_at(arena.ring.ctypes.data)]
+
+    faults, resident = in_a_forked_child(work)
     assert faults < (16 << 20) // mmap.PAGESIZE // 20, f"{faults} faults writing 16 MiB"
     assert resident < 20 << 20, f"{resident} B of a 64 MiB ring mapped for a 16 MiB batch"
 
@@ -151,18 +156,12 @@ def test_map_pages_maps_the_range_asked_for(monkeypatch, populate_works):
     """One madvise call, or (before Linux 5.14) a byte read per page: either way the range is mapped."""
     monkeypatch.setattr(region, "_populate_works", populate_works)
     arena = Arena.create(32 << 20)
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        try:
-            arena.map_pages(0, 8 << 20, new=True)
-            os.write(write_end, str(resident_bytes_at(arena.ring.ctypes.data)).encode())
-        finally:
-            os._exit(0)
-    os.close(write_end)
-    resident = int(os.read(read_end, 64))
-    os.close(read_end)
-    os.waitpid(pid, 0)
+
+    def work():
+        arena.map_pages(0, 8 << 20, new=True)
+        return [resident_bytes_at(arena.ring.ctypes.data)]
+
+    resident, = in_a_forked_child(work)
     assert 8 << 20 <= resident < 12 << 20
 
 
