@@ -71,7 +71,7 @@ class Actuator:
         """Once per epoch: the batches got smaller than the user asked, how much and why."""
         size, whole_cost = self.whole_batch
         asked_cost = min(self.user_max_cost, whole_cost)
-        if max_cost >= asked_cost or self._warned_epoch == epoch:
+        if max_cost >= asked_cost or math.isinf(asked_cost) or self._warned_epoch == epoch:
             return
         self._warned_epoch = epoch
         asked = (f"your max_cost {format_cost(self.user_max_cost)}" if math.isfinite(self.user_max_cost)

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import math
 import resource
+from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, Deque, List, Optional, Tuple
 
 import numpy as np
 
@@ -172,7 +173,8 @@ class Controller:
     def __init__(self, *, user_max_cost: float, max_batch_size: Optional[int], min_cost: float,
                  num_workers: int, prefetch_factor: int, safety: float = 0.8, fd_headroom: float = 0.8,
                  hysteresis: float = 0.2, model: Optional[CostModel] = None,
-                 max_sample_cost: float = math.inf, floor_cost: float = 0.0) -> None:
+                 max_sample_cost: float = math.inf, floor_cost: float = 0.0, fixed_workers: bool = False,
+                 buffered_batches: float = 0.0) -> None:
         self.user_max_cost = user_max_cost
         self.max_batch_size = max_batch_size
         self.min_cost = max(min_cost, 1e-9)  # a budget stays positive even when every cost is 0
@@ -180,6 +182,8 @@ class Controller:
         self.num_workers = num_workers
         self.prefetch_factor = prefetch_factor
         self.asked_depth = (num_workers, prefetch_factor)
+        self.fixed_workers = fixed_workers  # a stream's workers own its shards: fewer workers is no rung
+        self.buffered_batches = buffered_batches  # per worker, samples held to pack from (a stream's buffer)
         self.floor_cost = max(floor_cost, self.min_cost)  # the budget never goes below it (min_batch_size)
         self.limit = "shm"  # which limit bound the last decision
         self.safety = safety
@@ -221,7 +225,7 @@ class Controller:
         elif deeper:
             reasons.append(f"first batch measured: the depth asked for, {workers}x{prefetch} (workers x prefetch), "
                            f"fits {usable / 2**20:.1f} MiB usable ({self.limit})")
-        per_batch = usable / self._slots(workers, prefetch, obs)
+        per_batch = usable / (self._slots(workers, prefetch, obs) + workers * self.buffered_batches)
         if obs.arena_capacity:  # an arena at its share of memory: batches must fit it instead
             per_batch = min(per_batch, obs.arena_capacity / _arena_batches(prefetch, workers))
         target = max(self._max_cost_for(per_batch), min(self.floor_cost, self.user_max_cost))
@@ -257,10 +261,10 @@ class Controller:
         full = self.batch_bytes_at(self.user_max_cost)
         if workers == 0 or full <= 0:
             return workers, prefetch
-        for w, p in _shallower(workers, prefetch):
-            if usable >= self._slots(w, p, obs) * full:
+        for w, p in _shallower(workers, prefetch, self.fixed_workers):
+            if usable >= (self._slots(w, p, obs) + w * self.buffered_batches) * full:
                 return w, p
-        return 1, 1
+        return (workers, 1) if self.fixed_workers else (1, 1)
     def restore_pipeline(self, num_workers: int, prefetch_factor: int) -> bool:
         """Each epoch starts with the depth the user asked for, no deeper than a memory limit left it
         (``depth_cap``); True if it changed."""
@@ -277,7 +281,7 @@ class Controller:
         ``"fewer_in_flight"``, ``"budget"`` (``cap``: the budget's new cap, for the loader to apply
         as a cap of its own) or ``"in_process"``."""
         before = f"{self.num_workers}x{self.prefetch_factor}"
-        if self.prefetch_factor > 1 or self.num_workers > 1:
+        if self.prefetch_factor > 1 or (self.num_workers > 1 and not self.fixed_workers):
             if self.prefetch_factor > 1:
                 self.prefetch_factor = 1
             else:
@@ -290,8 +294,11 @@ class Controller:
         current = min(self.max_cost, self.user_max_cost, whole_batch)
         if current > floor and math.isfinite(current):
             cap = max(floor, current / 2)
-            return "budget", (f"lower max_cost {format_cost(current)} -> {format_cost(cap)} with one worker and "
-                              f"one batch in flight"), cap
+            where = "one batch in flight per worker" if self.fixed_workers else "one worker and one batch in flight"
+            return "budget", f"lower max_cost {format_cost(current)} -> {format_cost(cap)} with {where}", cap
+        if self.fixed_workers:
+            return "budget", (f"nothing left to give up: max_cost {format_cost(current)} is at its floor with one "
+                              f"batch in flight per worker, and a stream's workers own their shards"), None
         self.num_workers = 0
         self.depth_cap = (0, self.prefetch_factor)
         return "in_process", ("loading in the main process (num_workers=0): one worker with the smallest "
@@ -302,9 +309,10 @@ class Controller:
         prefetch 1), so the batches planned blind are not all in memory at once. The first
         decision after a measured batch gives back the deepest depth asked for that fits.
         True if the depth changed."""
-        if self.num_workers <= 1 and self.prefetch_factor <= 1:
+        if (self.num_workers <= 1 or self.fixed_workers) and self.prefetch_factor <= 1:
             return False
-        self.num_workers, self.prefetch_factor, self.probing = min(1, self.num_workers), 1, True
+        workers = self.num_workers if self.fixed_workers else min(1, self.num_workers)
+        self.num_workers, self.prefetch_factor, self.probing = workers, 1, True
         return True
 
     def batch_bytes_bound(self) -> float:
@@ -443,6 +451,7 @@ AMPLE_TARGET_OVER_LARGEST = 2  # "ample": the last target is at least this many 
 FDS_EVERY = 16  # batches between fd readings (listing /proc/self/fd costs ~0.2 ms)
 FDS_PRESSING = 8  # read fds every batch once a batch's fds exceed 1/8 of the soft limit
 FDS_FAR = 64  # the fds are "far from their limit" while a batch's fds are under 1/64 of it
+RECENT_LOW_SECONDS = 5.0  # how long a moment of little memory left holds the budget down (RecentLow)
 MEMORY_EVERY_SECONDS = 0.05  # reading the memory cgroup and /proc/meminfo costs ~0.2 ms: at most 20 a second
 ARENA_REPLACE_BELOW = 0.95  # an idle arena under this fraction of the planned capacity is replaced,
 ARENA_REPLACE_ABOVE = 2.0  # and one above this many times it (the batches got smaller: give memory back)
@@ -463,6 +472,30 @@ def fds_due(step: int, fds_per_batch: int, fd_soft_limit: Optional[int]) -> bool
     """Whether to list the open fds now: every 16 batches, or every batch once a
     batch's fds are a noticeable part of the limit."""
     return fd_soft_limit is None or fds_per_batch * FDS_PRESSING > fd_soft_limit or step % FDS_EVERY == 0
+
+
+class RecentLow:
+    """The least of the readings of the last ``seconds`` (memory left, under a limit). Workers' heaps
+    and batches come and go: a budget raised in a dip between them meets the next peak, which the
+    kernel's OOM killer answers. So the budget counts on what was left at the fullest moment lately:
+    it still drops at once, and rises only when the room has lasted."""
+
+    def __init__(self, seconds: float = RECENT_LOW_SECONDS) -> None:
+        self.seconds = seconds
+        self._readings: Deque[Tuple[float, int]] = deque()
+
+    def add(self, now: float, value: Optional[int]) -> None:
+        if value is None:
+            return
+        self._readings.append((now, value))
+        while self._readings and self._readings[0][0] < now - self.seconds:
+            self._readings.popleft()
+
+    def low(self, current: Optional[int]) -> Optional[int]:
+        """The least reading lately, never above ``current`` (None: nothing is known)."""
+        if current is None:
+            return None
+        return min([current] + [value for _, value in self._readings])
 
 
 def memory_due(seconds_since_last_reading: float) -> bool:
@@ -505,12 +538,12 @@ def arena_plan(recent_batch_bytes: int, batches_in_flight: int, room: float, wor
     return wanted, stale
 
 
-def _shallower(workers: int, prefetch: int):
+def _shallower(workers: int, prefetch: int, fixed_workers: bool = False):
     """Pipeline depths from ``(workers, prefetch)`` down to ``(1, 1)``: fewer batches per
-    worker first, then fewer workers."""
+    worker first, then fewer workers (unless they are fixed)."""
     for p in range(prefetch, 0, -1):
         yield workers, p
-    for w in range(workers - 1, 0, -1):
+    for w in range(workers - 1 if not fixed_workers else 0, 0, -1):
         yield w, 1
 
 

@@ -19,7 +19,6 @@ from . import _torch
 from . import controller as rules
 from .failures import Failure, classify, describe
 from .kinds import ARENA_ROADS, Cause, Event, Fallback, Road
-from .pipeline import next_watched
 
 if TYPE_CHECKING:  # pragma: no cover
     from .loader import AdaptiveLoader
@@ -76,7 +75,7 @@ class EpochIterator:
             try:
                 if self._dl_iter is None:
                     self._dl_iter = loader._start_iterator()
-                envelope = next_watched(self._dl_iter)
+                envelope = loader._next_envelope(self._dl_iter)
                 batch = envelope.open()
             except StopIteration:
                 if loader._ledger.feed.hold_after is not None:  # the probe's batch came: plan the rest now
@@ -90,10 +89,10 @@ class EpochIterator:
                 self._failed(exc)
                 continue
             self._restarts = 0
-            indices = loader._ledger.feed.outstanding.popleft()
+            indices = loader._take_batch(envelope.stats)
             if loader._after_batch(indices, envelope.stats, batch, time.monotonic() - self._wait_start, self.epoch):
                 loader._pipeline.drop(self._dl_iter)
-                loader._ledger.feed.requeue_outstanding()
+                loader._requeue_outstanding()
                 self._dl_iter = None
             self._last_progress = self._wait_start = time.monotonic()  # the training step is not a stall
             return batch
@@ -182,18 +181,23 @@ class EpochIterator:
             loader._pipeline.forget_arenas()
         if cause == Cause.CORRUPT_BATCH:
             ledger.refused_batches += 1
-        ledger.feed.requeue_outstanding()
+        loader._requeue_outstanding()
 
     def _load_in_process(self, failure: Failure) -> None:
         """The last rung: without even a few KiB of /dev/shm no worker can start; load here."""
         loader = self.loader
+        if loader._workers_fixed:
+            self.close()
+            raise LoaderFailed(f"{failure.evidence}: no worker can start, and a stream cannot be loaded in the main "
+                               f"process instead (its workers own their shards). Free some of /dev/shm "
+                               f"(a few KiB suffice). {loader._resource_summary()}")
         loader._actuator.count(Fallback.IN_PROCESS)
         loader._actuator.event(Event.IN_PROCESS, f"{failure.evidence}: loading in the main process (num_workers=0) "
                                f"for the rest of this epoch; free some of /dev/shm to get the workers back",
                                self.epoch, level=logging.WARNING)
         loader.controller.num_workers = 0
         loader._pipeline.drop()
-        loader._ledger.feed.requeue_outstanding()
+        loader._requeue_outstanding()
 
     def _stall(self) -> None:
         loader = self.loader
@@ -212,8 +216,8 @@ class EpochIterator:
 def after_batch(loader: "AdaptiveLoader", indices: Any, stats: Any, batch: Any, wait_s: float, epoch: int) -> bool:
     """One batch delivered: record, decide if due, act, show. True: the iterator must be
     rebuilt for the decision taken."""
-    ledger, sampler, controller = loader._ledger, loader.sampler, loader.controller
-    costs = sampler.unit_costs[indices]  # the units the budget counts in
+    ledger, controller = loader._ledger, loader.controller
+    costs = loader._unit_costs(indices, stats)  # the units the budget counts in
     pinned = loader._pipeline.pinning()
     ledger.deliver(indices, loader._batch_cost(indices, costs), stats, batch, pinned, epoch)  # record
     if stats.transport != Road.INLINE:

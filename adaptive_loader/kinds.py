@@ -58,6 +58,7 @@ class Event(_Kind):
     EPOCH_END = "epoch_end"  # an epoch finished or was left
     RUN_END = "run_end"  # the loader was closed: no more records follow
     DEVICE_OOM = "device_oom"  # a training step ran out of device memory; its samples went back to the epoch
+    RANKS_UNEVEN = "ranks_uneven"  # a stream's ranks ran dry at different batches: cut or padded (see uneven=)
 
 
 class Cause(_Kind):

@@ -108,12 +108,13 @@ class HeldBatches:
 
 @dataclass(frozen=True)
 class LastBatch:
-    """The batch most recently yielded to the user."""
+    """The batch most recently yielded to the user (a stream's: ``(worker, position)`` pairs as indices)."""
 
-    indices: List[int]
+    indices: List[Any]
     cost: float
     step: int
     epoch: int
+    repeat: bool = False  # a stream's rank that ran dry repeats its last batch (uneven="pad")
 
 
 class Ledger:
@@ -142,7 +143,8 @@ class Ledger:
         """A batch reached the user: account for where its bytes are."""
         self.step += 1
         self.feed.delivered += 1
-        self.last_batch = LastBatch(list(indices), cost, self.step, epoch)
+        stream = getattr(stats, "stream", None)
+        self.last_batch = LastBatch(list(indices), cost, self.step, epoch, repeat=bool(stream and stream.repeat))
         road = stats.transport
         if road == Road.SHM:
             if stats.worker_id >= 0:

@@ -24,13 +24,14 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
-from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler, default_collate
+from torch.utils.data import (BatchSampler, DataLoader, Dataset, IterableDataset, RandomSampler, SequentialSampler,
+                              default_collate)
 
 from . import controller as rules
 from . import distributed
 from .actuator import Actuator, finite_or_none
 from .arena import registry as arena_registry
-from .controller import Controller, Observation
+from .controller import Controller, Observation, RecentLow
 from .costs import as_cost_array, as_group_array
 from .epoch import EpochIterator, LoaderFailed, LoaderStalled, Rate, after_batch
 from .kinds import ARENA_ROADS, Fallback, Road
@@ -39,7 +40,7 @@ from .measure import ShmProbe, host_ram_available, read_fds, rss_of
 from .memory import read_memory, read_oom_kills, resolve_memory_budget
 from .options import (check_arena, check_dataloader_options, check_keywords, check_sampling, check_settings,
                       check_spill_dir, refuse_batch_sampler_as_sampler, shuffle_seed, warn_worker_number)
-from .pipeline import Pipeline
+from .pipeline import Pipeline, next_watched
 from .routing import UNBOUNDED
 from .sampler import DEFAULT_WINDOW, BudgetBatchSampler, _pack_bits, _unpack_bits
 from .telemetry import SinkSpec, Telemetry
@@ -108,6 +109,14 @@ class AdaptiveLoader:
             ``multiprocessing_context``, ``generator``, ...).
     """
 
+    #: the class that takes an IterableDataset (stream_loader.StreamLoader registers itself)
+    _stream_class: Optional[type] = None
+
+    def __new__(cls, dataset: Any = None, *args: Any, **kwargs: Any) -> "AdaptiveLoader":
+        if cls is AdaptiveLoader and isinstance(dataset, IterableDataset) and AdaptiveLoader._stream_class is not None:
+            cls = AdaptiveLoader._stream_class
+        return super().__new__(cls)
+
     def __init__(self, dataset: Dataset, *, costs: Any = None, max_cost: Optional[float] = None,
                  max_batch_size: Optional[int] = None, num_workers: int = 0,
                  collate_fn: Optional[Callable[[List[Any]], Any]] = None, shuffle: bool = False,
@@ -119,15 +128,11 @@ class AdaptiveLoader:
                  cost: str = "sum", quadratic: float = 0.0, **dataloader_kwargs: Any) -> None:
         sampling, dataloader_kwargs = check_keywords(dataloader_kwargs)  # in DataLoader's order from here
         opts = check_dataloader_options(num_workers=num_workers, seed=seed, **dataloader_kwargs)
-        num_workers = opts["num_workers"]
         max_batch_size = check_sampling(dataset, max_batch_size, shuffle, drop_last, sampling)
         check_settings(safety=safety, stall_timeout=stall_timeout, max_restarts=max_restarts, sync_every=sync_every,
                        min_batch_size=min_batch_size)
         arena_kind = check_arena(arena)
-        self._memory, self._memory_read_at = read_memory(), time.monotonic()
-        if memory_budget is not None:
-            resolve_memory_budget(memory_budget, self._memory.limit)  # the TypeError/ValueError now
-        self.memory_budget = memory_budget
+        self._check_memory_budget(memory_budget)
         n = len(dataset)
         if max_cost is None and max_batch_size is None:
             max_batch_size = 1  # DataLoader's default batch_size
@@ -142,6 +147,26 @@ class AdaptiveLoader:
                                   else (opts["seed"] or 0), drop_last=drop_last, window=window,
                                   num_replicas=num_replicas, rank=rank, **sampler_options)
         self.sampler = self._make_sampler(n)
+        self._setup(dataset, dataset, opts, total_samples=n, collate_fn=collate_fn, telemetry=telemetry,
+                    shm_path=shm_path, safety=safety, stall_timeout=stall_timeout, max_restarts=max_restarts,
+                    spill_dir=spill_dir, sync_every=sync_every, arena_kind=arena_kind, min_batch_size=min_batch_size)
+        if self.sampler.num_replicas > 1 and shuffle and opts["seed"] is None:
+            # every rank must shuffle alike: the ranks' draws are agreed on (DistributedSampler's 0 without a group)
+            seed = distributed.smallest_int(self._group, self.sampler.seed) if self._group is not None else 0
+            self.sampler.seed = self._sampler_args["seed"] = seed
+
+    def _check_memory_budget(self, memory_budget: Optional[float]) -> None:
+        self._memory, self._memory_read_at = read_memory(), time.monotonic()
+        if memory_budget is not None:
+            resolve_memory_budget(memory_budget, self._memory.limit)  # the TypeError/ValueError now
+        self.memory_budget = memory_budget
+
+    def _setup(self, dataset: Any, source: Any, opts: Dict[str, Any], *, total_samples: Optional[int],
+               collate_fn: Optional[Callable], telemetry: SinkSpec, shm_path: str, safety: float, stall_timeout: float,
+               max_restarts: int, spill_dir: Optional[str], sync_every: int, arena_kind: Any,
+               min_batch_size: int) -> None:
+        """What map-style loaders and streams share, once ``self.sampler`` (the plan) is made: the
+        controller, ledger, pipeline over ``source`` (what the DataLoader iterates), actuator, telemetry."""
         if self.sampler.max_batch_size is not None and min_batch_size > self.sampler.max_batch_size:
             raise ValueError(f"min_batch_size={min_batch_size} is above max_batch_size={self.sampler.max_batch_size}")
         self.min_batch_size = min_batch_size
@@ -155,20 +180,16 @@ class AdaptiveLoader:
                                                          "generator", "pin_memory_device")}
         if not dataloader_kwargs["pin_memory_device"]:
             del dataloader_kwargs["pin_memory_device"]  # older torch releases refuse the keyword's default
-        warn_worker_number(num_workers)
+        warn_worker_number(opts["num_workers"], stacklevel=3)
         self.stall_timeout = float(self._asked["timeout"]) if self._asked["timeout"] else float(stall_timeout)
         self.max_restarts = max_restarts
         self.safety = safety
         self.collate_fn = collate_fn if collate_fn is not None else default_collate
         self._dataloader_kwargs = dataloader_kwargs
-        self._telemetry = Telemetry(telemetry, total_samples=n, safety=safety)
+        self._telemetry = Telemetry(telemetry, total_samples=total_samples, safety=safety)
         self._group = distributed.budget_group(self.sampler.num_replicas)  # a collective: all args are valid
         if self._group is not None:
             weakref.finalize(self, distributed.destroy_budget_group, self._group)
-        if self.sampler.num_replicas > 1 and shuffle and opts["seed"] is None:
-            # every rank must shuffle alike: the ranks' draws are agreed on (DistributedSampler's 0 without a group)
-            seed = distributed.smallest_int(self._group, self.sampler.seed) if self._group is not None else 0
-            self.sampler.seed = self._sampler_args["seed"] = seed
         self.controller = self._make_controller()
         self._local_world_size = distributed.local_world_size()
         self._ledger = Ledger(self.sampler)
@@ -176,7 +197,7 @@ class AdaptiveLoader:
         arena_owner = uuid.uuid4().hex if arena_kind is not False else None
         if arena_owner is not None:
             weakref.finalize(self, arena_registry.forget, arena_owner)
-        self._pipeline = Pipeline(dataset, self._ledger, collate_fn=collate_fn, shm=self._shm,
+        self._pipeline = Pipeline(source, self._ledger, collate_fn=collate_fn, shm=self._shm,
                                   spill_dir=self.spill_dir, arena_owner=arena_owner, safety=safety,
                                   stall_timeout=self.stall_timeout, user_worker_init=self._asked["worker_init_fn"],
                                   dataloader_kwargs=dataloader_kwargs,
@@ -190,6 +211,7 @@ class AdaptiveLoader:
         self._epoch_chosen = self._resuming = False  # set_epoch() called / a state loaded since the last epoch
         self._skip_on_resume = 0
         self._fds = None  # last fd reading
+        self._memory_lows = RecentLow()  # the memory a budget may count on: the least left lately
         self._ram: Optional[int] = None
         self._caps: Dict[str, float] = {}  # cost caps from other limits (e.g. "device"), by source
         self._oom_kills = read_oom_kills()  # the memory cgroup's OOM kills when the workers last started
@@ -318,6 +340,9 @@ class AdaptiveLoader:
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         """Resume: the next iteration delivers exactly what the saved one had not."""
+        if "stream" in state:
+            raise ValueError("this state was saved by an AdaptiveLoader over a stream (IterableDataset), not over "
+                             "a map-style dataset")
         self._resuming = True
         if "replay" in state:
             replay = state["replay"]
@@ -454,8 +479,7 @@ class AdaptiveLoader:
         self._epoch_chosen = self._resuming = False
         self._epoch_iterated = self.sampler.epoch
         changed = self.controller.restore_pipeline(self.num_workers, self.prefetch_factor or 1)
-        limited = self.memory_budget is not None or self._memory.source != "host"  # a budget, or a cgroup's limit
-        probe = limited and self.num_workers and self.controller.model.coefficients() is None
+        probe = self._probe_due()
         if probe:  # nothing measured: one batch in flight first, and none planned before it is measured
             changed = self.controller.start_probe() or changed
         if changed:
@@ -465,6 +489,12 @@ class AdaptiveLoader:
         self._ledger.feed.hold_after = 1 if probe else None
         self._skip_on_resume = 0
         return self.sampler.epoch
+
+    def _probe_due(self) -> bool:
+        """Under a memory limit (a budget, or a cgroup's) with workers and nothing measured yet:
+        one batch in flight first (see Controller.start_probe)."""
+        limited = self.memory_budget is not None or self._memory.source != "host"
+        return bool(limited and self.num_workers and self.controller.model.coefficients() is None)
 
     def _start_iterator(self) -> Any:
         controller = self.controller
@@ -506,6 +536,24 @@ class AdaptiveLoader:
         return rules.arena_plan(expected, self.controller.prefetch_factor, room, self.controller.num_workers,
                                 current, pipeline.arena_idle)
 
+    # -- where map-style loaders and streams differ (streams: stream_loader.StreamLoader) ----------
+    _workers_fixed = False  # whether fewer workers (down to none) is a rung: not for a stream
+
+    def _next_envelope(self, iterator: Any) -> Any:
+        """The next batch in transit from the DataLoader iterator (StopIteration at the epoch's end)."""
+        return next_watched(iterator)
+
+    def _take_batch(self, stats: Any) -> List[int]:
+        """The batch being handed to the user: its indices, dropped from what is outstanding."""
+        return self._ledger.feed.outstanding.popleft()
+
+    def _requeue_outstanding(self) -> None:
+        """The iterator is gone: batches dispatched and not delivered come again."""
+        self._ledger.feed.requeue_outstanding()
+
+    def _unit_costs(self, indices: List[int], stats: Any) -> np.ndarray:
+        return self.sampler.unit_costs[indices]
+
     def _after_batch(self, indices: List[int], stats: Any, batch: Any, wait_s: float, epoch: int) -> bool:
         """Record, decide if due, act, show (see :func:`epoch.after_batch`); True: rebuild."""
         return after_batch(self, indices, stats, batch, wait_s, epoch)
@@ -527,6 +575,7 @@ class AdaptiveLoader:
         now = time.monotonic()
         if rules.memory_due(now - self._memory_read_at):
             self._memory, self._memory_read_at = read_memory(), now
+            self._memory_lows.add(now, self._memory.available)
         memory = self._memory
         budget = None if self.memory_budget is None else resolve_memory_budget(self.memory_budget, memory.limit)
         road = stats.transport
@@ -536,7 +585,8 @@ class AdaptiveLoader:
             fds_in_use=fds.in_use, fd_soft_limit=fds.soft_limit, fd_hard_limit=fds.hard_limit,
             fds_per_batch=stats.handles, local_world_size=self._local_world_size,
             arenas=road in ARENA_ROADS or arena_bytes > 0, arena_capacity=ledger.smallest_tight_arena(),
-            shm_total=shm.total, memory_available=memory.available, memory_budget=budget, ours_in_memory=ours,
+            shm_total=shm.total, memory_available=self._memory_lows.low(memory.available), memory_budget=budget,
+            ours_in_memory=ours,
             shm_road=shm_road)
 
     def _record_batch(self, epoch: int, indices: List[int], costs: np.ndarray, stats: Any, obs: Observation,
@@ -552,7 +602,8 @@ class AdaptiveLoader:
             shm_total=obs.shm_total, shm_ours=obs.ours_in_shm, fds_in_use=obs.fds_in_use,
             fd_limit=obs.fd_soft_limit, ram_available=self._ram, worker_rss=worker_rss,
             transport=str(stats.transport), worker=stats.worker_id, wait_s=wait_s, samples_per_s=rate,
-            memory_limit=self._memory.limit, memory_used=self._memory.used, memory_ours=obs.ours_in_memory)
+            memory_limit=self._memory.limit, memory_used=self._memory.used, memory_ours=obs.ours_in_memory,
+            **({"budget_version": stats.stream.version} if stats.stream is not None else {}))
 
     def _fd_pressure(self) -> Optional[str]:
         """Evidence for the failure classifier: do the fds batches carry put the limit in reach?"""
@@ -629,6 +680,10 @@ def _cost_array(costs: Any, n: int, dataset: Any) -> Any:
 
 def _wrapped_sampling(dataloader: DataLoader) -> Dict[str, Any]:
     """How ``dataloader`` batches, as AdaptiveLoader arguments; ValueError for what cannot be reproduced."""
+    if isinstance(dataloader.dataset, IterableDataset):  # a stream: its batch size (None: it batches itself)
+        if dataloader.batch_size is None:
+            return {"batch_size": None}
+        return {"max_batch_size": dataloader.batch_size, "drop_last": dataloader.drop_last}
     batch_sampler = dataloader.batch_sampler
     if batch_sampler is None:
         raise ValueError("wrap() needs a DataLoader that batches: this one has batch_size=None (one sample at "

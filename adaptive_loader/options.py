@@ -43,7 +43,10 @@ PASSED_ON = frozenset(inspect.signature(DataLoader.__init__).parameters) - {
 _INSTEAD = ("pass costs=, max_cost=, max_batch_size= and shuffle= (group_ids= for batches that must not mix "
             "groups). AdaptiveLoader.wrap(dataloader) converts a DataLoader's SequentialSampler, RandomSampler or "
             "BatchSampler")
-_MAP_STYLE = "AdaptiveLoader needs a map-style dataset with __len__ and __getitem__"
+_MAP_STYLE = "AdaptiveLoader needs a map-style dataset with __len__ and __getitem__, or an IterableDataset"
+_STREAM = ("a stream (IterableDataset) shuffles itself: shuffle its shards and samples in the dataset, "
+           "seeded so that a worker started again reads the same (e.g. WebDataset's shardshuffle and "
+           "shuffle with seed=; see docs/streams.md)")
 
 
 def _dataloader_says(theirs: str, ours: str) -> str:
@@ -78,7 +81,7 @@ def check_sampling(dataset: Any, max_batch_size: Any, shuffle: Any, drop_last: A
     ``batch_size=None`` is the same as leaving it out."""
     sampler, batch_sampler = sampling.get("sampler"), sampling.get("batch_sampler")
     if isinstance(dataset, IterableDataset) or not hasattr(dataset, "__len__"):
-        _refuse_iterable(dataset, shuffle, sampler, batch_sampler)
+        _check_iterable(dataset, shuffle, sampler, batch_sampler)
     if sampler is not None and shuffle:
         raise ValueError(_dataloader_says("sampler option is mutually exclusive with shuffle",
                                           _takes_none("sampler")))
@@ -202,22 +205,23 @@ def check_arena(arena: Any) -> Any:
 
 # -- one check per argument -----------------------------------------------------------------
 
-def _refuse_iterable(dataset: Any, shuffle: Any, sampler: Any, batch_sampler: Any) -> None:
-    """Refuse a dataset without indices: with DataLoader's ValueError where DataLoader refuses
-    the combination too (in its order), else a TypeError."""
+def _check_iterable(dataset: Any, shuffle: Any, sampler: Any, batch_sampler: Any) -> None:
+    """A stream takes no shuffle, sampler or batch sampler (DataLoader's ValueError, in its order);
+    a dataset that is neither a stream nor has ``__len__`` is a TypeError."""
     if isinstance(dataset, IterableDataset):
         if shuffle not in (False, None):
             raise ValueError(_dataloader_says(f"DataLoader with IterableDataset: expected unspecified shuffle "
-                                              f"option, but got shuffle={shuffle}", _MAP_STYLE))
+                                              f"option, but got shuffle={shuffle}", _STREAM))
         if sampler is not None:
             raise ValueError(_dataloader_says(f"DataLoader with IterableDataset: expected unspecified sampler "
-                                              f"option, but got sampler={sampler}", _MAP_STYLE))
+                                              f"option, but got sampler={sampler}", _STREAM))
         if batch_sampler is not None:
             raise ValueError(_dataloader_says(f"DataLoader with IterableDataset: expected unspecified "
                                               f"batch_sampler option, but got batch_sampler={batch_sampler}",
-                                              _MAP_STYLE))
-    raise TypeError(f"{_MAP_STYLE}: it plans batches over indices and their costs, and gives undelivered "
-                    f"indices back")
+                                              _STREAM))
+        return
+    raise TypeError(f"{_MAP_STYLE} (a subclass of torch.utils.data.IterableDataset), got "
+                    f"{type(dataset).__name__}, which has no __len__")
 
 
 def _batch_size_alias(max_batch_size: Any, sampling: Dict[str, Any]) -> Any:

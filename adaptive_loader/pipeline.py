@@ -27,6 +27,7 @@ from .measure import ShmProbe
 from .region import MEMFD, SHM, SharedRegion, memfd_available
 from .routing import UNBOUNDED, WorkerRules
 from .spill import SpillDir
+from .stream import StreamBatcher, StreamCollate
 from .transport import MeasuredCollate, WorkerSetup
 
 __all__ = ["Pipeline", "POLL_SECONDS", "measured_collate", "next_watched"]
@@ -63,6 +64,7 @@ class Pipeline:
         self.num_workers = 0
         self.prefetch_factor: Optional[int] = None
         self._stale = False
+        self.stream = isinstance(dataset, StreamBatcher)
 
     @property
     def spill(self) -> SpillDir:
@@ -221,6 +223,9 @@ class Pipeline:
                                         shm_keep_free=keep_free, allocated=allocated, arena_owner=self.arena_owner,
                                         arena_sizes=arena_sizes, batches_in_flight=self.prefetch_factor or 1,
                                         workers=workers, **extra)
+        if self.stream:  # the workers batch (stream.StreamBatcher): DataLoader passes each batch on
+            return DataLoader(self.dataset, batch_size=None, num_workers=workers, collate_fn=StreamCollate(self.collate),
+                              **kwargs)
         return DataLoader(self.dataset, batch_sampler=self.ledger.feed, num_workers=workers,
                           collate_fn=self.collate, **kwargs)
 

@@ -38,7 +38,7 @@ BATCH_FIELDS = (
     "transport", "worker", "wait_s", "samples_per_s",
 )
 #: Batch keys a record may carry or leave out (``None``: not measured).
-OPTIONAL_BATCH_FIELDS = ("memory_limit", "memory_used", "memory_ours")
+OPTIONAL_BATCH_FIELDS = ("memory_limit", "memory_used", "memory_ours", "budget_version")  # the last: streams
 #: Every event record has exactly these keys.
 EVENT_FIELDS = ("schema", "kind", "time", "step", "epoch", "event", "level", "message", "data")
 #: The fallbacks, as counted in ``AdaptiveLoader.fallbacks`` and the dashboard.
@@ -58,7 +58,7 @@ FIELD_TYPES: Dict[str, Any] = {
     "shm_ours": int, "fds_in_use": int, "fd_limit": int, "ram_available": _OPTIONAL_INT,
     "worker_rss": _OPTIONAL_INT, "transport": str, "worker": int, "wait_s": float,
     "samples_per_s": (float, type(None)), "event": str, "level": str, "message": str, "data": dict,
-    "memory_limit": _OPTIONAL_INT, "memory_used": _OPTIONAL_INT, "memory_ours": _OPTIONAL_INT,
+    "memory_limit": _OPTIONAL_INT, "memory_used": _OPTIONAL_INT, "memory_ours": _OPTIONAL_INT, "budget_version": int,
 }
 
 Record = Dict[str, Any]

@@ -77,6 +77,7 @@ class BatchStats:
     arena_new_bytes: int = 0  # arena bytes (a new arena, or what one grew by) this batch first tells of
     arena_capacity: int = 0  # the worker's ring once found too small for its batches in flight and unable to grow
     block_kind: Optional[str] = None  # Road.SHM: "memfd" or "shm", what the block is
+    stream: Any = None  # a stream's batch: its stream.StreamMeta (which samples of which worker's stream)
 
 
 class Envelope:

@@ -90,7 +90,7 @@ def run_case(scenario: str, loader: str, *, shm_bytes: int, workers: int = 2, qu
         shm_left = (_read_json(os.path.join(work, "shm-left.json")) or {}).get("files")
         spill_left = list_tree(spill)
         notes = _read_json(os.path.join(work, "notes.json")) or {}
-    n = len(spec.build(shm_bytes, workers, quick).dataset)
+    n = spec.build(shm_bytes, workers, quick).samples()
     if hung:
         outcome, error = "hang", f"no batch for {hang_after:g} s; killed. Last error in its log: {tail}"
     elif child is None:

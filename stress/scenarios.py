@@ -37,6 +37,9 @@ class Setup:
     # (loader, run dir, spill dir) -> notes for the result; runs before the loader (e.g. a first run killed)
     before: Optional[Callable[[str, str, Optional[str]], Dict[str, Any]]] = None
 
+    def samples(self) -> int:
+        """Samples per epoch, indexed 0..n-1 (a stream says how many it yields)."""
+        return len(self.dataset) if hasattr(self.dataset, "__len__") else self.dataset.samples
 
 @dataclass
 class Scenario:
@@ -70,6 +73,16 @@ def _detection(shm: int, workers: int, quick: bool) -> Setup:
         vanilla=dict(batch_size=8, shuffle=True, num_workers=workers, collate_fn=w.detection_collate),
         adaptive=dict(costs=ds.objects, max_batch_size=8, shuffle=True, num_workers=workers,
                       collate_fn=w.detection_collate))
+
+
+def _detection_stream(shm: int, workers: int, quick: bool) -> Setup:
+    # the detection workload as a stream read from 8 shards: vanilla batches of 8 as they come; adaptive
+    # packs each worker's samples by objects, batches of at most 8, every sample compared in full
+    ds = w.CocoStream(48 if quick else 320)
+    return Setup(
+        dataset=ds, check=ds.check_against_getitem, prepare=ds.prepare,
+        vanilla=dict(batch_size=8, num_workers=workers, collate_fn=w.detection_collate),
+        adaptive=dict(costs=ds.objects, max_batch_size=8, num_workers=workers, collate_fn=w.detection_collate))
 
 
 def _memory_limit(shm: int, workers: int, quick: bool) -> Setup:
@@ -237,6 +250,10 @@ SCENARIOS: Dict[str, Scenario] = {s.name: s for s in [
     Scenario("detection", "COCO-style detection: 320x240 JPEGs decoded and 1..150 polygons drawn into uint8 "
              "masks per image in __getitem__, tuple(zip(*batch)) collate, batches of 8, shuffled, sizes fixed: "
              "vanilla hangs or crashes; adaptive keeps the batches of 8 the user asked for", _detection),
+    Scenario("detection-stream", "the detection workload as an IterableDataset read from 8 shards split by "
+             "worker (as WebDataset reads them), batches of 8: vanilla hangs in a small /dev/shm; adaptive's "
+             "workers pack their samples by objects under the budget, every image once, compared in full",
+             _detection_stream),
     Scenario("memory-limit", "the detection workload (96 images) in a memory cgroup: run it with --memory "
              "(default 768M) and plenty of /dev/shm (default 8G); every sample is compared with __getitem__'s "
              "output made again in the main process; an OOM kill is a crash", _memory_limit,

@@ -11,7 +11,7 @@ from typing import Any, Dict, List, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 __all__ = ["SegmentationDataset", "CocoStyleDataset", "VolumeDataset", "GiantSampleDataset", "ManyTensorsDataset",
            "MixedDataset", "PoisonDataset", "OddTensorsDataset", "Tagged", "detection_collate", "list_collate",
@@ -146,6 +146,38 @@ class CocoStyleDataset(Dataset):
                     f"{expected.dtype} {tuple(expected.shape)}"
                 assert torch.equal(value, expected), f"sample {i} corrupted: its {key} differ from __getitem__'s"
         return ids
+
+
+class CocoStream(IterableDataset):
+    """:class:`CocoStyleDataset` as a stream read from shards (contiguous runs of images), each
+    DataLoader worker reading every ``num_workers``-th shard, as WebDataset's ``split_by_worker``
+    does: the same samples, and the same :meth:`check`, with no indices to plan over."""
+
+    def __init__(self, n: int, shards: int = 8) -> None:
+        self.images = CocoStyleDataset(n)
+        self.samples = n
+        self.bounds = np.linspace(0, n, shards + 1).round().astype(int)
+
+    def prepare(self) -> "CocoStream":
+        self.images.prepare()
+        return self
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        for shard in range(worker, len(self.bounds) - 1, workers):
+            for i in range(self.bounds[shard], self.bounds[shard + 1]):
+                yield self.images[i]
+
+    def objects(self, sample) -> int:
+        """A sample's cost: its masks."""
+        return int(sample[1]["masks"].shape[0])
+
+    check = staticmethod(CocoStyleDataset.check)
+
+    def check_against_getitem(self, batch) -> List[int]:
+        """Every tensor of every sample compared with the image made again here (see CocoStyleDataset)."""
+        return self.images.check_against_getitem(batch)
 
 
 class VolumeDataset(Dataset):

@@ -6,6 +6,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MASKRCNN = os.path.join(REPO, "examples", "maskrcnn_style_training.py")
 SUMMARY = re.compile(r"^epoch (\d+): (\d+) batches, (\d+) images, (\d+) objects, mean loss ([\d.]+), "
@@ -48,3 +50,22 @@ def test_maskrcnn_style_example_resumes_mid_epoch(tmp_path):
     assert "resumed from" in out, out
     # the example checks itself that every image of the interrupted epoch came exactly once
     assert [(e, images) for e, images, _ in summaries(out)] == [(0, 24), (1, 24)], out
+
+
+WEBDATASET = os.path.join(REPO, "examples", "webdataset_detection.py")
+STREAM_SUMMARY = re.compile(r"^epoch (\d+): (\d+) batches, (\d+) images, (\d+) objects, max_cost ([\d.e+inf]+), "
+                            r"fallbacks \{.*\}, every image once: yes", re.MULTILINE)
+
+
+def test_webdataset_detection_example_reads_every_image_once_per_epoch():
+    pytest.importorskip("webdataset", reason="webdataset is in the dev extra: the example needs it")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]), OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, WEBDATASET, "--images", "48", "--max-cost", "150"], cwd=REPO,
+                            capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    epochs = [(int(m[1]), int(m[2]), int(m[3]), int(m[4])) for m in STREAM_SUMMARY.finditer(result.stdout)]
+    assert [e for e, _, _, _ in epochs] == [0, 1], result.stdout
+    assert all(images == 48 for _, _, images, _ in epochs), result.stdout
+    assert epochs[0][3] == epochs[1][3] >= 48  # the same objects each epoch, 1..150 per image
+    # at most 8 images and 150 objects a batch (no image has more than 150): at least the lower bound
+    assert all(batches >= max(48 // 8, -(-objects // 150)) for _, batches, _, objects in epochs), result.stdout

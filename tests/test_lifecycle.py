@@ -226,10 +226,17 @@ def test_nested_tensors_get_torchs_own_message(arena):
         def __getitem__(self, i):
             return torch.nested.nested_tensor([torch.zeros(i % 3 + 1), torch.zeros(2)])
 
-    expected = "Batches of nested tensors are not currently supported by the default collate_fn"
+    def error_of(loader):
+        with pytest.raises(RuntimeError) as caught:
+            next(iter(loader))
+        return str(caught.value)
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch's word that nested tensors are a prototype
-        for loader in (DataLoader(Nested(8), batch_size=4, num_workers=2),
-                       AdaptiveLoader(Nested(8), max_batch_size=4, num_workers=2, arena=arena)):
-            with pytest.raises(RuntimeError, match=expected):
-                next(iter(loader))
+        theirs = error_of(DataLoader(Nested(8), batch_size=4, num_workers=2))
+        ours = error_of(AdaptiveLoader(Nested(8), max_batch_size=4, num_workers=2, arena=arena))
+    explicit = "Batches of nested tensors are not currently supported by the default collate_fn"
+    if explicit in theirs:  # torch >= 2.2 says it in words: the same words
+        assert explicit in ours
+    else:  # torch 2.1 fails deeper, in stack or in shm (each road its own), naming the nested tensor
+        assert "NestedTensor" in theirs and "NestedTensor" in ours

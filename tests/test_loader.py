@@ -99,13 +99,16 @@ def test_bad_arguments_fail_at_construction(kwargs, exc, match):
         AdaptiveLoader(SegmentationDataset(COSTS, side=4), **kwargs)
 
 
-def test_iterable_dataset_is_refused():
-    class Stream(torch.utils.data.IterableDataset):
+def test_a_dataset_neither_map_style_nor_a_stream_is_refused():
+    class Generator:  # iterable, but no IterableDataset and no __len__
         def __iter__(self):
             yield 1
 
-    with pytest.raises(TypeError, match="map-style"):
-        AdaptiveLoader(Stream())
+        def __getitem__(self, i):
+            return i
+
+    with pytest.raises(TypeError, match="map-style dataset .* or an IterableDataset"):
+        AdaptiveLoader(Generator())
 
 
 @pytest.mark.parametrize("workers", [0, 2])
