@@ -33,7 +33,7 @@ from .actuator import Actuator, finite_or_none
 from .arena import registry as arena_registry
 from .controller import Controller, Observation, RecentLow
 from .costs import as_cost_array, as_group_array
-from .epoch import EpochIterator, LoaderFailed, LoaderStalled, Rate, after_batch
+from .epoch import EpochIterator, EpochParts, LoaderFailed, LoaderStalled, after_batch
 from .kinds import ARENA_ROADS, Fallback, Road
 from .ledger import LastBatch, Ledger
 from .measure import ShmProbe, host_ram_available, read_fds, rss_of
@@ -218,7 +218,7 @@ class AdaptiveLoader:
         self._active: Optional[weakref.ref] = None  # the epoch iterator in use
         self._pending_give_back: List[List[int]] = []  # batches given back on this rank alone
         self._rebuild_pending = False  # a give-back waits for the next batch
-        self._rate = Rate()
+        self._parts = EpochParts(self._pipeline, self._ledger, self._actuator, self._telemetry)
         self._closed = self._warned_superseded = False
         self._initialized = True
 
@@ -363,8 +363,9 @@ class AdaptiveLoader:
         if self._closed:  # iterated again after close(): as a DataLoader would, with everything made anew
             self._telemetry.reopen()
             self._closed = False
-        iterator = EpochIterator(self)  # the epoch starts at its first next(), as a generator's would:
-        self._active = weakref.ref(iterator)  # Lightning sets the sampler's epoch after iter()
+        # the epoch starts at its first next(), as a generator's would: Lightning sets the sampler's epoch after iter()
+        iterator = EpochIterator(self._parts, self)
+        self._active = weakref.ref(iterator)
         return iterator
 
     def guard(self, **options: Any) -> Any:
@@ -556,7 +557,7 @@ class AdaptiveLoader:
 
     def _after_batch(self, indices: List[int], stats: Any, batch: Any, wait_s: float, epoch: int) -> bool:
         """Record, decide if due, act, show (see :func:`epoch.after_batch`); True: rebuild."""
-        return after_batch(self, indices, stats, batch, wait_s, epoch)
+        return after_batch(self, self._parts, indices, stats, batch, wait_s, epoch)
 
     def _batch_cost(self, indices: List[int], costs: np.ndarray) -> float:
         batch_cost = getattr(self.sampler, "batch_cost", None)

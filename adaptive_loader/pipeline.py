@@ -224,8 +224,8 @@ class Pipeline:
                                         arena_sizes=arena_sizes, batches_in_flight=self.prefetch_factor or 1,
                                         workers=workers, **extra)
         if self.stream:  # the workers batch (stream.StreamBatcher): DataLoader passes each batch on
-            return DataLoader(self.dataset, batch_size=None, num_workers=workers, collate_fn=StreamCollate(self.collate),
-                              **kwargs)
+            return DataLoader(self.dataset, batch_size=None, num_workers=workers,
+                              collate_fn=StreamCollate(self.collate), **kwargs)
         return DataLoader(self.dataset, batch_sampler=self.ledger.feed, num_workers=workers,
                           collate_fn=self.collate, **kwargs)
 

@@ -377,7 +377,8 @@ class _WorkerStream:
                 total = (len(chosen) * float(costs[assigned == b].max())) if self.b.padded else float(
                     costs[assigned == b].sum())
                 fill = max(len(chosen) / cap, total / max_cost if math.isfinite(max_cost) and max_cost > 0 else 0)
-                if oldest in chosen and self.position - buffer[oldest].position > AGE_LIMIT_BUFFERS * self.b.buffer_size:
+                waited = self.position - buffer[oldest].position
+                if oldest in chosen and waited > AGE_LIMIT_BUFFERS * self.b.buffer_size:
                     return chosen
                 batches.append((fill, chosen))
         if not batches:  # nothing placed (cannot happen with costs <= max_cost): the oldest alone

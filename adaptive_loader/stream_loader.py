@@ -97,7 +97,9 @@ class StreamLoader(AdaptiveLoader):
                     telemetry=telemetry, shm_path=shm_path, safety=safety, stall_timeout=stall_timeout,
                     max_restarts=max_restarts, spill_dir=spill_dir, sync_every=sync_every, arena_kind=arena_kind,
                     min_batch_size=min_batch_size)
-        self.collate_fn = collate_fn if collate_fn is not None else (default_convert if passthrough else default_collate)
+        if collate_fn is None:
+            collate_fn = default_convert if passthrough else default_collate
+        self.collate_fn = collate_fn
         self._epoch_end: Optional[str] = None  # None while the epoch's stream runs; "dry": this rank's ended
         self._repeat_of: Any = None  # pad: the batch a rank that ran dry repeats
         self._repeats = 0  # pad: how often this epoch

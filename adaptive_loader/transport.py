@@ -102,6 +102,9 @@ class Envelope:
             self._opened = True
         return self.payload
 
+    def __reduce__(self):
+        return _received, (self.payload, self.stats, self._opened)
+
     def pin_memory(self, device: Optional[str] = None) -> "Envelope":
         """Called by DataLoader's pin-memory thread. The views of shm are dropped here and now: the
         thread keeps this envelope until its next batch, and an arena's room comes back only when
@@ -109,6 +112,16 @@ class Envelope:
         pinned = Envelope(_pin_memory(self.open(), device), self.stats, opened=True)
         self.payload = None
         return pinned
+
+
+def _received(payload: Any, stats: BatchStats, opened: bool) -> Envelope:
+    """An envelope arriving in the main process. The fds its road carries are fetched now, from the
+    worker that sent them, as torch fetches its own when a batch comes off the queue: later that
+    worker may be gone (a stream's worker exits once its stream ended, its last batches still waiting
+    here for their turn)."""
+    if not opened and stats.transport in (Road.ARENA, Road.MEMFD, Road.SHM):
+        payload = pickle.loads(payload)
+    return Envelope(payload, stats, opened)
 
 
 class MeasuredCollate:
@@ -367,8 +380,8 @@ def pack_batch(batch: Any, kind: str = MEMFD, shm_path: str = "/dev/shm", share:
 
 
 def unpack_batch(data: bytes) -> Any:
-    """The batch again, its tensors views of the shared block."""
-    structure, tensors, offsets, sizes, region, shared = pickle.loads(data)
+    """The batch again, its tensors views of the shared block (``data``: as packed, or received)."""
+    structure, tensors, offsets, sizes, region, shared = _loaded(data)
     if region is None:
         return decode(structure, tensors, [], shared)
     try:
@@ -400,10 +413,15 @@ def pack_into_arena(batch: Any, writer: RingWriter, arena: Optional[Arena], owne
 
 
 def unpack_from_arena(data: bytes) -> Any:
-    """The batch again, its tensors views of the worker's arena."""
-    structure, tensors, offsets, sizes, arena, arena_id, owner, worker_id, place, shared = pickle.loads(data)
+    """The batch again, its tensors views of the worker's arena (``data``: as packed, or received)."""
+    structure, tensors, offsets, sizes, arena, arena_id, owner, worker_id, place, shared = _loaded(data)
     base = open_view(arena, arena_id, owner, worker_id, *place).numpy()
     return decode(structure, tensors, piece_views(base, offsets, sizes), shared)
+
+
+def _loaded(data: Any) -> tuple:
+    """A road's payload unpickled: as packed (bytes), or already on arrival (see ``_received``)."""
+    return pickle.loads(data) if isinstance(data, (bytes, bytearray, memoryview)) else data
 
 
 def unpack_spilled(payload: tuple) -> Any:

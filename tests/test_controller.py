@@ -615,3 +615,18 @@ def test_a_decision_while_loading_in_the_main_process_with_arenas_left():
                       ours_in_memory=1 << 20, shm_road=False)
     decision = c.decide(obs)
     assert math.isfinite(decision.per_batch_bytes) and c.num_workers == 0
+
+
+def test_recent_low_holds_a_dip_in_memory_left_for_its_window_then_lets_go():
+    from adaptive_loader.controller import RecentLow
+
+    lows = RecentLow(seconds=5.0)
+    assert lows.low(None) is None and lows.low(900) == 900  # nothing read yet: what is left now
+    lows.add(0.0, 1000)
+    lows.add(1.0, 300)  # a worker's heap at its fullest
+    lows.add(2.0, 800)
+    assert lows.low(800) == 300  # a budget raised now would meet that peak again
+    lows.add(6.5, 820)  # the dip is older than the window: the room has lasted
+    assert lows.low(820) == 800
+    lows.add(12.0, 850)
+    assert lows.low(850) == 850 and lows.low(100) == 100  # never above what is left now

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 import warnings
 
 import pytest
@@ -302,3 +303,47 @@ def test_oversized_samples_go_alone_and_are_said_once_per_worker():
     assert oversized and all(len(b) == 1 for b in oversized)
     assert sum("goes in a batch of its own" in str(w.message) for w in caught) == 1
     assert sorted(check_counting_sample(s) for b in batches for s in b) == list(range(60))
+
+
+def test_a_workers_buffer_holds_samples_worth_one_budget_while_memory_holds_the_budget_down():
+    """The buffer is memory too: under the user's cap a full window; once the budget is below it, samples
+    worth one budget; while probing, one batch's samples."""
+    from adaptive_loader.stream import BUFFER_BATCHES, Resume, SharedBudget, StreamBatcher, _WorkerStream
+
+    budget = SharedBudget()
+    batcher = StreamBatcher(CountingStream(400), budget, costs=cost, buffer_size=32, user_max_cost=1000.0)
+    stream = _WorkerStream(batcher, worker=0, resume=Resume())
+    source = iter(batcher.dataset)
+
+    def fill():
+        stream.buffer = []
+        while stream._wants_more():
+            assert stream._read(source)
+        return stream.buffer
+
+    budget.publish(1000.0, 8)
+    assert len(fill()) == 32  # the user's cap in force: the whole window
+    budget.publish(150.0, 8)
+    held = fill()
+    assert sum(item.cost for item in held[:-1]) < BUFFER_BATCHES * 150 <= sum(item.cost for item in held)
+    budget.publish(1000.0, 8, buffer_cap=8)  # probing
+    assert len(fill()) == 8
+
+
+class OneSlowWorker(CountingStream):
+    """Worker 0 reads slowly; worker 1 sends its batches at once and its stream ends."""
+
+    def sample(self, key):
+        info = get_worker_info()
+        if info is not None and info.id == 0:
+            time.sleep(0.15)
+        return super().sample(key)
+
+
+def test_a_worker_whose_stream_ended_and_exited_leaves_its_batches_readable():
+    """DataLoader stops a worker once its stream ended, while its last batches may still wait in the main
+    process for their turn (in order): the fds they carry are fetched on arrival, before it goes."""
+    loader = AdaptiveLoader(OneSlowWorker(24), batch_size=4, num_workers=2, collate_fn=list_collate)
+    keys = [check_counting_sample(s) for b in loader for s in b]
+    assert sorted(keys) == list(range(24)) and loader.fallbacks == {}, loader.fallbacks
+    loader.close()

@@ -2,9 +2,9 @@
 
     .venv/bin/python tests/benchmarks/stream_recovery.py [--runs 3]
 
-Two streams of 600 small samples (at most 97 int64 values; the plain one 2 ms to read, 2 workers, batches of 8 by cost): a plain
-deterministic generator, which the new worker replays and fast-forwards past what was delivered, and
-an HF ``datasets`` IterableDataset, restored from its ``state_dict()``. One worker is SIGKILLed after
+Two streams of 600 small samples (at most 97 int64 values; the plain one 2 ms to read), 2 workers,
+batches of 8 by cost: a plain deterministic generator, which the new worker replays and fast-forwards
+past what was delivered, and an HF ``datasets`` IterableDataset, restored from its ``state_dict()``. One worker is SIGKILLed after
 batch 20; "going again" is the time from the kill to the first batch handed out after the recovery
 (the batches already in the queue first, then the failure seen, workers started again, the stream
 replayed or restored, packed). Every run checks each sample's content and that each came exactly once.
