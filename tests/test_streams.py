@@ -176,7 +176,11 @@ def test_the_budget_reaches_the_workers_mid_stream_and_each_batch_carries_its_ve
             loader._cap_budget("test", 120)  # a cap from another limit, as the device guard sets one
             lowered = loader.sampler.version
     versions = [r["budget_version"] for r in records if r["kind"] == "batch"]
-    assert versions == sorted(versions) and versions[-1] >= lowered
+    for worker in {r["worker"] for r in records if r["kind"] == "batch"}:
+        # each worker applies a new version at its next batch; across workers batches interleave
+        mine = [r["budget_version"] for r in records if r["kind"] == "batch" and r["worker"] == worker]
+        assert mine == sorted(mine), f"worker {worker} went back to an older budget: {mine}"
+    assert versions[-1] >= lowered
     late = [r for r in records if r["kind"] == "batch" and r["budget_version"] >= lowered]
     assert len(late) > 10 and all(r["cost"] <= 120 or r["samples"] == 1 for r in late)
     # at most the batches in flight then (2 workers x prefetch 2) were packed under the old budget
