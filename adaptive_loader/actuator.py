@@ -49,11 +49,14 @@ class Actuator:
             self._warn_if_below_asked(decision.max_cost, decision, epoch)
         if decision.deeper:
             self.event(Event.DEPTH, decision.reason("first batch measured"), epoch)
+        elif decision.num_workers == 0:
+            self.count(Fallback.IN_PROCESS)
+            self.event(Event.IN_PROCESS, decision.reason("main process"), epoch, level=logging.WARNING)
         elif decision.prefetch_factor is not None or decision.num_workers is not None:
             self.count(Fallback.FEWER_IN_FLIGHT)
             self.event(Event.FEWER_IN_FLIGHT, decision.reason("fewer batches"), epoch, level=logging.WARNING,
                        num_workers=decision.num_workers, prefetch_factor=decision.prefetch_factor)
-        depth = (decision.num_workers or self.pipeline.num_workers,
+        depth = (self.pipeline.num_workers if decision.num_workers is None else decision.num_workers,
                  decision.prefetch_factor or self.pipeline.prefetch_factor)
         if decision.deeper or depth != (self.pipeline.num_workers, self.pipeline.prefetch_factor):
             rebuild = True  # the workers running are not the depth decided

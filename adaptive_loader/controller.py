@@ -132,6 +132,7 @@ class Observation:
     memory_budget: Optional[int] = None  # the user's cap on what the loader holds, for all local ranks
     ours_in_memory: int = 0  # what the loader holds on every road: arenas, batches in flight and held
     shm_road: bool = True  # batches go through /dev/shm (its arena or blocks), so its size binds too
+    worker_heaps: int = 0  # what the running workers hold besides (their heaps): memory that comes back with them
 
 
 @dataclass(frozen=True)
@@ -195,22 +196,42 @@ class Controller:
         self.strategy_switched = False
         self.external_cap = math.inf  # the smallest cap from another limit (e.g. the device), see loader._cap_budget
         self.probing = False  # one batch in flight until the first is measured (see start_probe)
+        self._probe_left = 0  # batches the probe still makes
+        self.per_batch_bytes = 0.0  # what the last decision left each batch in flight
         # the depth a memory limit (a decision bound by memory, or an OOM kill) left: no later epoch starts deeper,
         # its arenas and heaps being still there when it starts
         self.depth_cap: Optional[Tuple[int, int]] = None
+        # what a worker holds besides its batch's samples while it makes a batch (its heap as measured,
+        # less the batch): the largest lately; None until a batch tells its heap
+        self._heap_extras: Deque[float] = deque(maxlen=HEAP_WINDOW)
+
+    def observe_heap(self, heap: int, batch_bytes: int) -> None:
+        """A batch's maker held ``heap`` bytes of its own as it made the batch (0: not measured)."""
+        if heap > 0:
+            self._heap_extras.append(max(0.0, float(heap - batch_bytes)))
 
     def decide(self, obs: Observation) -> Decision:
         """The next budget and fallbacks. What is given up, in order: the road (the workers'
-        own choice, per batch), then batches in flight, then workers, and only then the cost
-        budget (never below ``floor_cost``)."""
+        own choice, per batch), then batches in flight, then workers (under a memory limit down
+        to none: the main process makes the batches whole where one worker would cut them), and
+        only then the cost budget (never below ``floor_cost``)."""
         reasons: List[str] = []
         usable, self.limit = self.usable_bytes(obs)
-        probed = self.probing and self.model.coefficients() is not None
+        measured = self.probing and self.model.coefficients() is not None
+        self._probe_left -= measured
+        probed = measured and self._probe_left <= 0
         probe_depth = (self.num_workers, self.prefetch_factor)
         if probed:  # the first batch is measured: from here on, as if the depth asked for had run
             self.probing = False
             self.num_workers, self.prefetch_factor = self.asked_depth
         workers, prefetch = self._depth_for(usable, obs)
+        batches_per_worker, bytes_per_worker = self._worker_heap(self.limit)
+        per_batch = max(0.0, usable - workers * bytes_per_worker) / (
+            self._slots(workers, prefetch, obs) + workers * batches_per_worker)
+        if obs.arena_capacity:  # an arena at its share of memory: batches must fit it instead
+            per_batch = min(per_batch, obs.arena_capacity / _arena_batches(prefetch, workers))
+        if self._in_process_due(workers, prefetch, per_batch, usable):
+            return self._load_in_process(usable, reasons)
         changed_prefetch = prefetch if prefetch != self.prefetch_factor else None
         changed_workers = workers if workers != self.num_workers else None
         deeper = probed and changed_prefetch is None and changed_workers is None and (workers, prefetch) != probe_depth
@@ -225,15 +246,45 @@ class Controller:
         elif deeper:
             reasons.append(f"first batch measured: the depth asked for, {workers}x{prefetch} (workers x prefetch), "
                            f"fits {usable / 2**20:.1f} MiB usable ({self.limit})")
-        per_batch = usable / (self._slots(workers, prefetch, obs) + workers * self.buffered_batches)
-        if obs.arena_capacity:  # an arena at its share of memory: batches must fit it instead
-            per_batch = min(per_batch, obs.arena_capacity / _arena_batches(prefetch, workers))
         target = max(self._max_cost_for(per_batch), min(self.floor_cost, self.user_max_cost))
         self._move_budget(target, per_batch, reasons)
         self.max_cost = self.capped(self.memory_max_cost)
+        self.per_batch_bytes = per_batch
         fd_limit, strategy = self._fd_plan(obs, reasons)
         return Decision(self.max_cost, per_batch, changed_prefetch, changed_workers, fd_limit, strategy, reasons,
                         self.limit, deeper)
+
+    def _worker_heap(self, limit: str) -> Tuple[float, float]:
+        """What each worker holds besides its batches in flight, as ``(batches, bytes)``: the samples it
+        buffers (a stream's), and under a real memory limit its heap as measured: the batch's samples
+        while it makes the batch, and the largest extra lately. Not on /dev/shm's account: heaps are not there."""
+        if limit != "memory" or not self._heap_extras:
+            return self.buffered_batches, 0.0
+        return self.buffered_batches + 1.0, max(self._heap_extras)
+
+    def _in_process_due(self, workers: int, prefetch: int, per_batch: float, usable: float) -> bool:
+        """Under a memory limit, one worker with one batch in flight would cut the batches asked for,
+        and the main process, which needs no arena and no second heap, can make them whole; or even
+        the smallest budget does not fit one worker. Then the main process makes the batches."""
+        if self.fixed_workers or (workers, prefetch) != (1, 1) or not self._heap_extras or self.limit != "memory":
+            return False
+        full = self.batch_bytes_at(self.user_max_cost)
+        floor = self.batch_bytes_at(min(self.floor_cost, self.user_max_cost))
+        whole_in_process = usable >= (HELD_BATCHES + 1) * full + max(self._heap_extras)
+        return full > 0 and per_batch < full and whole_in_process or 0 < floor and per_batch < floor
+
+    def _load_in_process(self, usable: float, reasons: List[str]) -> Decision:
+        """Taken before the OOM killer comes: no workers; the main process holds the batch it makes
+        (with its heap) and the ones the user keeps, so the budget is what fits those."""
+        reasons.append(f"loading in the main process (num_workers=0): one worker with one batch in flight would not "
+                       f"fit the batches asked for in {usable / 2**20:.1f} MiB usable ({self.limit})")
+        self.num_workers, self.probing = 0, False
+        self.depth_cap = (0, self.prefetch_factor)
+        per_batch = max(0.0, usable - max(self._heap_extras)) / (HELD_BATCHES + 1)
+        target = max(self._max_cost_for(per_batch), min(self.floor_cost, self.user_max_cost))
+        self._move_budget(target, per_batch, reasons)
+        self.max_cost = self.capped(self.memory_max_cost)
+        return Decision(self.max_cost, per_batch, None, 0, None, None, reasons, self.limit)
 
     def usable_bytes(self, obs: Observation) -> Tuple[float, str]:
         """Bytes this rank's batches may fill, and which limit sets it: a safety fraction of
@@ -241,18 +292,26 @@ class Controller:
         ``memory_budget`` and, for batches that go through it, ``/dev/shm``; each shared
         among the ranks of this machine."""
         ranks = max(1, obs.local_world_size)
-        bounds = _memory_bounds(obs.memory_available, obs.memory_budget, ranks, obs.ours_in_memory)
+        bounds = _memory_bounds(obs.memory_available, obs.memory_budget, ranks, obs.ours_in_memory, obs.worker_heaps)
         if obs.shm_road or not bounds:
             bounds.append((obs.shm_free / ranks + obs.ours_in_shm, "/dev/shm"))
         room, limit = min(bounds)
         return self.safety * room, limit
 
     def memory_room(self, memory_available: Optional[int], memory_budget: Optional[int], local_world_size: int,
-                    ours: int) -> Optional[float]:
+                    ours: int, workers: int = 0, batch_bytes: float = 0.0) -> Optional[float]:
         """Bytes this rank may hold off ``/dev/shm`` (memfd arenas, their batches): the memory part
-        of :meth:`usable_bytes`; None when neither memory nor a budget is known."""
+        of :meth:`usable_bytes`, less what ``workers`` hold besides (their heaps making batches of
+        ``batch_bytes``); None when neither memory nor a budget is known."""
         bounds = _memory_bounds(memory_available, memory_budget, max(1, local_world_size), ours)
-        return self.safety * min(bounds)[0] if bounds else None
+        if not bounds:
+            return None
+        room, limit = min(bounds)
+        batches_per_worker, bytes_per_worker = self._worker_heap(limit)
+        room = self.safety * room - workers * (bytes_per_worker + batches_per_worker * batch_bytes)
+        if bytes_per_worker and self.per_batch_bytes and workers:  # the heaps were planned for: so are the arenas
+            room = min(room, workers * _arena_batches(self.prefetch_factor, workers) * self.per_batch_bytes)
+        return max(0.0, room)
 
     def _depth_for(self, usable: float, obs: Observation) -> Tuple[int, int]:
         """The deepest pipeline, no deeper than now, whose batches in flight fit ``usable`` at
@@ -261,8 +320,9 @@ class Controller:
         full = self.batch_bytes_at(self.user_max_cost)
         if workers == 0 or full <= 0:
             return workers, prefetch
+        batches_per_worker, bytes_per_worker = self._worker_heap(self.limit)
         for w, p in _shallower(workers, prefetch, self.fixed_workers):
-            if usable >= (self._slots(w, p, obs) + w * self.buffered_batches) * full:
+            if usable >= (self._slots(w, p, obs) + w * batches_per_worker) * full + w * bytes_per_worker:
                 return w, p
         return (workers, 1) if self.fixed_workers else (1, 1)
     def restore_pipeline(self, num_workers: int, prefetch_factor: int) -> bool:
@@ -304,16 +364,24 @@ class Controller:
         return "in_process", ("loading in the main process (num_workers=0): one worker with the smallest "
                               "batches did not fit"), None
 
-    def start_probe(self) -> bool:
-        """Before anything is measured under a memory budget: one batch in flight (one worker,
-        prefetch 1), so the batches planned blind are not all in memory at once. The first
-        decision after a measured batch gives back the deepest depth asked for that fits.
-        True if the depth changed."""
+    def start_probe(self, in_process: bool = False) -> int:
+        """Before anything is measured under a memory limit: one batch in flight (one worker, prefetch 1;
+        a stream's workers own its shards, so each keeps one), so the batches planned blind are not all
+        in memory at once. With ``in_process`` (a memory cgroup's limit, which the workers' heaps count
+        against) the first ``PROBE_BATCHES`` batches are made in the main process instead, where their
+        bytes and heap are measured before any worker holds one, and the second after the training step
+        on the first, whose memory the loader has then seen. The decision after the probe gives back the
+        deepest depth asked for that fits. Returns the batches the probe makes (0: no probe needed)."""
+        if in_process and not self.fixed_workers and self.num_workers:
+            self.num_workers, self.probing, self._probe_left = 0, True, PROBE_BATCHES
+            return PROBE_BATCHES
+        if (self.num_workers == 0 and not self.fixed_workers) or self.num_workers <= 1 and self.prefetch_factor <= 1:
+            return 0
         if (self.num_workers <= 1 or self.fixed_workers) and self.prefetch_factor <= 1:
-            return False
+            return 0
         workers = self.num_workers if self.fixed_workers else min(1, self.num_workers)
-        self.num_workers, self.prefetch_factor, self.probing = workers, 1, True
-        return True
+        self.num_workers, self.prefetch_factor, self.probing, self._probe_left = workers, 1, True, 1
+        return 1
 
     def batch_bytes_bound(self) -> float:
         """The cost model's bound on one batch's bytes under the current budget
@@ -398,12 +466,14 @@ class Controller:
         return None, "file_system"
 
 
-def _memory_bounds(available: Optional[int], budget: Optional[int], ranks: int, ours: int) -> List[Tuple[float, str]]:
+def _memory_bounds(available: Optional[int], budget: Optional[int], ranks: int, ours: int,
+                   heaps: int = 0) -> List[Tuple[float, str]]:
     """The memory limits on one rank's share, each with its name: what is available (plus what
-    the loader holds already, which it would get back) and the user's budget."""
+    the loader and its workers' heaps hold already, which it would get back) and the user's budget
+    (on what the loader holds: the heaps are not in it)."""
     bounds = []
     if available is not None:
-        bounds.append((available / ranks + ours, "memory"))
+        bounds.append((available / ranks + ours + heaps, "memory"))
     if budget is not None:
         bounds.append((budget / ranks, "memory_budget"))
     return bounds
@@ -451,7 +521,8 @@ AMPLE_TARGET_OVER_LARGEST = 2  # "ample": the last target is at least this many 
 FDS_EVERY = 16  # batches between fd readings (listing /proc/self/fd costs ~0.2 ms)
 FDS_PRESSING = 8  # read fds every batch once a batch's fds exceed 1/8 of the soft limit
 FDS_FAR = 64  # the fds are "far from their limit" while a batch's fds are under 1/64 of it
-RECENT_LOW_SECONDS = 5.0  # how long a moment of little memory left holds the budget down (RecentLow)
+PROBE_BATCHES = 2  # made in the main process under a memory limit before any worker starts (start_probe)
+HEAP_WINDOW = 32  # batches whose makers' heaps bound the next ones'
 MEMORY_EVERY_SECONDS = 0.05  # reading the memory cgroup and /proc/meminfo costs ~0.2 ms: at most 20 a second
 ARENA_REPLACE_BELOW = 0.95  # an idle arena under this fraction of the planned capacity is replaced,
 ARENA_REPLACE_ABOVE = 2.0  # and one above this many times it (the batches got smaller: give memory back)
@@ -472,30 +543,6 @@ def fds_due(step: int, fds_per_batch: int, fd_soft_limit: Optional[int]) -> bool
     """Whether to list the open fds now: every 16 batches, or every batch once a
     batch's fds are a noticeable part of the limit."""
     return fd_soft_limit is None or fds_per_batch * FDS_PRESSING > fd_soft_limit or step % FDS_EVERY == 0
-
-
-class RecentLow:
-    """The least of the readings of the last ``seconds`` (memory left, under a limit). Workers' heaps
-    and batches come and go: a budget raised in a dip between them meets the next peak, which the
-    kernel's OOM killer answers. So the budget counts on what was left at the fullest moment lately:
-    it still drops at once, and rises only when the room has lasted."""
-
-    def __init__(self, seconds: float = RECENT_LOW_SECONDS) -> None:
-        self.seconds = seconds
-        self._readings: Deque[Tuple[float, int]] = deque()
-
-    def add(self, now: float, value: Optional[int]) -> None:
-        if value is None:
-            return
-        self._readings.append((now, value))
-        while self._readings and self._readings[0][0] < now - self.seconds:
-            self._readings.popleft()
-
-    def low(self, current: Optional[int]) -> Optional[int]:
-        """The least reading lately, never above ``current`` (None: nothing is known)."""
-        if current is None:
-            return None
-        return min([current] + [value for _, value in self._readings])
 
 
 def memory_due(seconds_since_last_reading: float) -> bool:

@@ -31,13 +31,14 @@ from . import controller as rules
 from . import distributed
 from .actuator import Actuator, finite_or_none
 from .arena import registry as arena_registry
-from .controller import Controller, Observation, RecentLow
+from .controller import Controller, Observation
 from .costs import as_cost_array, as_group_array
 from .epoch import EpochIterator, EpochParts, LoaderFailed, LoaderStalled, after_batch
 from .kinds import ARENA_ROADS, Fallback, Road
 from .ledger import LastBatch, Ledger
-from .measure import ShmProbe, host_ram_available, read_fds, rss_of
+from .measure import ShmProbe, host_ram_available, mark_heap_base, read_fds, release_free_heap, rss_of
 from .memory import read_memory, read_oom_kills, resolve_memory_budget
+from .memory_watch import MemoryWatch
 from .options import (check_arena, check_dataloader_options, check_keywords, check_sampling, check_settings,
                       check_spill_dir, refuse_batch_sampler_as_sampler, shuffle_seed, warn_worker_number)
 from .pipeline import Pipeline, next_watched
@@ -211,7 +212,10 @@ class AdaptiveLoader:
         self._epoch_chosen = self._resuming = False  # set_epoch() called / a state loaded since the last epoch
         self._skip_on_resume = 0
         self._fds = None  # last fd reading
-        self._memory_lows = RecentLow()  # the memory a budget may count on: the least left lately
+        # the memory a budget may count on: the least left lately, read between batches too under a limit
+        self._memory_watch = MemoryWatch(lambda: read_memory().available)
+        weakref.finalize(self, self._memory_watch.stop)
+        self._worker_heaps: Dict[int, int] = {}  # by pid: each running worker's heap, as its last batch told
         self._ram: Optional[int] = None
         self._caps: Dict[str, float] = {}  # cost caps from other limits (e.g. "device"), by source
         self._oom_kills = read_oom_kills()  # the memory cgroup's OOM kills when the workers last started
@@ -384,6 +388,7 @@ class AdaptiveLoader:
             previous.close()
         self._pipeline.close()
         self._telemetry.close()
+        self._memory_watch.stop()
         self._closed = True
 
     def _end_superseded(self, previous: EpochIterator) -> None:
@@ -481,30 +486,45 @@ class AdaptiveLoader:
         self._epoch_iterated = self.sampler.epoch
         changed = self.controller.restore_pipeline(self.num_workers, self.prefetch_factor or 1)
         probe = self._probe_due()
-        if probe:  # nothing measured: one batch in flight first, and none planned before it is measured
-            changed = self.controller.start_probe() or changed
+        probe_batches = 0
+        if probe:  # nothing measured: the probe's batches first, and none planned before they are measured
+            probe_batches = self.controller.start_probe(in_process=self._memory.source != "host")
+            changed = bool(probe_batches) or changed
         if changed:
             self._pipeline.drop()  # each epoch starts with the workers and prefetch asked for
         self._pending_give_back, self._rebuild_pending = [], False
         self._ledger.feed.start(iter(self.sampler), skip=self._skip_on_resume)
-        self._ledger.feed.hold_after = 1 if probe else None
+        self._ledger.feed.hold_after = (probe_batches or 1) if probe else None
         self._skip_on_resume = 0
         return self.sampler.epoch
 
     def _probe_due(self) -> bool:
         """Under a memory limit (a budget, or a cgroup's) with workers and nothing measured yet:
-        one batch in flight first (see Controller.start_probe)."""
-        limited = self.memory_budget is not None or self._memory.source != "host"
-        return bool(limited and self.num_workers and self.controller.model.coefficients() is None)
+        a probe first (see Controller.start_probe)."""
+        return bool(self._memory_limited() and self.num_workers and self.controller.model.coefficients() is None)
+
+    def _memory_limited(self) -> bool:
+        """Whether memory is bounded: a ``memory_budget``, or a memory cgroup's limit."""
+        return self.memory_budget is not None or self._memory.source != "host"
 
     def _start_iterator(self) -> Any:
         controller = self.controller
         self._oom_kills = read_oom_kills()  # a kill counted from here on is evidence against these workers
         workers = controller.num_workers if self.num_workers else 0
+        self._worker_heaps.clear()  # the workers that told theirs are going
+        watched = self._memory.source != "host"  # a memory cgroup's limit: what the job holds between batches counts
+        if workers == 0:
+            mark_heap_base()  # the batches made here count the heap they take from now on
+        elif watched:
+            release_free_heap()
+            self._memory_watch.stop()  # no thread of ours while workers fork (Python 3.12 warns of it)
         room = self._memory_room(self._pipeline.arena_bytes())
-        return self._pipeline.start_iterator(workers, controller.prefetch_factor if workers else None,
-                                             self._arena_plan, self._expected_batch_bytes(),
-                                             UNBOUNDED if room is None else int(room))
+        iterator = self._pipeline.start_iterator(workers, controller.prefetch_factor if workers else None,
+                                                 self._arena_plan, self._expected_batch_bytes(),
+                                                 UNBOUNDED if room is None else int(room))
+        if watched:
+            self._memory_watch.start()
+        return iterator
 
     def _expected_batch_bytes(self) -> int:
         """What the next workers' batches should take: the largest measured lately (not the model's
@@ -518,7 +538,9 @@ class AdaptiveLoader:
         """Bytes the memfd arenas may reserve together, given ``held`` bytes of arenas we hold now."""
         memory = read_memory()
         budget = None if self.memory_budget is None else resolve_memory_budget(self.memory_budget, memory.limit)
-        return self.controller.memory_room(memory.available, budget, self._local_world_size, held)
+        controller = self.controller
+        return controller.memory_room(memory.available, budget, self._local_world_size, held,
+                                      controller.num_workers if self.num_workers else 0, self._expected_batch_bytes())
 
     def _arena_plan(self) -> Any:
         pipeline = self._pipeline
@@ -573,10 +595,12 @@ class AdaptiveLoader:
         arena_bytes = self._pipeline.arena_bytes()
         ours = ledger.held.bytes_alive() + ledger.in_flight_bytes(self.controller.model.expected_bytes,
                                                                   self.sampler.unit_costs) + arena_bytes
+        if stats.worker_pid != os.getpid():
+            self._worker_heaps[stats.worker_pid] = stats.heap
         now = time.monotonic()
         if rules.memory_due(now - self._memory_read_at):
             self._memory, self._memory_read_at = read_memory(), now
-            self._memory_lows.add(now, self._memory.available)
+            self._memory_watch.add(now, self._memory.available)
         memory = self._memory
         budget = None if self.memory_budget is None else resolve_memory_budget(self.memory_budget, memory.limit)
         road = stats.transport
@@ -585,10 +609,11 @@ class AdaptiveLoader:
             shm_free=shm.free, ours_in_shm=ours if shm_road else 0, held_batches=ledger.held.alive(),
             fds_in_use=fds.in_use, fd_soft_limit=fds.soft_limit, fd_hard_limit=fds.hard_limit,
             fds_per_batch=stats.handles, local_world_size=self._local_world_size,
-            arenas=road in ARENA_ROADS or arena_bytes > 0, arena_capacity=ledger.smallest_tight_arena(),
-            shm_total=shm.total, memory_available=self._memory_lows.low(memory.available), memory_budget=budget,
-            ours_in_memory=ours,
-            shm_road=shm_road)
+            arenas=road in ARENA_ROADS or arena_bytes > 0 or (road == Road.INLINE and self._pipeline.arena_owner
+                                                              is not None),  # the probe's: workers will use them
+            arena_capacity=ledger.smallest_tight_arena(),
+            shm_total=shm.total, memory_available=self._memory_watch.low(memory.available), memory_budget=budget,
+            ours_in_memory=ours, shm_road=shm_road, worker_heaps=sum(self._worker_heaps.values()))
 
     def _record_batch(self, epoch: int, indices: List[int], costs: np.ndarray, stats: Any, obs: Observation,
                       wait_s: float, rate: Optional[float]) -> None:

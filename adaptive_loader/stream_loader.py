@@ -162,7 +162,7 @@ class StreamLoader(AdaptiveLoader):
         changed = self.controller.restore_pipeline(self.num_workers, self.prefetch_factor or 1)
         probe = self._probe_due()
         if probe:  # fewer batches in flight, and each worker buffers one batch, until one is measured
-            changed = self.controller.start_probe() or changed
+            changed = bool(self.controller.start_probe()) or changed
         self.sampler.probe(probe)
         if changed:
             self._pipeline.drop()

@@ -44,7 +44,7 @@ from ._torch import collate, collate_tensor_fn, default_collate_fn_map
 from .arena import ALIGN, Arena, ArenaFull, RingWriter, default_kind, open_view
 from .codec import decode, encode, piece_views
 from .kinds import Road
-from .measure import FdState, ShmProbe, footprint, leaves, read_fds
+from .measure import FdState, ShmProbe, footprint, heap_growth, leaves, mark_heap_base, read_fds
 from .region import MEMFD, SharedRegion
 from .spill import SpillDir, read_spill
 
@@ -78,6 +78,7 @@ class BatchStats:
     arena_capacity: int = 0  # the worker's ring once found too small for its batches in flight and unable to grow
     block_kind: Optional[str] = None  # Road.SHM: "memfd" or "shm", what the block is
     stream: Any = None  # a stream's batch: its stream.StreamMeta (which samples of which worker's stream)
+    heap: int = 0  # the heap its process gained since it started making batches, read as the batch was made
 
 
 class Envelope:
@@ -345,7 +346,7 @@ class MeasuredCollate:
         return BatchStats(
             sample_bytes=[b for b, _ in sizes], batch_bytes=batch_bytes, batch_storages=batch_storages,
             handles=handles, transport=transport, off_shm_reason=reason, worker_id=worker_id,
-            worker_pid=os.getpid())
+            worker_pid=os.getpid(), heap=heap_growth())
 
 
 def _shared_storages(batch: Any) -> int:
@@ -523,6 +524,7 @@ class WorkerSetup:
         self.fd_soft_limit = fd_soft_limit
 
     def __call__(self, worker_id: int) -> None:
+        mark_heap_base()  # before the user's init: what it allocates is this worker's memory too
         _first_for_the_oom_killer()
         if torch.multiprocessing.get_sharing_strategy() != self.sharing_strategy:
             torch.multiprocessing.set_sharing_strategy(self.sharing_strategy)

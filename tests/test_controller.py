@@ -438,9 +438,9 @@ def test_a_step_down_to_fewer_workers_holds_for_the_next_epochs():
 
 # -- Controller: the real memory limits ---------------------------------------------------------------
 
-def observe_memory(controller, *, available, budget=None, ours=0, shm_free=0, shm_road=False, ranks=1):
+def observe_memory(controller, *, available, budget=None, ours=0, shm_free=0, shm_road=False, ranks=1, arenas=False):
     obs = Observation(shm_free=int(shm_free), ours_in_shm=0, held_batches=0, fds_in_use=16, fd_soft_limit=1 << 20,
-                      fd_hard_limit=1 << 20, fds_per_batch=1, local_world_size=ranks,
+                      fd_hard_limit=1 << 20, fds_per_batch=1, local_world_size=ranks, arenas=arenas,
                       memory_available=available, memory_budget=budget, ours_in_memory=ours, shm_road=shm_road)
     return controller.decide(obs)
 
@@ -476,7 +476,7 @@ def test_the_memory_room_is_the_memory_part_of_the_usable_bytes():
 
 def test_the_probe_holds_one_batch_in_flight_and_gives_the_asked_depth_back_when_it_fits():
     c = make_controller(None, user_max=100.0, num_workers=4, prefetch_factor=2)
-    assert c.start_probe() and (c.num_workers, c.prefetch_factor) == (1, 1)
+    assert c.start_probe() == 1 and (c.num_workers, c.prefetch_factor) == (1, 1)
     assert not c.start_probe()  # already one batch in flight
     d = observe_memory(c, available=10 * GiB)  # nothing measured yet: the probe goes on
     assert (c.num_workers, c.prefetch_factor) == (1, 1) and not d.deeper
@@ -484,7 +484,28 @@ def test_the_probe_holds_one_batch_in_flight_and_gives_the_asked_depth_back_when
     d = observe_memory(c, available=10 * GiB)
     assert d.deeper and (d.num_workers, d.prefetch_factor) == (None, None)
     assert (c.num_workers, c.prefetch_factor) == (4, 2) and not c.probing
+
+
+def test_under_a_cgroups_limit_the_probe_makes_two_batches_in_the_main_process():
+    c = make_controller(None, user_max=100.0, num_workers=4, prefetch_factor=2)
+    assert c.start_probe(in_process=True) == 2 and c.num_workers == 0
+    assert not c.start_probe(in_process=True)  # already in the main process
+    d = observe_memory(c, available=10 * GiB)  # nothing measured yet: the probe goes on
+    assert c.num_workers == 0 and not d.deeper
+    c.model.observe(np.full(64, 50.0), np.full(64, float(MiB)))  # 1 MiB per cost unit
+    d = observe_memory(c, available=10 * GiB)  # the first measured batch: the second is made here too,
+    assert c.num_workers == 0 and c.probing and not d.deeper  # after the training step on the first
+    d = observe_memory(c, available=10 * GiB)
+    assert d.deeper and (d.num_workers, d.prefetch_factor) == (None, None)
+    assert (c.num_workers, c.prefetch_factor) == (4, 2) and not c.probing
     assert any(r.startswith("first batch measured") and "4x2" in r for r in d.reasons)
+
+
+def test_a_streams_probe_keeps_its_workers_with_one_batch_in_flight_each():
+    c = make_controller(None, user_max=100.0, num_workers=2, prefetch_factor=2, fixed_workers=True)
+    assert c.start_probe() and (c.num_workers, c.prefetch_factor) == (2, 1)
+    c.model.observe(np.full(64, 50.0), np.full(64, float(MiB)))
+    assert observe_memory(c, available=10 * GiB).deeper and (c.num_workers, c.prefetch_factor) == (2, 2)
 
 
 def test_after_the_probe_the_depth_is_what_fits_counted_from_the_depth_asked():
@@ -494,6 +515,65 @@ def test_after_the_probe_the_depth_is_what_fits_counted_from_the_depth_asked():
     assert not d.deeper and (d.num_workers, d.prefetch_factor) == (None, 1)  # as against the asked 4x2
     assert (c.num_workers, c.prefetch_factor) == (4, 1)
     assert any("fewer batches in flight: 4x2 -> 4x1" in r for r in d.reasons)
+
+
+def heap_controller(heap_extra=20 * MiB, **kwargs):
+    """deep_controller whose workers were measured: each holds its batch's samples and 20 MiB more."""
+    c = deep_controller(**kwargs)
+    c.observe_heap(100 * MiB + heap_extra, 100 * MiB)
+    return c
+
+
+def test_under_a_memory_limit_each_worker_counts_its_heap():
+    # 9 slots (4x2 and the held batch) of 100 MiB fit 1000 MiB; with each worker's heap (its batch's
+    # samples and 20 MiB) 4x2 needs 1380 MiB, 4x1 980 MiB
+    plain, measured = deep_controller(), heap_controller()
+    assert (observe_memory(plain, available=int(1000 * MiB / 0.8)).num_workers, plain.prefetch_factor) == (None, 2)
+    d = observe_memory(measured, available=int(1000 * MiB / 0.8))
+    assert (measured.num_workers, measured.prefetch_factor) == (4, 1) and d.max_cost == 100.0
+    assert d.per_batch_bytes == pytest.approx((1000 * MiB - 4 * 20 * MiB) / (4 + 1 + 4))
+
+
+def test_heaps_are_not_on_dev_shms_account():
+    c = heap_controller()
+    d = observe(c, 1000 * MiB / 0.8)  # /dev/shm binds: 9 slots of 100 MiB fit, heaps live elsewhere
+    assert (d.prefetch_factor, d.num_workers, d.max_cost) == (None, None, 100.0)
+
+
+def test_loading_moves_to_the_main_process_when_one_worker_at_the_floor_does_not_fit():
+    c = heap_controller(floor_cost=50.0)  # batches of at least 50 MiB
+    d = observe_memory(c, available=int(180 * MiB / 0.8))  # 1x1 at the floor: (2 + 1) x 50 + 20 MiB = 170 MiB
+    assert d.num_workers == 1 and c.prefetch_factor == 1  # 4x2 -> 1x1 still fits, at 53 MiB per batch
+    d = observe_memory(c, available=int(160 * MiB / 0.8))
+    assert d.num_workers == 0 and c.num_workers == 0 and c.depth_cap[0] == 0
+    assert any(r.startswith("loading in the main process") for r in d.reasons)
+    assert d.per_batch_bytes == pytest.approx(140 * MiB / 3)  # the batch it makes and the two the user holds
+    assert c.restore_pipeline(4, 2) is False and c.num_workers == 0  # and so in the next epochs
+
+
+def test_the_main_process_comes_before_a_smaller_budget_where_it_makes_the_batches_whole():
+    # one worker with arenas: (3.3 + 1) x 100 + 20 = 450 MiB at the batches asked; the main process: 3 x 100 + 20
+    c = heap_controller()
+    d = observe_memory(c, available=int(400 * MiB / 0.8), arenas=True)
+    assert d.num_workers == 0 and d.max_cost == 100.0
+    c = heap_controller()
+    d = observe_memory(c, available=int(300 * MiB / 0.8), arenas=True)  # not even there: one worker, smaller batches
+    assert d.num_workers == 1 and d.max_cost < 100.0
+
+
+def test_a_stream_never_moves_to_the_main_process():
+    c = heap_controller(floor_cost=50.0, fixed_workers=True)
+    d = observe_memory(c, available=int(160 * MiB / 0.8))
+    assert d.num_workers is None and c.num_workers == 4
+
+
+def test_the_arenas_room_leaves_the_workers_heaps_and_the_plan_out():
+    c = heap_controller()
+    assert c.memory_room(int(1000 * MiB / 0.8), None, 1, 0, workers=2, batch_bytes=50 * MiB) == \
+        pytest.approx(1000 * MiB - 2 * (20 + 50) * MiB)
+    observe_memory(c, available=int(1000 * MiB / 0.8))  # plans 4x1 at 102 MiB per batch
+    planned = 4 * (1 + 1) * 1.1 * c.per_batch_bytes
+    assert c.memory_room(10 * GiB, None, 1, 0, workers=4, batch_bytes=50 * MiB) == pytest.approx(planned)
 
 
 # -- Controller: file descriptors -------------------------------------------------------------------
@@ -618,7 +698,7 @@ def test_a_decision_while_loading_in_the_main_process_with_arenas_left():
 
 
 def test_recent_low_holds_a_dip_in_memory_left_for_its_window_then_lets_go():
-    from adaptive_loader.controller import RecentLow
+    from adaptive_loader.memory_watch import RecentLow
 
     lows = RecentLow(seconds=5.0)
     assert lows.low(None) is None and lows.low(900) == 900  # nothing read yet: what is left now
