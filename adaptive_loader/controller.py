@@ -195,14 +195,14 @@ class Controller:
         self.memory_max_cost = user_max_cost  # what memory allows, moved with hysteresis
         self.strategy_switched = False
         self.external_cap = math.inf  # the smallest cap from another limit (e.g. the device), see loader._cap_budget
-        self.probing = False  # one batch in flight until the first is measured (see start_probe)
+        self.probing = False  # the probe is under way: nothing measured yet (see start_probe)
         self._probe_left = 0  # batches the probe still makes
         self.per_batch_bytes = 0.0  # what the last decision left each batch in flight
         # the depth a memory limit (a decision bound by memory, or an OOM kill) left: no later epoch starts deeper,
         # its arenas and heaps being still there when it starts
         self.depth_cap: Optional[Tuple[int, int]] = None
         # what a worker holds besides its batch's samples while it makes a batch (its heap as measured,
-        # less the batch): the largest lately; None until a batch tells its heap
+        # less the batch), over the last batches; empty until a batch tells its heap
         self._heap_extras: Deque[float] = deque(maxlen=HEAP_WINDOW)
 
     def observe_heap(self, heap: int, batch_bytes: int) -> None:
@@ -325,6 +325,7 @@ class Controller:
             if usable >= (self._slots(w, p, obs) + w * batches_per_worker) * full + w * bytes_per_worker:
                 return w, p
         return (workers, 1) if self.fixed_workers else (1, 1)
+
     def restore_pipeline(self, num_workers: int, prefetch_factor: int) -> bool:
         """Each epoch starts with the depth the user asked for, no deeper than a memory limit left it
         (``depth_cap``); True if it changed."""
@@ -375,8 +376,8 @@ class Controller:
         if in_process and not self.fixed_workers and self.num_workers:
             self.num_workers, self.probing, self._probe_left = 0, True, PROBE_BATCHES
             return PROBE_BATCHES
-        if (self.num_workers == 0 and not self.fixed_workers) or self.num_workers <= 1 and self.prefetch_factor <= 1:
-            return 0
+        if self.num_workers == 0 and not self.fixed_workers:
+            return 0  # loading in the main process already: nothing in flight
         if (self.num_workers <= 1 or self.fixed_workers) and self.prefetch_factor <= 1:
             return 0
         workers = self.num_workers if self.fixed_workers else min(1, self.num_workers)

@@ -513,8 +513,9 @@ class AdaptiveLoader:
         workers = controller.num_workers if self.num_workers else 0
         self._worker_heaps.clear()  # the workers that told theirs are going
         watched = self._memory.source != "host"  # a memory cgroup's limit: what the job holds between batches counts
+        self._pipeline.heap_copies = watched
         if workers == 0:
-            mark_heap_base()  # the batches made here count the heap they take from now on
+            mark_heap_base(copies=False)  # the batches made here count the heap they take from now on
         elif watched:
             release_free_heap()
             self._memory_watch.stop()  # no thread of ours while workers fork (Python 3.12 warns of it)

@@ -240,8 +240,9 @@ class HeapMeter:
         self._copied = 0
         self._reads = 0
 
-    def mark(self) -> None:
-        self._anon0, self._private0 = anon_bytes(), private_bytes()
+    def mark(self, copies: bool = True) -> None:
+        """Count from now on; ``copies``: the parent's pages copied on write too (a forked worker's)."""
+        self._anon0, self._private0 = anon_bytes(), private_bytes() if copies else None
         self._copied, self._reads = 0, 0
 
     def growth(self) -> int:
@@ -261,9 +262,10 @@ class HeapMeter:
 _HEAP = HeapMeter()
 
 
-def mark_heap_base() -> None:
-    """From here on, :func:`heap_growth` counts this process's heap (a worker calls it as it starts)."""
-    _HEAP.mark()
+def mark_heap_base(copies: bool = True) -> None:
+    """From here on, :func:`heap_growth` counts this process's heap (a worker calls it as it starts;
+    ``copies``: with the parent's pages it copies on write, which costs a few ms every 32 batches)."""
+    _HEAP.mark(copies)
 
 
 def heap_growth() -> int:

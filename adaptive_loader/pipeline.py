@@ -51,6 +51,7 @@ class Pipeline:
         self.spill_parent = spill_dir
         self._spill: Optional[SpillDir] = None
         self.arena_owner = arena_owner
+        self.heap_copies = False  # workers count the pages they copy on write (set under a memory limit)
         self.arena_kind = arena_kind
         self.safety = safety
         self.stall_timeout = stall_timeout
@@ -207,7 +208,7 @@ class Pipeline:
         if workers > 0:
             kwargs.update(prefetch_factor=self.prefetch_factor, timeout=min(POLL_SECONDS, self.stall_timeout),
                           worker_init_fn=WorkerSetup(self.user_worker_init, self.sharing_strategy,
-                                                     self.fd_soft_limit))
+                                                     self.fd_soft_limit, self.heap_copies))
         else:
             for name in ("persistent_workers", "prefetch_factor", "multiprocessing_context"):  # refused without workers
                 kwargs.pop(name, None)

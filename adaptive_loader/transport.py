@@ -518,13 +518,14 @@ class WorkerSetup:
     """``worker_init_fn`` wrapper: sharing strategy and fd limit first, then the user's own."""
 
     def __init__(self, user_fn: Optional[Callable[[int], None]], sharing_strategy: str,
-                 fd_soft_limit: Optional[int]) -> None:
+                 fd_soft_limit: Optional[int], heap_copies: bool = False) -> None:
         self.user_fn = user_fn
         self.sharing_strategy = sharing_strategy
         self.fd_soft_limit = fd_soft_limit
+        self.heap_copies = heap_copies  # count the pages copied on write too (under a memory limit)
 
     def __call__(self, worker_id: int) -> None:
-        mark_heap_base()  # before the user's init: what it allocates is this worker's memory too
+        mark_heap_base(self.heap_copies)  # before the user's init: what it allocates is this worker's memory too
         _first_for_the_oom_killer()
         if torch.multiprocessing.get_sharing_strategy() != self.sharing_strategy:
             torch.multiprocessing.set_sharing_strategy(self.sharing_strategy)
