@@ -213,8 +213,8 @@ class Controller:
     def decide(self, obs: Observation) -> Decision:
         """The next budget and fallbacks. What is given up, in order: the road (the workers'
         own choice, per batch), then batches in flight, then workers (under a memory limit down
-        to none: the main process makes the batches whole where one worker would cut them), and
-        only then the cost budget (never below ``floor_cost``)."""
+        to none: the main process rather than one worker with smaller batches), and only then the
+        cost budget (never below ``floor_cost``)."""
         reasons: List[str] = []
         usable, self.limit = self.usable_bytes(obs)
         measured = self.probing and self.model.coefficients() is not None
@@ -230,7 +230,7 @@ class Controller:
             self._slots(workers, prefetch, obs) + workers * batches_per_worker)
         if obs.arena_capacity:  # an arena at its share of memory: batches must fit it instead
             per_batch = min(per_batch, obs.arena_capacity / _arena_batches(prefetch, workers))
-        if self._in_process_due(workers, prefetch, per_batch, usable):
+        if self._in_process_due(workers, prefetch, per_batch):
             return self._load_in_process(usable, reasons)
         changed_prefetch = prefetch if prefetch != self.prefetch_factor else None
         changed_workers = workers if workers != self.num_workers else None
@@ -262,25 +262,26 @@ class Controller:
             return self.buffered_batches, 0.0
         return self.buffered_batches + 1.0, max(self._heap_extras)
 
-    def _in_process_due(self, workers: int, prefetch: int, per_batch: float, usable: float) -> bool:
-        """Under a memory limit, one worker with one batch in flight would cut the batches asked for,
-        and the main process, which needs no arena and no second heap, can make them whole; or even
-        the smallest budget does not fit one worker. Then the main process makes the batches."""
-        if self.fixed_workers or (workers, prefetch) != (1, 1) or not self._heap_extras or self.limit != "memory":
+    def _heaps_count(self) -> bool:
+        """Whether the last decision was bound by a real memory limit, with the makers' heaps measured."""
+        return self.limit == "memory" and bool(self._heap_extras)
+
+    def _in_process_due(self, workers: int, prefetch: int, per_batch: float) -> bool:
+        """Under a memory limit, one worker with one batch in flight would cut the batches asked for.
+        The main process needs no arena and no second heap: it makes larger ones, whole where they fit."""
+        if self.fixed_workers or (workers, prefetch) != (1, 1) or not self._heaps_count():
             return False
         full = self.batch_bytes_at(self.user_max_cost)
-        floor = self.batch_bytes_at(min(self.floor_cost, self.user_max_cost))
-        whole_in_process = usable >= (HELD_BATCHES + 1) * full + max(self._heap_extras)
-        return full > 0 and per_batch < full and whole_in_process or 0 < floor and per_batch < floor
+        return full > 0 and per_batch < full
 
     def _load_in_process(self, usable: float, reasons: List[str]) -> Decision:
         """Taken before the OOM killer comes: no workers; the main process holds the batch it makes
-        (with its heap) and the ones the user keeps, so the budget is what fits those."""
-        reasons.append(f"loading in the main process (num_workers=0): one worker with one batch in flight would not "
-                       f"fit the batches asked for in {usable / 2**20:.1f} MiB usable ({self.limit})")
+        (with its heap) and, while it makes it, the one the user still keeps."""
+        reasons.append(f"loading in the main process (num_workers=0): one worker with one batch in flight would cut "
+                       f"the batches asked for in {usable / 2**20:.1f} MiB usable ({self.limit})")
         self.num_workers, self.probing = 0, False
         self.depth_cap = (0, self.prefetch_factor)
-        per_batch = max(0.0, usable - max(self._heap_extras)) / (HELD_BATCHES + 1)
+        per_batch = max(0.0, usable - max(self._heap_extras)) / HELD_BATCHES
         target = max(self._max_cost_for(per_batch), min(self.floor_cost, self.user_max_cost))
         self._move_budget(target, per_batch, reasons)
         self.max_cost = self.capped(self.memory_max_cost)
@@ -337,10 +338,11 @@ class Controller:
 
     def step_down_after_oom(self) -> Tuple[str, str, Optional[float]]:
         """The OOM killer took a worker: give up the next thing, in the order promised (batches in
-        flight, then workers, then half the budget down to ``floor_cost``, then the workers
-        altogether), and keep it for the epochs to come. ``(what, sentence, cap)``: ``what`` is
-        ``"fewer_in_flight"``, ``"budget"`` (``cap``: the budget's new cap, for the loader to apply
-        as a cap of its own) or ``"in_process"``."""
+        flight, then workers: under a memory limit whose heaps were measured, down to none before the
+        budget; else half the budget down to ``floor_cost``, then the workers altogether), and keep it
+        for the epochs to come. ``(what, sentence, cap)``: ``what`` is ``"fewer_in_flight"``,
+        ``"budget"`` (``cap``: the budget's new cap, for the loader to apply as a cap of its own) or
+        ``"in_process"``."""
         before = f"{self.num_workers}x{self.prefetch_factor}"
         if self.prefetch_factor > 1 or (self.num_workers > 1 and not self.fixed_workers):
             if self.prefetch_factor > 1:
@@ -350,6 +352,11 @@ class Controller:
             self.depth_cap = (self.num_workers, self.prefetch_factor)
             return "fewer_in_flight", (f"fewer batches in flight: {before} -> {self.num_workers}x"
                                        f"{self.prefetch_factor} (workers x prefetch)"), None
+        if not self.fixed_workers and self._heaps_count():
+            self.num_workers = 0
+            self.depth_cap = (0, self.prefetch_factor)
+            return "in_process", ("loading in the main process (num_workers=0), which needs no arena and no "
+                                  "worker's heap, rather than smaller batches"), None
         floor = min(self.floor_cost, self.user_max_cost)
         whole_batch = (self.max_batch_size or math.inf) * self.max_sample_cost
         current = min(self.max_cost, self.user_max_cost, whole_batch)

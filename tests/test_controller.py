@@ -540,30 +540,37 @@ def test_heaps_are_not_on_dev_shms_account():
     assert (d.prefetch_factor, d.num_workers, d.max_cost) == (None, None, 100.0)
 
 
-def test_loading_moves_to_the_main_process_when_one_worker_at_the_floor_does_not_fit():
-    c = heap_controller(floor_cost=50.0)  # batches of at least 50 MiB
-    d = observe_memory(c, available=int(180 * MiB / 0.8))  # 1x1 at the floor: (2 + 1) x 50 + 20 MiB = 170 MiB
-    assert d.num_workers == 1 and c.prefetch_factor == 1  # 4x2 -> 1x1 still fits, at 53 MiB per batch
-    d = observe_memory(c, available=int(160 * MiB / 0.8))
-    assert d.num_workers == 0 and c.num_workers == 0 and c.depth_cap[0] == 0
+def test_the_main_process_comes_before_one_worker_with_smaller_batches():
+    # one worker with its arena: (3.3 + 1) x 100 + 20 = 450 MiB for the batches asked; the main process holds
+    # the batch it makes and the one the user keeps: 2 x 100 + 20
+    c = heap_controller()
+    d = observe_memory(c, available=int(500 * MiB / 0.8), arenas=True)
+    assert (c.num_workers, c.prefetch_factor, d.max_cost) == (1, 1, 100.0)  # one worker keeps them whole
+    c = heap_controller()
+    d = observe_memory(c, available=int(400 * MiB / 0.8), arenas=True)
+    assert d.num_workers == 0 and c.num_workers == 0 and d.max_cost == 100.0 and c.depth_cap[0] == 0
     assert any(r.startswith("loading in the main process") for r in d.reasons)
-    assert d.per_batch_bytes == pytest.approx(140 * MiB / 3)  # the batch it makes and the two the user holds
     assert c.restore_pipeline(4, 2) is False and c.num_workers == 0  # and so in the next epochs
 
 
-def test_the_main_process_comes_before_a_smaller_budget_where_it_makes_the_batches_whole():
-    # one worker with arenas: (3.3 + 1) x 100 + 20 = 450 MiB at the batches asked; the main process: 3 x 100 + 20
+def test_in_the_main_process_the_budget_is_what_fits_there():
     c = heap_controller()
-    d = observe_memory(c, available=int(400 * MiB / 0.8), arenas=True)
-    assert d.num_workers == 0 and d.max_cost == 100.0
+    d = observe_memory(c, available=int(150 * MiB / 0.8), arenas=True)
+    assert d.num_workers == 0 and d.per_batch_bytes == pytest.approx((150 - 20) * MiB / 2)
+    assert d.max_cost == pytest.approx(65.0)
+
+
+def test_after_an_oom_kill_at_one_worker_the_main_process_comes_before_the_budget_where_heaps_count():
     c = heap_controller()
-    d = observe_memory(c, available=int(300 * MiB / 0.8), arenas=True)  # not even there: one worker, smaller batches
-    assert d.num_workers == 1 and d.max_cost < 100.0
+    observe_memory(c, available=int(1000 * MiB / 0.8))  # a decision bound by memory: heaps count
+    c.num_workers, c.prefetch_factor = 1, 1
+    what, sentence, cap = c.step_down_after_oom()
+    assert (what, cap, c.num_workers) == ("in_process", None, 0) and "rather than smaller batches" in sentence
 
 
 def test_a_stream_never_moves_to_the_main_process():
-    c = heap_controller(floor_cost=50.0, fixed_workers=True)
-    d = observe_memory(c, available=int(160 * MiB / 0.8))
+    c = heap_controller(fixed_workers=True)
+    d = observe_memory(c, available=int(150 * MiB / 0.8), arenas=True)
     assert d.num_workers is None and c.num_workers == 4
 
 
