@@ -85,10 +85,10 @@ def _detection_stream(shm: int, workers: int, quick: bool) -> Setup:
         adaptive=dict(costs=ds.objects, max_batch_size=8, num_workers=workers, collate_fn=w.detection_collate))
 
 
-def _memory_limit(shm: int, workers: int, quick: bool) -> Setup:
+def _memory_limit(shm: int, workers: int, quick: bool, dataset: type = w.CocoStyleDataset) -> Setup:
     # the detection workload, 96 images (48 quick): meant for a memory cgroup (--memory) with plenty of
     # /dev/shm, where vanilla's batches in flight are bounded by memory rather than by the tmpfs
-    ds = w.CocoStyleDataset(48 if quick else 96)
+    ds = dataset(48 if quick else 96)
     return Setup(
         dataset=ds, check=ds.check_against_getitem, prepare=ds.prepare,
         vanilla=dict(batch_size=8, shuffle=True, num_workers=workers, collate_fn=w.detection_collate),
@@ -257,6 +257,10 @@ SCENARIOS: Dict[str, Scenario] = {s.name: s for s in [
     Scenario("memory-limit", "the detection workload (96 images) in a memory cgroup: run it with --memory "
              "(default 768M) and plenty of /dev/shm (default 8G); every sample is compared with __getitem__'s "
              "output made again in the main process; an OOM kill is a crash", _memory_limit,
+             memory_bytes=768 << 20, shm_bytes=8 << 30),
+    Scenario("memory-limit-tv", "memory-limit through the training pipeline of torchvision's detection references "
+             "(boxes clamped, area, the image as float32, a horizontal flip of image, masks and boxes): images 4x "
+             "the bytes", lambda shm, workers, quick: _memory_limit(shm, workers, quick, w.TorchvisionStyleDetection),
              memory_bytes=768 << 20, shm_bytes=8 << 30),
     Scenario("volumes", "fixed-shape 3-D volumes with default collate, which allocates shm inside the worker: "
              "vanilla crashes with ENOSPC; adaptive shrinks the batch", _volumes),

@@ -148,6 +148,32 @@ class CocoStyleDataset(Dataset):
         return ids
 
 
+class TorchvisionStyleDetection(CocoStyleDataset):
+    """The COCO-style set through the training pipeline of torchvision's detection references
+    (``references/detection``: ``ConvertCocoPolysToMask``, then ``DetectionPresetTrain("hflip")``): boxes
+    clamped to the image with the degenerate ones dropped, ``area`` per object, the image as float32 in
+    [0, 1] (``PILToTensor`` + ``ToDtype(torch.float, scale=True)``: 4x the bytes of the decoded JPEG), and
+    ``RandomHorizontalFlip(0.5)`` of image, masks and boxes. The flip is drawn from the index, so that
+    ``__getitem__`` makes the same sample every time (the checks make it again)."""
+
+    def __getitem__(self, i: int):
+        image, target, index = super().__getitem__(i)
+        boxes = target["boxes"]
+        boxes[:, 0::2].clamp_(0, self.width)
+        boxes[:, 1::2].clamp_(0, self.height)
+        keep = (boxes[:, 3] > boxes[:, 1]) & (boxes[:, 2] > boxes[:, 0])
+        target = {key: (value[keep] if value.dim() else value) for key, value in target.items()}
+        target["area"] = (target["boxes"][:, 3] - target["boxes"][:, 1]) * (target["boxes"][:, 2] - target["boxes"][:, 0])
+        image = image.to(torch.float32) / 255
+        if np.random.default_rng((self.seed, i, 1)).random() < 0.5:
+            image = image.flip(-1)
+            target["masks"] = target["masks"].flip(-1)
+            boxes = target["boxes"].clone()
+            boxes[:, [0, 2]] = self.width - target["boxes"][:, [2, 0]]
+            target["boxes"] = boxes
+        return image, target, index
+
+
 class CocoStream(IterableDataset):
     """:class:`CocoStyleDataset` as a stream read from shards (contiguous runs of images), each
     DataLoader worker reading every ``num_workers``-th shard, as WebDataset's ``split_by_worker``
