@@ -11,6 +11,7 @@ import os
 import resource
 import signal
 import sys
+import time
 
 import numpy as np
 import psutil
@@ -66,8 +67,9 @@ def spy_on_agreements(report: Report) -> None:
         entry = {**report.position, "proposed": max_cost, "agreed": None, "at": None}
         report["agreements"].append(entry)
         report.save()
+        started = time.perf_counter()
         agreed = agree(group, max_cost, *rest)
-        entry.update(agreed=agreed[0], at=-agreed[1] if rest else None)
+        entry.update(agreed=agreed[0], at=-agreed[1] if rest else None, seconds=time.perf_counter() - started)
         return agreed
 
     distributed.agree_on_minimum = agree_and_record  # the actuator calls it through the module
@@ -85,6 +87,7 @@ def run_epoch(loader, dataset, epoch: int, report: Report, kill_after: int = 0) 
     """One epoch: every sample's content against ``dataset[i]`` made anew, the budget after each batch;
     with ``kill_after``, this rank's workers are SIGKILLed after that many batches."""
     loader.set_epoch(epoch)
+    started = time.perf_counter()
     got = {"indices": [], "batches": 0, "max_cost_after_batch": []}
     report["epochs"].append(got)
     report.position.update(epoch=epoch, after_batch=0)
@@ -103,6 +106,18 @@ def run_epoch(loader, dataset, epoch: int, report: Report, kill_after: int = 0) 
     # the agreed changes by global batch: the same on every rank, or their plans parted
     got["schedule"] = [list(entry) for entry in loader.sampler.budget_schedule()]
     got["fallbacks"] = loader.fallbacks
+    got["seconds"] = time.perf_counter() - started
+
+
+def time_agreements(group, calls: int) -> float:
+    """The median seconds of one budget agreement (the all-reduce the loader makes) with every rank ready."""
+    dist.barrier()
+    times = []
+    for call in range(calls):
+        started = time.perf_counter()
+        distributed.agree_on_minimum(group, 100.0, -float(call))
+        times.append(time.perf_counter() - started)
+    return float(np.median(times))
 
 
 def run(opts) -> None:
@@ -118,6 +133,8 @@ def run(opts) -> None:
         for epoch in range(opts.epochs):
             run_epoch(loader, dataset, epoch, report,
                       int(kill_after) if epoch == 0 and report["rank"] == int(kill_rank) else 0)
+        if opts.time_agreements:
+            report["agreement_s"] = time_agreements(loader._group, opts.time_agreements)
         report["done"] = True
     except BaseException as exc:  # say how it ended before torchrun reports the exit status
         report["error"] = f"{type(exc).__name__}: {exc}"
@@ -141,6 +158,8 @@ def main() -> None:
     parser.add_argument("--out", default=os.environ.get("NODE_OUT_DIR", "."))
     parser.add_argument("--kill-workers", metavar="RANK:BATCH", help="SIGKILL that rank's workers after that "
                         "many batches of the first epoch")
+    parser.add_argument("--time-agreements", type=int, default=0, metavar="N",
+                        help="after the epochs, time N budget agreements back to back (median in agreement_s)")
     parser.add_argument("--hang-after", type=float, default=170, help="dump the stacks and exit after this long")
     opts = parser.parse_args()
     faulthandler.dump_traceback_later(opts.hang_after, exit=True)  # a hang shows where, before the harness's timeout
