@@ -36,6 +36,7 @@ class Actuator:
         self.whole_batch: Tuple[Optional[int], float] = (None, math.inf)
         self.fallbacks: Dict[str, int] = {}
         self._warned_epoch: Optional[int] = None  # the budget went below the user's in this epoch, said so
+        self._last_agreed: Optional[float] = None  # the budget the ranks agreed on last
 
     def apply(self, decision: Any, epoch: int) -> bool:
         """Carry ``decision`` out; True when the iterator must be rebuilt for it."""
@@ -118,12 +119,19 @@ class Actuator:
         agreed, at = distributed.agree_on_minimum(self.group, decision.max_cost,
                                                   -float(self.sampler.global_position))
         at = int(-at)
+        bound: Dict[str, Any] = {}
+        # which node's limit set it, when it changed and a limit did: every rank saw the same agreements
+        # and has the same cap, so all of them take part in this collective or none
+        if agreed != self._last_agreed and agreed < self.user_max_cost:
+            bound = distributed.who_bound(self.group, decision.max_cost <= agreed, decision.limit)
+        self._last_agreed = agreed
         if agreed != self.sampler.max_cost:
             self.sampler.schedule_budget(at, agreed, self.sampler.max_batch_size)
             self.sampler.warn_oversized = agreed >= self.user_max_cost
+            by = f"; node {bound['bound_by_node']}'s {bound['bound_by_limit']} limit set it" if bound else ""
             self.event(Event.BUDGET, f"ranks agreed on max_cost {format_cost(agreed)} from global batch {at} (this "
-                       f"rank proposed {format_cost(decision.max_cost)})", epoch, max_cost=finite_or_none(agreed),
-                       at_batch=at, per_batch_bytes=decision.per_batch_bytes)
+                       f"rank proposed {format_cost(decision.max_cost)}{by})", epoch, max_cost=finite_or_none(agreed),
+                       at_batch=at, per_batch_bytes=decision.per_batch_bytes, **bound)
 
 
 def finite_or_none(value: float) -> Optional[float]:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Tuple
+from typing import Any, Dict, Tuple
 
 import torch
 
-__all__ = ["budget_group", "destroy_budget_group", "agree_on_minimum", "smallest_int", "local_world_size"]
+__all__ = ["budget_group", "destroy_budget_group", "agree_on_minimum", "smallest_int", "local_world_size",
+           "node_rank", "who_bound", "LIMITS"]
 
 logger = logging.getLogger("adaptive_loader")
 
@@ -66,3 +67,24 @@ def local_world_size() -> int:
         return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     except ValueError:
         return 1
+
+
+def node_rank() -> int:
+    """This rank's node: torchrun's ``GROUP_RANK``, else its rank over the ranks per node."""
+    try:
+        return int(os.environ["GROUP_RANK"])
+    except (KeyError, ValueError):
+        return int(os.environ.get("RANK", "0") or 0) // local_world_size()
+
+
+#: the limits a rank's proposal can come from (the controller's ``Decision.limit``); the last: another one
+LIMITS = ("memory", "memory_budget", "/dev/shm", "other")
+
+
+def who_bound(group: Any, binding: bool, limit: str) -> Dict[str, Any]:
+    """Which node, and which of its limits, set an agreed budget (a collective): of the ranks whose
+    proposal it was (``binding``), the lowest node, with its rank's limit."""
+    code = node_rank() * len(LIMITS) + (LIMITS.index(limit) if limit in LIMITS else len(LIMITS) - 1)
+    smallest = smallest_int(group, code if binding else 2**62)
+    node, which = divmod(smallest, len(LIMITS))
+    return {"bound_by_node": node, "bound_by_limit": LIMITS[which]}

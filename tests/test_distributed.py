@@ -44,6 +44,10 @@ def test_adaptive_loader_ranks_agree_on_a_moving_budget(tmp_path):
         assert len(set(epoch_counts)) == 1, verdict
     assert verdict["exactly_once"] == [True, True], verdict
     assert min(verdict["budget_events"]) >= 1, verdict
+    # each agreed budget that a limit set names it, on both ranks alike: the one node (0), and the limit
+    # of the rank that proposed it (with memfd arenas, the batches are off /dev/shm: memory binds)
+    assert verdict["binders"][0] and verdict["binders"][0] == verdict["binders"][1], verdict
+    assert {tuple(b) for b in verdict["binders"][0]} <= {(0, "memory"), (0, "/dev/shm")}, verdict
     assert verdict["group_released"] == [True, True], verdict  # the loader's gloo group goes with it
 
 
@@ -56,3 +60,14 @@ def test_ranks_whose_own_decisions_differ_still_meet_at_every_agreement(tmp_path
     for epoch_counts in zip(*verdict["counts"]):
         assert len(set(epoch_counts)) == 1, verdict
     assert verdict["exactly_once"] == [True, True], verdict
+
+
+def test_a_ranks_node_is_torchruns_group_rank_else_its_rank_over_the_ranks_per_node(monkeypatch):
+    from adaptive_loader.distributed import node_rank
+
+    monkeypatch.setenv("GROUP_RANK", "3")
+    assert node_rank() == 3
+    monkeypatch.delenv("GROUP_RANK")
+    monkeypatch.setenv("RANK", "5")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert node_rank() == 2

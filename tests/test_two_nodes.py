@@ -72,6 +72,17 @@ def test_two_generous_nodes_one_plan(nothing_left):
     assert {rank["node"] for rank in ranks} == {0, 1}
 
 
+def test_a_stream_on_two_nodes_one_plan(nothing_left):
+    """The same samples as a stream of 8 shards split by rank and worker (as WebDataset splits them): the
+    ranks pack their own shards by cost, agree the budget, and the short ones pad with marked repeats, so
+    every rank yields as many batches and every sample comes once over the 4 ranks, with its content."""
+    results = run_nodes([SCRIPT, "--stream", "--max-mib", "8", "--max-cost", "8", "--sync-every", "4"],
+                        [NodeSpec(3 * GIB, 64 * MIB), NodeSpec(3 * GIB, 1 * GIB)], timeout=100)
+    ranks = check_job(results, samples=96)
+    assert len(ranks[0]["agreements"]) >= 2 and {rank["node"] for rank in ranks} == {0, 1}
+    assert sum(e["repeats"] for rank in ranks for e in rank["epochs"]) > 0  # the packings differ: someone padded
+
+
 def test_a_worker_killed_on_one_node_mid_epoch(nothing_left):
     """Rank 2 (node B) loses its worker to a SIGKILL after its 3rd batch: its samples come again on
     that rank, exactly once over the job, and node A's ranks go on as one plan with it."""

@@ -48,12 +48,15 @@ def main(mode: str, out: str) -> None:
         gc.collect()
         group_released = group not in dist.distributed_c10d._world.pg_map  # its gloo threads are shut down
     gathered = [None] * world
+    binders = [[e["data"]["bound_by_node"], e["data"]["bound_by_limit"]] for e in events
+               if e["event"] == "budget" and "bound_by_node" in e["data"]]  # which node's limit set an agreed budget
     dist.all_gather_object(gathered, {"epochs": epochs, "events": [e["event"] for e in events],
-                                      "group_released": group_released})
+                                      "group_released": group_released, "binders": binders})
     if rank == 0:
         verdict = {"counts": [[len(e) for e in g["epochs"]] for g in gathered], "exactly_once": [],
                    "budget_events": [g["events"].count("budget") for g in gathered],
-                   "group_released": [g["group_released"] for g in gathered]}
+                   "group_released": [g["group_released"] for g in gathered],
+                   "binders": [g["binders"] for g in gathered]}
         for epoch in range(len(epochs)):
             seen = [i for g in gathered for b in g["epochs"][epoch] for i in b]
             verdict["exactly_once"].append(sorted(seen) == list(range(len(costs))))

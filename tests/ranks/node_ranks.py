@@ -17,7 +17,7 @@ import numpy as np
 import psutil
 import torch
 import torch.distributed as dist
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 from adaptive_loader import AdaptiveLoader, distributed  # noqa: E402
@@ -37,6 +37,22 @@ class UnevenDataset(Dataset):
 
     def __getitem__(self, i: int):
         return i, torch.arange(int(self.mib[i]) * INT64_PER_MIB, dtype=torch.int64).add_(i << 40)
+
+
+class ShardedStream(IterableDataset):
+    """The same samples as a stream: ``shards`` shards, split by rank and then by worker, as WebDataset's
+    ``split_by_node`` and ``split_by_worker`` split them."""
+
+    def __init__(self, dataset: UnevenDataset, shards: int = 8) -> None:
+        self.dataset, self.shards = dataset, shards
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        per = len(self.dataset) // self.shards
+        for shard in range(self.shards)[dist.get_rank()::dist.get_world_size()][worker::workers]:
+            for i in range(shard * per, (shard + 1) * per):
+                yield self.dataset[i]
 
 
 def collate(samples):
@@ -91,20 +107,26 @@ def run_epoch(loader, dataset, epoch: int, report: Report, kill_after: int = 0) 
     got = {"indices": [], "batches": 0, "max_cost_after_batch": []}
     report["epochs"].append(got)
     report.position.update(epoch=epoch, after_batch=0)
+    got["repeats"] = 0
     for indices, tensors in loader:
+        got["batches"] += 1
+        report.position.update(after_batch=got["batches"])
+        if loader.last_batch.repeat:  # a stream's rank that ran dry repeats a batch (uneven="pad")
+            got["repeats"] += 1
+            report.save()
+            continue
         for i, tensor in zip(indices, tensors):
             if not torch.equal(tensor, dataset[i][1]):
                 report["bad_content"].append(i)
         report["checked"] += len(indices)
         got["indices"].extend(int(i) for i in indices)
-        got["batches"] += 1
         got["max_cost_after_batch"].append(loader.max_cost)
-        report.position.update(after_batch=got["batches"])
         if got["batches"] == kill_after:
             report["killed_workers"] = kill_my_workers()
         report.save()
     # the agreed changes by global batch: the same on every rank, or their plans parted
-    got["schedule"] = [list(entry) for entry in loader.sampler.budget_schedule()]
+    schedule = getattr(loader.sampler, "budget_schedule", list)  # a stream's agreed budget applies at once
+    got["schedule"] = [list(entry) for entry in schedule()]
     got["fallbacks"] = loader.fallbacks
     got["seconds"] = time.perf_counter() - started
 
@@ -125,8 +147,13 @@ def run(opts) -> None:
     report = Report(opts.out, dist.get_rank(), dist.get_world_size())
     spy_on_agreements(report)
     dataset = UnevenDataset(opts.samples, opts.max_mib)
-    loader = AdaptiveLoader(dataset, costs=dataset.mib, max_cost=opts.max_cost, max_batch_size=8, num_workers=1,
-                            collate_fn=collate, shuffle=True, seed=0, sync_every=opts.sync_every,
+    if opts.stream:  # each rank its shards; the short ranks repeat marked batches so that none waits
+        source = dict(dataset=ShardedStream(dataset), costs=lambda sample: float(dataset.mib[sample[0]]),
+                      uneven="pad")
+    else:
+        source = dict(dataset=dataset, costs=dataset.mib, shuffle=True, seed=0)
+    loader = AdaptiveLoader(**source, max_cost=opts.max_cost, max_batch_size=8, num_workers=1,
+                            collate_fn=collate, sync_every=opts.sync_every,
                             telemetry=lambda r: report["events"].append(r) if r["kind"] == "event" else None)
     try:
         kill_rank, _, kill_after = (opts.kill_workers or "-1:0").partition(":")
@@ -158,6 +185,8 @@ def main() -> None:
     parser.add_argument("--out", default=os.environ.get("NODE_OUT_DIR", "."))
     parser.add_argument("--kill-workers", metavar="RANK:BATCH", help="SIGKILL that rank's workers after that "
                         "many batches of the first epoch")
+    parser.add_argument("--stream", action="store_true", help="the samples as a stream of 8 shards split by "
+                        "rank and worker (IterableDataset), uneven='pad'")
     parser.add_argument("--time-agreements", type=int, default=0, metavar="N",
                         help="after the epochs, time N budget agreements back to back (median in agreement_s)")
     parser.add_argument("--hang-after", type=float, default=170, help="dump the stacks and exit after this long")
