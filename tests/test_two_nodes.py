@@ -83,6 +83,29 @@ def test_a_stream_on_two_nodes_one_plan(nothing_left):
     assert sum(e["repeats"] for rank in ranks for e in rank["epochs"]) > 0  # the packings differ: someone padded
 
 
+def test_a_job_resumes_mid_epoch_from_the_state_saved_on_every_rank(nothing_left, tmp_path):
+    """The job stops after 3 batches of its first epoch, every rank saving loader.state_dict(); a new job
+    loads them and finishes: the first epoch's samples over both jobs and all 4 ranks come exactly once,
+    and the second epoch is whole."""
+    state = tmp_path / "state"
+    state.mkdir()
+    args, nodes = [SCRIPT, "--max-mib", "8", "--max-cost", "8"], [NodeSpec(3 * GIB, 64 * MIB), NodeSpec(3 * GIB, 1 * GIB)]
+    first = run_nodes(args + ["--stop-after", "3", "--state-dir", str(state)], nodes, timeout=100)
+    assert [r.returncode for r in first] == [0, 0], describe(first)
+    assert sorted(p.name for p in state.iterdir()) == [f"rank{r}.pt" for r in range(4)]
+    second = run_nodes(args + ["--resume-from", str(state)], nodes, timeout=100)
+    assert [r.returncode for r in second] == [0, 0], describe(second)
+    before = [rank for r in first for rank in r.ranks]
+    after = [rank for r in second for rank in r.ranks]
+    assert all(rank["epochs"][0]["batches"] == 3 for rank in before)
+    for rank in before + after:
+        assert rank["done"] and not rank["bad_content"], rank
+    first_epoch = sorted(i for rank in before + after for i in rank["epochs"][0]["indices"])
+    assert first_epoch == list(range(96)), "the first epoch over both jobs: not every index exactly once"
+    assert sorted(i for rank in after for i in rank["epochs"][1]["indices"]) == list(range(96))
+    assert len({rank["epochs"][0]["batches"] for rank in after}) == 1, "unequal batch counts after the resume"
+
+
 def test_a_worker_killed_on_one_node_mid_epoch(nothing_left):
     """Rank 2 (node B) loses its worker to a SIGKILL after its 3rd batch: its samples come again on
     that rank, exactly once over the job, and node A's ranks go on as one plan with it."""

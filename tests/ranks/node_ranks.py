@@ -99,10 +99,14 @@ def kill_my_workers() -> int:
     return len(children)
 
 
-def run_epoch(loader, dataset, epoch: int, report: Report, kill_after: int = 0) -> None:
+def run_epoch(loader, dataset, epoch: int, report: Report, kill_after: int = 0, stop_after: int = 0,
+              resumed: bool = False) -> None:
     """One epoch: every sample's content against ``dataset[i]`` made anew, the budget after each batch;
-    with ``kill_after``, this rank's workers are SIGKILLed after that many batches."""
-    loader.set_epoch(epoch)
+    with ``kill_after``, this rank's workers are SIGKILLed after that many batches; with ``stop_after``,
+    the epoch is left after that many (a job stopping to resume later); ``resumed``: the loader goes on
+    with the epoch its loaded state was saved in."""
+    if not resumed:
+        loader.set_epoch(epoch)
     started = time.perf_counter()
     got = {"indices": [], "batches": 0, "max_cost_after_batch": []}
     report["epochs"].append(got)
@@ -124,6 +128,8 @@ def run_epoch(loader, dataset, epoch: int, report: Report, kill_after: int = 0) 
         if got["batches"] == kill_after:
             report["killed_workers"] = kill_my_workers()
         report.save()
+        if got["batches"] == stop_after:
+            break
     # the agreed changes by global batch: the same on every rank, or their plans parted
     schedule = getattr(loader.sampler, "budget_schedule", list)  # a stream's agreed budget applies at once
     got["schedule"] = [list(entry) for entry in schedule()]
@@ -157,9 +163,16 @@ def run(opts) -> None:
                             telemetry=lambda r: report["events"].append(r) if r["kind"] == "event" else None)
     try:
         kill_rank, _, kill_after = (opts.kill_workers or "-1:0").partition(":")
+        state_path = os.path.join(opts.state_dir or opts.resume_from or ".", f"rank{report['rank']}.pt")
+        if opts.resume_from:
+            loader.load_state_dict(torch.load(state_path, weights_only=False))
         for epoch in range(opts.epochs):
             run_epoch(loader, dataset, epoch, report,
-                      int(kill_after) if epoch == 0 and report["rank"] == int(kill_rank) else 0)
+                      int(kill_after) if epoch == 0 and report["rank"] == int(kill_rank) else 0,
+                      opts.stop_after if epoch == 0 else 0, resumed=bool(opts.resume_from) and epoch == 0)
+            if opts.stop_after and epoch == 0:  # the job stops here: every rank saves its loader's state
+                torch.save(loader.state_dict(), state_path)
+                break
         if opts.time_agreements:
             report["agreement_s"] = time_agreements(loader._group, opts.time_agreements)
         report["done"] = True
@@ -187,6 +200,11 @@ def main() -> None:
                         "many batches of the first epoch")
     parser.add_argument("--stream", action="store_true", help="the samples as a stream of 8 shards split by "
                         "rank and worker (IterableDataset), uneven='pad'")
+    parser.add_argument("--stop-after", type=int, default=0, metavar="N", help="save the loader's state to "
+                        "--state-dir after N batches of the first epoch, and stop")
+    parser.add_argument("--state-dir", help="where --stop-after saves each rank's state (rank<RANK>.pt)")
+    parser.add_argument("--resume-from", metavar="DIR", help="load each rank's state from DIR, finish its epoch, "
+                        "then the epochs after it")
     parser.add_argument("--time-agreements", type=int, default=0, metavar="N",
                         help="after the epochs, time N budget agreements back to back (median in agreement_s)")
     parser.add_argument("--hang-after", type=float, default=170, help="dump the stacks and exit after this long")
