@@ -15,7 +15,7 @@ the median time a rank spent in an agreement during the epochs (waiting for the 
 and the median of 20 agreements made back to back after the epochs, every rank ready (the collective
 alone: one all-reduce of two float64 over gloo across the veth pair).
 
-    sudo .venv/bin/python tests/benchmarks/two_nodes.py [--rounds 3]     # ~1 min (10 s a run)
+    sudo .venv/bin/python tests/benchmarks/two_nodes.py [--rounds 3] [--picture docs/img/two-nodes.png]  # ~1 min
 
 Needs root (namespaces, cgroups); says why and exits 2 where nodes cannot be made.
 """
@@ -45,7 +45,9 @@ def one_run(nodes: List[NodeSpec]) -> Dict[str, Any]:
                          "--time-agreements", "20"], nodes, timeout=100, after_failure_s=15)
     ranks = [rank for r in results for rank in r.ranks]
     completed = all(r.returncode == 0 for r in results) and len(ranks) == 4 and all(r["done"] for r in ranks)
-    out: Dict[str, Any] = {"completed": completed, "oom_kills": sum(r.oom_kills or 0 for r in results)}
+    out: Dict[str, Any] = {"completed": completed, "oom_kills": sum(r.oom_kills or 0 for r in results),
+                           "timelines": [(rank["node"], rank["rank"], rank.get("timeline", [])) for rank in ranks],
+                           "limits": [spec.memory_bytes for spec in nodes]}
     if completed:
         slowest = max(sum(e["seconds"] for e in rank["epochs"]) for rank in ranks)
         batches = sum(e["batches"] for rank in ranks for e in rank["epochs"])
@@ -57,6 +59,36 @@ def one_run(nodes: List[NodeSpec]) -> Dict[str, Any]:
     return out
 
 
+def draw(run: Dict[str, Any], path: str) -> None:
+    """Each node's memory (as its ranks read it after each batch) and the budget every rank holds, over time."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    start = min(t for _, _, timeline in run["timelines"] for t, _, _ in timeline)
+    fig, (memory, budget) = plt.subplots(2, 1, sharex=True, figsize=(8, 5.5))
+    colours = {0: "tab:blue", 1: "tab:orange"}
+    for node, limit in enumerate(run["limits"]):
+        memory.axhline(limit / MiB, color=colours[node], linestyle="--", linewidth=1,
+                       label=f"node {'AB'[node]}'s limit ({limit / GiB:.1f} GiB)")
+    for node, rank, timeline in run["timelines"]:
+        times = [t - start for t, _, _ in timeline]
+        memory.plot(times, [used / MiB for _, used, _ in timeline], color=colours[node], marker=".",
+                    linewidth=1, label=f"node {'AB'[node]}, read by rank {rank}")
+        budget.step(times, [cost for _, _, cost in timeline], where="post", color=colours[node], linewidth=1,
+                    alpha=0.7, label=f"rank {rank} (node {'AB'[node]})")
+    memory.set_ylabel("memory used (MiB)")
+    memory.legend(fontsize=7, loc="upper right", ncol=2)
+    budget.set_ylabel("max_cost after each batch")
+    budget.set_xlabel("seconds")
+    budget.set_ylim(bottom=0)
+    budget.legend(fontsize=7, loc="lower right", ncol=2)
+    memory.set_title("Two nodes x 2 ranks: each node's memory, and the budget every rank holds", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"picture: {path}")
+
+
 def median_of(runs: List[Dict[str, Any]], key: str) -> str:
     values = [run[key] for run in runs if run.get(key) is not None]
     return f"{statistics.median(values):.2f}" if values else "-"
@@ -65,6 +97,8 @@ def median_of(runs: List[Dict[str, Any]], key: str) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--picture", metavar="PNG", help="draw the last completed small-b run: each node's memory "
+                        "and the budget on every rank over time")
     args = parser.parse_args()
     available, why = nodes_available()
     if not available:
@@ -75,7 +109,8 @@ def main() -> int:
         for name, nodes in CASES.items():
             result = one_run(nodes)
             runs[name].append(result)
-            print(f"[round {round_ + 1}] {name}: {result}", flush=True)
+            shown = {key: value for key, value in result.items() if key not in ("timelines", "limits")}
+            print(f"[round {round_ + 1}] {name}: {shown}", flush=True)
     print("\n| case | completed | OOM kills | images/s (median) | mean batch | agreements per rank and epoch "
           "| ms per agreement during the epochs | ms per agreement, all ranks ready |")
     print("|---|---|---|---|---|---|---|---|")
@@ -84,6 +119,9 @@ def main() -> int:
         print(f"| {name} | {len(done)}/{len(case_runs)} | {sum(run['oom_kills'] for run in case_runs)} | "
               f"{median_of(done, 'images_per_s')} | {median_of(done, 'mean_batch')} | {median_of(done, 'agreements')} "
               f"| {median_of(done, 'during_ms')} | {median_of(done, 'alone_ms')} |")
+    small_runs = [run for run in runs["small-b"] if run["completed"]]
+    if args.picture and small_runs:
+        draw(small_runs[-1], args.picture)
     equal, small = (median_of([r for r in runs[n] if r["completed"]], "images_per_s") for n in CASES)
     if "-" not in (equal, small):
         print(f"\nthe small node costs the job {1 - float(small) / float(equal):.0%} of its images/s")

@@ -21,6 +21,7 @@ from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 from adaptive_loader import AdaptiveLoader, distributed  # noqa: E402
+from adaptive_loader.memory import read_memory  # noqa: E402
 
 INT64_PER_MIB = 2**20 // 8
 
@@ -65,7 +66,8 @@ class Report(dict):
 
     def __init__(self, out: str, rank: int, world: int) -> None:
         super().__init__(rank=rank, node=int(os.environ["GROUP_RANK"]), local_rank=int(os.environ["LOCAL_RANK"]),
-                         world=world, epochs=[], events=[], agreements=[], bad_content=[], checked=0, done=False)
+                         world=world, epochs=[], events=[], agreements=[], bad_content=[], checked=0, done=False,
+                         timeline=[])
         self.path, self.position = os.path.join(out, f"rank{rank}.json"), {"epoch": 0, "after_batch": 0}
 
     def save(self) -> None:
@@ -125,6 +127,7 @@ def run_epoch(loader, dataset, epoch: int, report: Report, kill_after: int = 0, 
         report["checked"] += len(indices)
         got["indices"].extend(int(i) for i in indices)
         got["max_cost_after_batch"].append(loader.max_cost)
+        report["timeline"].append([time.time(), read_memory().used, loader.max_cost])  # for the picture
         if got["batches"] == kill_after:
             report["killed_workers"] = kill_my_workers()
         report.save()
