@@ -71,10 +71,12 @@ def local_world_size() -> int:
 
 def node_rank() -> int:
     """This rank's node: torchrun's ``GROUP_RANK``, else its rank over the ranks per node."""
-    try:
-        return int(os.environ["GROUP_RANK"])
-    except (KeyError, ValueError):
-        return int(os.environ.get("RANK", "0") or 0) // local_world_size()
+    for name, per_node in (("GROUP_RANK", 1), ("RANK", local_world_size())):
+        try:
+            return int(os.environ[name]) // per_node
+        except (KeyError, ValueError):
+            continue
+    return 0
 
 
 #: the limits a rank's proposal can come from (the controller's ``Decision.limit``); the last: another one
