@@ -11,6 +11,7 @@ import sys
 import warnings
 
 import numpy as np
+import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
@@ -63,6 +64,8 @@ def main(mode: str, out: str) -> None:
         with open(out, "w") as f:
             json.dump(verdict, f)
     dist.barrier()  # both ranks done before either tears the group down (torch 2.1-2.4 gloo could hang there)
+    if tuple(int(p) for p in torch.__version__.split(".")[:2]) < (2, 2):
+        os._exit(0)  # torch 2.1's gloo teardown still hung now and then (1 run in ~10), after the verdict: skip it
     dist.destroy_process_group()
 
 
