@@ -206,9 +206,10 @@ class Controller:
         self._heap_extras: Deque[float] = deque(maxlen=HEAP_WINDOW)
 
     def observe_heap(self, heap: int, batch_bytes: int) -> None:
-        """A batch's maker held ``heap`` bytes of its own as it made the batch (0: not measured)."""
+        """A batch's maker held ``heap`` bytes of its own as it made the batch (0: not measured): the
+        batch's samples, a stream's buffer (counted as ``buffered_batches`` batches), and the rest."""
         if heap > 0:
-            self._heap_extras.append(max(0.0, float(heap - batch_bytes)))
+            self._heap_extras.append(max(0.0, float(heap - batch_bytes * (1 + self.buffered_batches))))
 
     def decide(self, obs: Observation) -> Decision:
         """The next budget and fallbacks. What is given up, in order: the road (the workers'
