@@ -237,7 +237,8 @@ class EpochIterator:
         if strategy is not None:
             actuator.switch_strategy(strategy, failure.evidence, self.epoch)
             host.controller.strategy_switched = True
-        parts.pipeline.drop(self._dl_iter)
+        # after an OOM kill the other workers go at once: what they hold must be free before new ones fork
+        parts.pipeline.drop(self._dl_iter, kill=cause == Cause.OOM_KILLED)
         if cause in (Cause.CORRUPT_BATCH, Cause.OOM_KILLED):
             # whatever slipped, the next workers start on new arenas; after an OOM kill, sized anew and
             # smaller: until then their memory is given back (what a batch in hand holds, when it goes)

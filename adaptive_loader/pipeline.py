@@ -28,7 +28,7 @@ from .region import MEMFD, SHM, SharedRegion, memfd_available
 from .routing import UNBOUNDED, WorkerRules
 from .spill import SpillDir
 from .stream import StreamBatcher, StreamCollate
-from .transport import MeasuredCollate, WorkerSetup
+from .transport import MeasuredCollate, WorkerSetup, forking_workers
 
 __all__ = ["Pipeline", "POLL_SECONDS", "measured_collate", "next_watched"]
 
@@ -102,7 +102,7 @@ class Pipeline:
             self.collate.arenas = arena_registry.arenas_of(self.arena_owner)
             self.collate.batch_bytes_hint = batch_bytes_hint
             self.collate.rules = dataclasses.replace(self.collate.rules, memory_room=max(0, int(memory_room)))
-        with _torch.quiet_worker_number_warning():
+        with _torch.quiet_worker_number_warning(), forking_workers():
             try:
                 iterator = iter(self.dataloader)
             except BaseException as exc:

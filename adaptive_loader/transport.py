@@ -514,6 +514,31 @@ def _first_for_the_oom_killer() -> None:
         pass
 
 
+_forking_workers = False
+
+
+@contextlib.contextmanager
+def forking_workers() -> Iterator[None]:
+    """While our workers are forked: each child raises its ``oom_score_adj`` at once, not only in
+    ``WorkerSetup``. A fork copies the parent's resident size and its score, so until then an OOM kill
+    (a worker of the last iterator may still be using memory) could take the main process."""
+    global _forking_workers
+    _forking_workers = True
+    try:
+        yield
+    finally:
+        _forking_workers = False
+
+
+def _after_fork_in_child() -> None:
+    if _forking_workers:
+        _first_for_the_oom_killer()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 class WorkerSetup:
     """``worker_init_fn`` wrapper: sharing strategy and fd limit first, then the user's own."""
 

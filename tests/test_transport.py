@@ -18,8 +18,8 @@ from adaptive_loader.measure import footprint
 from adaptive_loader.region import memfd_available
 from adaptive_loader.transport import (
     pack_batch, unpack_batch,
-    FILE, INLINE, SHM, BatchStats, Envelope, MeasuredCollate, WorkerSetup, _collate_without_shm,
-    _is_resource_error)
+    FILE, INLINE, SHM, WORKER_OOM_SCORE_ADJ, BatchStats, Envelope, MeasuredCollate, WorkerSetup,
+    _collate_without_shm, _is_resource_error, forking_workers)
 
 needs_dev_shm = pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="no /dev/shm on this machine")
 
@@ -591,3 +591,23 @@ def test_transport_takes_its_rules_from_the_caller(tmp_path):
         envelope = collate([torch.ones(2)])
     assert envelope.stats.transport == FILE and envelope.stats.off_shm_reason == "told so"
     assert_same(envelope.open(), [torch.ones(2)])
+
+
+def _adj_of_a_fork() -> int:
+    """The ``oom_score_adj`` a child forked now starts with (before any code of its own runs)."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.write(write, open("/proc/self/oom_score_adj").read().strip().encode())
+        os._exit(0)
+    os.close(write)
+    os.waitpid(pid, 0)
+    with os.fdopen(read) as answer:
+        return int(answer.read())
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/oom_score_adj"), reason="no /proc/self/oom_score_adj here")
+def test_a_worker_is_first_for_the_oom_killer_from_its_fork_and_a_users_own_fork_is_not():
+    with forking_workers():
+        assert _adj_of_a_fork() == WORKER_OOM_SCORE_ADJ
+    assert _adj_of_a_fork() == int(open("/proc/self/oom_score_adj").read())  # the parent's, unchanged
