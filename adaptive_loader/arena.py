@@ -402,13 +402,14 @@ class _Registry:
         with self.lock:
             return {w: self._mapped[i].arena for w, i in self._current.get(owner, {}).items() if i in self._mapped}
 
-    def writers_stopped(self, owner: str) -> None:
+    def writers_stopped(self, owner: str, idle: bool = False) -> None:
         """After the owner's workers were stopped: free what they took for batches never received.
-        An arena whose writer may still be alive is dropped instead of reused."""
+        An arena whose writer may still be alive is dropped instead of reused, unless ``idle``: every
+        batch dispatched to the writers came here, and they were told to exit, so none writes again."""
         with self.lock:
             for worker, arena_id in list(self._current.get(owner, {}).items()):
                 mapped = self._mapped.get(arena_id)
-                if mapped is not None and not _alive(int(mapped.arena.header[_WRITER])):
+                if mapped is not None and (idle or not _alive(int(mapped.arena.header[_WRITER]))):
                     mapped.discard_unsent()
                 else:
                     self._mapped.pop(arena_id, None)

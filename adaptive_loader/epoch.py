@@ -85,6 +85,7 @@ class EpochHost(Protocol):
     def _take_batch(self, stats: Any) -> List[Any]: ...
     def _after_batch(self, indices: List[Any], stats: Any, batch: Any, wait_s: float, epoch: int) -> bool: ...
     def _requeue_outstanding(self) -> None: ...
+    def _epoch_delivered(self) -> bool: ...
     def _take_give_backs(self, iterator: Any) -> Any: ...
     def _unit_costs(self, indices: List[Any], stats: Any) -> Any: ...
     def _batch_cost(self, indices: List[Any], costs: Any) -> float: ...
@@ -104,6 +105,7 @@ class EpochIterator:
         self.parts, self.host = parts, host
         self.epoch: Optional[int] = None  # set when the epoch starts, at the first next()
         self._dl_iter: Any = None
+        self._retired: Any = None  # the iterator whose workers were told to exit after the last batch
         self._restarts = 0
         self._done = False
         parts.rate = Rate()
@@ -135,6 +137,9 @@ class EpochIterator:
         while True:
             if host._rebuild_pending:
                 self._dl_iter = host._take_give_backs(self._dl_iter)
+            elif self._dl_iter is not None and self._dl_iter is self._retired:
+                self.close(completed=True)
+                raise StopIteration
             try:
                 if self._dl_iter is None:
                     self._dl_iter = host._start_iterator()
@@ -157,6 +162,8 @@ class EpochIterator:
                 parts.pipeline.drop(self._dl_iter)
                 host._requeue_outstanding()
                 self._dl_iter = None
+            elif host._epoch_delivered() and parts.pipeline.retire(self._dl_iter):
+                self._retired = self._dl_iter  # its workers exit while the user works on this last batch
             self._last_progress = self._wait_start = time.monotonic()  # the training step is not a stall
             return batch
 
@@ -168,9 +175,9 @@ class EpochIterator:
         if self.epoch is None:  # never started
             return
         host, parts = self.host, self.parts
-        if self._dl_iter is not None:
+        if self._dl_iter is not None and self._dl_iter is not self._retired:  # a retired one is reaped later
             parts.pipeline.stop(self._dl_iter, even_persistent=not completed)
-            self._dl_iter = None
+        self._dl_iter = self._retired = None
         if not completed:
             parts.pipeline.drop()
         parts.actuator.event(Event.EPOCH_END, f"epoch {self.epoch} {'done' if completed else 'left early'} "

@@ -35,12 +35,14 @@ class Feed:
         self.outstanding: Deque[List[int]] = deque()
         self.replay: Deque[List[int]] = deque()
         self.delivered = 0  # batches delivered this epoch
+        self.exhausted = False  # the source ended: every batch of the epoch was handed out
         # hand out at most this many batches per DataLoader iterator, then end it: under a memory
         # budget with nothing measured, no batch is planned before the first one is measured
         self.hold_after: Optional[int] = None
 
     def start(self, source: Iterator[List[int]], skip: int = 0) -> None:
         self.source = source
+        self.exhausted = False
         self.outstanding.clear()
         self.replay.clear()
         self.delivered = skip
@@ -58,6 +60,7 @@ class Feed:
         """These batches' indices come again later in the epoch."""
         if not batches:
             return
+        self.exhausted = False
         if self.sampler.num_replicas > 1:
             self.replay.extendleft(reversed(batches))
         else:
@@ -69,6 +72,7 @@ class Feed:
         while self.hold_after is None or handed < self.hold_after:
             batch = self.replay.popleft() if self.replay else next(self.source, None)
             if batch is None:
+                self.exhausted = True
                 return
             self.outstanding.append(batch)
             handed += 1
@@ -76,6 +80,11 @@ class Feed:
 
     def __len__(self) -> int:
         return len(self.sampler)
+
+    @property
+    def done(self) -> bool:
+        """Whether every batch of the epoch was handed out and delivered."""
+        return self.exhausted and not self.outstanding and not self.replay
 
 
 class HeldBatches:

@@ -471,6 +471,7 @@ class AdaptiveLoader:
         feed.give_back(self._pending_give_back + list(feed.outstanding))
         feed.outstanding.clear()
         feed.source = self.sampler.iter_remaining()  # the old stream may have ended already
+        feed.exhausted = False
         self._pending_give_back = []
         self._rebuild_pending = False
         return None
@@ -574,6 +575,10 @@ class AdaptiveLoader:
     def _requeue_outstanding(self) -> None:
         """The iterator is gone: batches dispatched and not delivered come again."""
         self._ledger.feed.requeue_outstanding()
+
+    def _epoch_delivered(self) -> bool:
+        """Whether the epoch's last batch was delivered (the iterator has nothing more to give)."""
+        return self._ledger.feed.done
 
     def _unit_costs(self, indices: List[int], stats: Any) -> np.ndarray:
         return self.sampler.unit_costs[indices]

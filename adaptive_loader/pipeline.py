@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import resource
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 import torch
@@ -66,6 +66,7 @@ class Pipeline:
         self.prefetch_factor: Optional[int] = None
         self._stale = False
         self.stream = isinstance(dataset, StreamBatcher)
+        self._retiring: List[Any] = []  # iterators whose workers were told to exit and are not reaped yet
 
     @property
     def spill(self) -> SpillDir:
@@ -84,7 +85,12 @@ class Pipeline:
     def start_iterator(self, num_workers: int, prefetch_factor: Optional[int], arena_plan: Callable[[], Any],
                        batch_bytes_hint: int, memory_room: int = UNBOUNDED) -> Any:
         """An iterator over the feed, with a DataLoader (re)built if the depth changed. The workers
-        started now keep their memfd arenas within ``memory_room`` bytes together."""
+        started now keep their memfd arenas within ``memory_room`` bytes together. The last epoch's
+        workers, told to exit, are joined after the new ones fork (their exit, page tables and all,
+        overlaps the forks), or before under a memory limit (``heap_copies``), where what they hold
+        must be free first."""
+        if self.heap_copies:
+            self.reap_retired()
         if self.dataloader is not None and (num_workers, prefetch_factor) != (self.num_workers,
                                                                             self.prefetch_factor):
             self.drop()
@@ -108,6 +114,7 @@ class Pipeline:
             except BaseException as exc:
                 _torch.disarm_half_built_iterator(exc)
                 raise
+        self.reap_retired()
         if self.collate is not None:
             self.collate.arenas = {}  # the workers have them now; here they would outlive the loader's use
         _torch.detach_sigchld_watch(iterator)  # next_watched() registers them while waiting
@@ -136,8 +143,26 @@ class Pipeline:
             if self.arena_owner is not None:
                 arena_registry.writers_stopped(self.arena_owner)
 
+    def retire(self, iterator: Any) -> bool:
+        """The epoch's last batch is in: workers that are not persistent are told to exit now and
+        reaped later (:meth:`reap_retired`), so the epoch's end does not wait while they unmap and
+        exit. False where they must be stopped as before (persistent, pinning)."""
+        persistent = self.dataloader is not None and self.dataloader.persistent_workers
+        if persistent or not _torch.tell_workers_to_exit(iterator):
+            return False
+        self._retiring.append(iterator)
+        if self.arena_owner is not None:  # the next workers may take the arenas over while these exit
+            arena_registry.writers_stopped(self.arena_owner, idle=True)
+        return True
+
+    def reap_retired(self) -> None:
+        """Join the workers :meth:`retire` told to exit (by now they have, mostly)."""
+        while self._retiring:
+            _torch.shutdown_workers(self._retiring.pop())
+
     def drop(self, iterator: Any = None, kill: bool = False) -> None:
         """Stop every worker and forget the DataLoader; the next iterator builds a new one."""
+        self.reap_retired()
         iterator = iterator if iterator is not None else self.live_iterator()
         if iterator is not None:
             self.stop(iterator, even_persistent=True, kill=kill)

@@ -265,6 +265,9 @@ class StreamLoader(AdaptiveLoader):
     def _requeue_outstanding(self) -> None:
         pass  # the workers start again from their commits (see _start_iterator)
 
+    def _epoch_delivered(self) -> bool:
+        return False  # only the workers know where their streams end
+
     def _unit_costs(self, indices: List[Any], stats: Any) -> np.ndarray:
         return np.asarray(stats.stream.costs, np.float64)
 

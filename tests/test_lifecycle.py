@@ -240,3 +240,27 @@ def test_nested_tensors_get_torchs_own_message(arena):
         assert explicit in ours
     else:  # torch 2.1 fails deeper, in stack or in shm (each road its own), naming the nested tensor
         assert "NestedTensor" in theirs and "NestedTensor" in ours
+
+
+@pytest.mark.timeout(120)
+def test_the_last_batch_lets_the_workers_exit_and_the_next_epoch_keeps_their_arenas():
+    """Without persistent workers the epoch's end does not wait for its workers: they are told to exit
+    when the last batch arrives (while the user works on it) and are joined later; the next epoch's
+    workers continue the same arenas, and after ``close()`` no worker is left."""
+    import psutil
+
+    loader = AdaptiveLoader(Numbers(24), max_batch_size=4, num_workers=2, multiprocessing_context="fork")
+    iterator = iter(loader)
+    got = [next(iterator) for _ in range(len(loader))]
+    workers = psutil.Process().children()
+    assert len(workers) == 2
+    gone, _ = psutil.wait_procs(workers, timeout=30)  # no next() asked yet: they exit on their own
+    assert len(gone) == 2
+    with pytest.raises(StopIteration):
+        next(iterator)
+    arenas = {w: a.id for w, a in loader._pipeline.current_arenas().items()}
+    assert len(arenas) == 2
+    assert values(got) == values(loader) == list(range(24))  # the second epoch: every sample once, intact
+    assert {w: a.id for w, a in loader._pipeline.current_arenas().items()} == arenas
+    loader.close()
+    assert psutil.Process().children() == []
