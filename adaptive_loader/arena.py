@@ -49,7 +49,7 @@ import torch
 
 from .region import MEMFD, SHM, SharedRegion, memfd_available, mirrored, populate
 
-__all__ = ["Arena", "RingWriter", "ArenaFull", "ArenaUnavailable", "CorruptBatch", "open_view", "registry",
+__all__ = ["Arena", "RingWriter", "ArenaFull", "ArenaUnavailable", "CorruptBatch", "open_view", "registry", "first_ring_bytes",
            "default_kind", "STAMP"]
 
 ALIGN = 64  # bytes; every allocation starts on such a boundary
@@ -194,6 +194,12 @@ class Arena:
         """Bytes ``[offset, offset + nbytes)`` of the ring, as a uint8 tensor (worker side); ``offset``
         below ``capacity``, the end up to twice it (the mirror)."""
         return torch.from_numpy(self.ring[offset:offset + nbytes])
+
+
+def first_ring_bytes(batch_bytes: int = 0) -> int:
+    """A ring for one batch of ``batch_bytes`` and its stamps (one page for none): what a new arena starts
+    with before batches are measured; it grows in place at a later batch."""
+    return _aligned(max(1, batch_bytes + 2 * STAMP), mmap.PAGESIZE)
 
 
 def _check_capacity(capacity: int) -> None:

@@ -30,6 +30,7 @@ from torch.utils.data import (BatchSampler, DataLoader, Dataset, IterableDataset
 from . import controller as rules
 from . import distributed
 from .actuator import Actuator, finite_or_none
+from .arena import first_ring_bytes
 from .arena import registry as arena_registry
 from .controller import Controller, Observation
 from .costs import as_cost_array, as_group_array
@@ -547,8 +548,11 @@ class AdaptiveLoader:
     def _arena_plan(self) -> Any:
         pipeline = self._pipeline
         expected = self._expected_batch_bytes()
-        if not expected:
-            return None
+        if not expected:  # nothing measured: a ring of one page per worker, made here so that no batch
+            # has to carry its fd here, grown in place by the worker's first batches
+            current = pipeline.current_arenas()
+            missing = [w for w in range(self.controller.num_workers) if w not in current]
+            return (first_ring_bytes(), missing) if missing else None
         current = pipeline.current_arenas()
         held = pipeline.arena_bytes()
         if pipeline.arena_kind == "memfd":

@@ -41,7 +41,7 @@ from torch.utils.data import default_collate, get_worker_info
 
 from . import _torch
 from ._torch import collate, collate_tensor_fn, default_collate_fn_map
-from .arena import ALIGN, Arena, ArenaFull, RingWriter, default_kind, open_view
+from .arena import ALIGN, Arena, ArenaFull, RingWriter, default_kind, first_ring_bytes, open_view
 from .codec import decode, encode, piece_views
 from .kinds import Road
 from .measure import FdState, ShmProbe, footprint, heap_growth, leaves, mark_heap_base, read_fds
@@ -273,6 +273,10 @@ class MeasuredCollate:
         room = self.rules.arena_room(free, self.kind, reserved)
         batch = max(max(self._recent), self.batch_bytes_hint)
         wanted = self.rules.arena_wanted(batch, room, reserved)
+        if self._batches_made == 1 and not self.batch_bytes_hint:
+            # a new worker's first batch, nothing measured before: room for this batch now and the rest of
+            # the ring at the next batch, so the first batch does not wait for every page of it to be zeroed
+            wanted = min(wanted, first_ring_bytes(expected))
         current = self._writer.arena.capacity if self._writer is not None else 0
         tight = self.rules.arena_tight(current, batch)
         if self._writer is not None and self.rules.keep_arena(wanted, current) and not tight:

@@ -23,8 +23,8 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 
 from adaptive_loader.pipeline import measured_collate
 from adaptive_loader import AdaptiveLoader
-from adaptive_loader.arena import (ALIGN, STAMP, Arena, ArenaFull, ArenaUnavailable, RingWriter, default_kind, open_view,
-                                   registry)
+from adaptive_loader.arena import (ALIGN, STAMP, Arena, ArenaFull, ArenaUnavailable, RingWriter, default_kind, first_ring_bytes,
+                                   open_view, registry)
 from adaptive_loader.controller import ARENA_MARGIN, ARENA_MIN_BYTES, Controller, Observation, arena_capacity
 from adaptive_loader.kinds import ARENA_ROADS, Road
 from adaptive_loader import region
@@ -445,7 +445,9 @@ def test_every_batch_goes_through_the_arena_intact(collate):
     with loader:
         assert sum(1 for _ in loader) == 12
     assert len(transports) == 12 and set(transports) <= set(ARENA_ROADS)
-    assert new_arenas == 2  # one per worker, reused by all their batches
+    # one arena per worker, reused by all their batches: it grows at its first batch to that batch's size
+    # and at the second to the whole ring (see arena.first_ring_bytes)
+    assert new_arenas == 4
 
 
 @pytest.mark.timeout(120)
@@ -530,7 +532,7 @@ def test_the_next_epochs_workers_continue_the_same_arenas():
         for _ in range(3):
             seen = [v for batch in loader for v in values_of(batch)]
             assert sorted(seen) == list(range(48))
-    assert sum(b > 0 for b in new_arena_bytes[:12]) == 2
+    assert sum(b > 0 for b in new_arena_bytes[:12]) == 4  # per worker: grown to its first batch, then to the ring
     assert sum(b > 0 for b in new_arena_bytes[12:]) == 0
 
 
@@ -576,9 +578,11 @@ def test_arenas_grow_in_place_when_the_batches_outgrow_them_and_the_next_workers
         assert len({arena_id for arena_id, _ in seen}) == 1  # one arena all along, both epochs: never replaced
         capacities = [capacity for _, capacity in seen]
         assert capacities == sorted(capacities)
-        made, *grown = new_bytes[0, worker]  # the batches that brought the main process news of the arena
-        assert made == ARENA_MIN_BYTES + mmap.PAGESIZE and grown  # sized for the first batch, then grown
-        assert sum(new_bytes[0, worker]) == capacities[-1] + mmap.PAGESIZE  # the loader counted what it grew by
+        first, *grown = new_bytes[0, worker]  # the batches that brought the main process news of the arena
+        # made here with a ring of one page, grown to the first batch (4 MiB), then for the batches in flight
+        assert first == first_ring_bytes(4 << 20) - first_ring_bytes() and grown
+        assert first_ring_bytes() + sum(new_bytes[0, worker]) == capacities[-1]  # the loader counted what it grew by
+        assert capacities[-1] >= ARENA_MIN_BYTES
         assert new_bytes[1, worker] == []  # the second epoch's workers write into the grown ring as it is
 
 
