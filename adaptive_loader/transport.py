@@ -273,12 +273,12 @@ class MeasuredCollate:
         room = self.rules.arena_room(free, self.kind, reserved)
         batch = max(max(self._recent), self.batch_bytes_hint)
         wanted = self.rules.arena_wanted(batch, room, reserved)
-        if self._batches_made == 1 and not self.batch_bytes_hint:
-            # a new worker's first batch, nothing measured before: room for this batch now and the rest of
-            # the ring at the next batch, so the first batch does not wait for every page of it to be zeroed
+        first = self._batches_made == 1 and not self.batch_bytes_hint
+        if first:  # a new worker's first batch, nothing measured before: room for this batch now and the rest
+            # of the ring at the next batch, so the first batch does not wait for every page of it to be zeroed
             wanted = min(wanted, first_ring_bytes(expected))
         current = self._writer.arena.capacity if self._writer is not None else 0
-        tight = self.rules.arena_tight(current, batch)
+        tight = not first and self.rules.arena_tight(current, batch)  # small on purpose: no cap on the budget
         if self._writer is not None and self.rules.keep_arena(wanted, current) and not tight:
             if self._writer.fits(expected) or current > room:
                 return self._writer, None

@@ -935,3 +935,4 @@ def test_arenas_follow_the_budget_down():
         assert sorted(v for b in loader for v in values_of(b)) == list(range(64))
         after = loader._pipeline.arena_bytes()
     assert after < before / 2, (before, after)
+
