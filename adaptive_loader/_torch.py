@@ -72,7 +72,7 @@ def tell_workers_to_exit(iterator: Any) -> bool:
     """Ask the iterator's workers to exit, as ``_shutdown_workers`` does first (the done event, then a
     None on each active worker's index queue), without joining them: :func:`shutdown_workers` later
     finds them gone. False (nothing done) with a pinning thread, once shut down, or where a name is
-    missing. Checked: 2.1, 2.4, 2.13, 2.14."""
+    missing. Checked: 2.1, 2.13, 2.14 (tests/test_lifecycle.py on the matrix's legs)."""
     done = getattr(iterator, "_workers_done_event", None)
     status = getattr(iterator, "_workers_status", None)
     mark = getattr(iterator, "_mark_worker_as_unavailable", None)

@@ -49,8 +49,8 @@ import torch
 
 from .region import MEMFD, SHM, SharedRegion, memfd_available, mirrored, populate
 
-__all__ = ["Arena", "RingWriter", "ArenaFull", "ArenaUnavailable", "CorruptBatch", "open_view", "registry", "first_ring_bytes",
-           "default_kind", "STAMP"]
+__all__ = ["Arena", "RingWriter", "ArenaFull", "ArenaUnavailable", "CorruptBatch", "open_view", "registry",
+           "first_ring_bytes", "default_kind", "STAMP"]
 
 ALIGN = 64  # bytes; every allocation starts on such a boundary
 _HEADER = mmap.PAGESIZE  # bytes before the ring (whole pages: the ring is mapped on its own)

@@ -23,8 +23,8 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 
 from adaptive_loader.pipeline import measured_collate
 from adaptive_loader import AdaptiveLoader
-from adaptive_loader.arena import (ALIGN, STAMP, Arena, ArenaFull, ArenaUnavailable, RingWriter, default_kind, first_ring_bytes,
-                                   open_view, registry)
+from adaptive_loader.arena import (ALIGN, STAMP, Arena, ArenaFull, ArenaUnavailable, RingWriter, default_kind,
+                                   first_ring_bytes, open_view, registry)
 from adaptive_loader.controller import ARENA_MARGIN, ARENA_MIN_BYTES, Controller, Observation, arena_capacity
 from adaptive_loader.kinds import ARENA_ROADS, Road
 from adaptive_loader import region
