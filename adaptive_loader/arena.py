@@ -226,7 +226,8 @@ class RingWriter:
         self.arena = arena
         arena.ring_for(arena.capacity)  # a forked copy may have mapped the ring before an earlier writer grew it
         arena.header[_WRITER] = os.getpid()
-        self._new_pages = int(arena.header[_GENERATION]) == 0  # the first writer: no page touched yet
+        # ring bytes below this were written before (by an earlier writer, or by this one before the ring grew)
+        self._touched_until = 0 if int(arena.header[_GENERATION]) == 0 else arena.capacity
         arena.header[_GENERATION] += 1
         self.worker, self.generation, self._sequence = worker, int(arena.header[_GENERATION]), 0
         self._lo = self._cursor = -1  # the open batch: its first position and the next free one
@@ -264,11 +265,16 @@ class RingWriter:
         batches reach, so the first batch does not wait for the whole ring."""
         capacity = self.arena.capacity
         mapped_capacity, first, mirror = self._mapped_to
-        if mapped_capacity != capacity:  # grown: a new mapping, with new pages past the old end
-            first, mirror, self._new_pages = 0, capacity, True
+        if mapped_capacity != capacity:  # grown: a new mapping of the same pages, with new ones past the old end
+            self._touched_until = max(self._touched_until, first)
+            first, mirror = 0, capacity
         end = min(_aligned(end, mmap.PAGESIZE), 2 * capacity)
         if min(end, capacity) > first:
-            self.arena.map_pages(first, min(end, capacity), new=self._new_pages)
+            touched = min(max(first, self._touched_until), end, capacity)
+            if touched > first:
+                self.arena.map_pages(first, touched)
+            if min(end, capacity) > touched:
+                self.arena.map_pages(touched, min(end, capacity), new=True)
             first = min(end, capacity)
         if end > mirror:  # the first half's pages again: touched by now
             self.arena.map_pages(mirror, end)

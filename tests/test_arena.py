@@ -151,6 +151,26 @@ def test_a_writer_maps_the_pages_its_batches_reach_and_no_more():
     assert resident < 20 << 20, f"{resident} B of a 64 MiB ring mapped for a 16 MiB batch"
 
 
+def test_a_grown_ring_maps_the_pages_written_before_for_reading_and_only_the_new_ones_for_writing(monkeypatch):
+    """After the ring grows, its new mapping holds the same pages below the old end: they are mapped with
+    the cheaper read populate, not zeroed again, and only the pages past them count as new."""
+    arena = Arena.create(first_ring_bytes(3 << 20))
+    writer = RingWriter(arena)
+    writer.begin(3 << 20)
+    fill(writer, 3 << 20, 1)
+    end = writer.commit()[0]
+    arena.header[0] = end  # released
+    assert arena.grow(16 << 20)
+    calls = []
+    monkeypatch.setattr(Arena, "map_pages", lambda self, lo=0, hi=None, new=False: calls.append((lo, hi, new)))
+    writer.begin(8 << 20)
+    at = arena.offset_of(end)
+    old_end = first_ring_bytes(3 << 20)
+    assert calls[0] == (0, old_end, False)  # written by the first batch: read populate
+    assert calls[1][0] == old_end and calls[1][2] is True and calls[1][1] >= at + (8 << 20)
+    assert len(calls) == 2
+
+
 @pytest.mark.parametrize("populate_works", [True, False], ids=["madvise", "older kernel"])
 def test_map_pages_maps_the_range_asked_for(monkeypatch, populate_works):
     """One madvise call, or (before Linux 5.14) a byte read per page: either way the range is mapped."""

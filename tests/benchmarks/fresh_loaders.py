@@ -41,6 +41,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from cases import FloatBank, _same_batches, close, epoch_seconds, list_collate  # noqa: E402
 
 from adaptive_loader import AdaptiveLoader  # noqa: E402
+from adaptive_loader.arena import Arena  # noqa: E402
 from adaptive_loader.region import memfd_available  # noqa: E402
 
 VANILLA, OURS = "vanilla DataLoader", "AdaptiveLoader"
@@ -94,20 +95,64 @@ def fresh_section(bank: FloatBank, rounds: int) -> None:
     print("\n[fresh] a new loader's first epoch (workers' start included); goal: >= 3x DataLoader")
     for collate_name, collate in (("default collate", None), ("list collate", list_collate)):
         make = makers(bank, collate, persistent=True)
-        times: Dict[str, List[float]] = {VANILLA: [], OURS: [], "later": []}
+        times: Dict[str, List[float]] = {VANILLA: [], OURS: [], "later": [], "forks": [], "ring": []}
         for r in range(rounds):
             for name in in_turn([VANILLA, OURS], r):
                 loader = make[name]()
                 times[name].append(epoch_seconds(loader))
                 if name == OURS and collate is None:
                     times["later"].append(epoch_seconds(loader))  # reference: its second epoch, workers kept
+                    ring = loader._pipeline.arena_bytes() // 2  # one worker's arena, as the epoch left it
                 finish(loader)
                 del loader
+            if collate is None:
+                times["forks"].append(fork_seconds(2))
+                times["ring"].append(new_ring_seconds(ring))
         print(f" {collate_name}, {SAMPLES} samples, {SAMPLES * 4} MiB per epoch")
         row(VANILLA, times[VANILLA], times[VANILLA])
         row(f"{OURS}, fresh, first epoch", times[OURS], times[VANILLA], lambda x: x >= 3)
         if times["later"]:
             row(f"{OURS}, its 2nd epoch (persistent, ref.)", times["later"], times[VANILLA])
+            kernel_floor(times, ring)
+
+
+def fork_seconds(n: int) -> float:
+    """What forking ``n`` children of this process takes (they exit at once): each loader pays it for
+    its workers, the page tables of the dataset above all."""
+    start = time.perf_counter()
+    pids = []
+    for _ in range(n):
+        pid = os.fork()
+        if pid == 0:
+            os._exit(0)
+        pids.append(pid)
+    took = time.perf_counter() - start
+    for pid in pids:
+        os.waitpid(pid, 0)
+    return took
+
+
+def new_ring_seconds(nbytes: int) -> float:
+    """Reserving ``nbytes`` of new shared memory and mapping it writable: what a new worker's ring costs
+    the kernel the first time round, whoever does it."""
+    start = time.perf_counter()
+    arena = Arena.create(nbytes)
+    arena.map_pages(0, arena.capacity, new=True)
+    took = time.perf_counter() - start
+    arena.region.close()
+    return took
+
+
+def kernel_floor(times: Dict[str, List[float]], ring: int) -> None:
+    """The kernel's share of a fresh loader, and what it leaves as the best a fresh first epoch can do:
+    the second worker starts after both forks, and its half of the batches takes about the second
+    epoch (both workers in parallel), plus its new ring."""
+    forks, pages, later = med(times["forks"]), med(times["ring"]), med(times["later"])
+    floor = forks + later + pages
+    print(f"  what the kernel must do here: two forks of this process {forks * 1e3:.0f} ms, a new ring of "
+          f"{ring / 2**20:.0f} MiB reserved and mapped {pages * 1e3:.0f} ms per worker")
+    print(f"  {'estimated floor: forks + 2nd epoch + one new ring':52} {floor * 1e3:7.1f} ms"
+          f"{'':{17}}vs DataLoader {med(times[VANILLA]) / floor:5.2f}x", flush=True)
 
 
 def epochs_section(bank: FloatBank, rounds: int, epochs: int) -> None:
