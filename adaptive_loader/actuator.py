@@ -48,6 +48,9 @@ class Actuator:
             self.event(Event.BUDGET, decision.reason("max_cost"), epoch,
                        max_cost=finite_or_none(decision.max_cost), per_batch_bytes=decision.per_batch_bytes)
             self._warn_if_below_asked(decision.max_cost, decision, epoch)
+        if decision.smaller_buffer:
+            self.count(Fallback.SMALLER_BUFFER)
+            self.event(Event.SMALLER_BUFFER, decision.reason("smaller buffer"), epoch, level=logging.WARNING)
         if decision.deeper:
             self.event(Event.DEPTH, decision.reason("first batch measured"), epoch)
         elif decision.num_workers == 0:

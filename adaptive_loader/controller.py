@@ -148,6 +148,7 @@ class Decision:
     reasons: List[str] = field(default_factory=list)
     limit: str = ""  # the limit that set the budget: "memory", "memory_budget" or "/dev/shm"
     deeper: bool = False  # the depth asked for comes back (the first batch under memory_budget was measured)
+    smaller_buffer: bool = False  # a stream's workers pack from one batch's samples from now on
 
     def reason(self, keyword: str) -> str:
         """The reason that mentions ``keyword`` (all of them if none does)."""
@@ -184,7 +185,10 @@ class Controller:
         self.prefetch_factor = prefetch_factor
         self.asked_depth = (num_workers, prefetch_factor)
         self.fixed_workers = fixed_workers  # a stream's workers own its shards: fewer workers is no rung
-        self.buffered_batches = buffered_batches  # per worker, samples held to pack from (a stream's buffer)
+        # per worker, the batches' worth of samples a stream's buffer holds to pack from besides the batch it makes;
+        # under a memory limit it is the first thing given up (``buffer_capped``: one batch's samples, no more)
+        self.buffered_batches = buffered_batches
+        self.buffer_capped = False
         self.floor_cost = max(floor_cost, self.min_cost)  # the budget never goes below it (min_batch_size)
         self.limit = "shm"  # which limit bound the last decision
         self.safety = safety
@@ -209,15 +213,24 @@ class Controller:
         """A batch's maker held ``heap`` bytes of its own as it made the batch (0: not measured): the
         batch's samples, a stream's buffer (counted as ``buffered_batches`` batches), and the rest."""
         if heap > 0:
-            self._heap_extras.append(max(0.0, float(heap - batch_bytes * (1 + self.buffered_batches))))
+            self._heap_extras.append(max(0.0, float(heap - batch_bytes * (1 + self._buffer_batches()))))
+
+    def _buffer_batches(self) -> float:
+        return 0.0 if self.buffer_capped else self.buffered_batches
 
     def decide(self, obs: Observation) -> Decision:
         """The next budget and fallbacks. What is given up, in order: the road (the workers'
-        own choice, per batch), then batches in flight, then workers (under a memory limit down
-        to none: the main process rather than one worker with smaller batches), and only then the
-        cost budget (never below ``floor_cost``)."""
+        own choice, per batch; a stream's read-ahead buffer under a memory limit), then batches in
+        flight, then workers (under a memory limit down to none: the main process rather than one
+        worker with smaller batches), and only then the cost budget (never below ``floor_cost``)."""
         reasons: List[str] = []
         usable, self.limit = self.usable_bytes(obs)
+        smaller_buffer = self._buffer_gives_way(usable, obs)
+        if smaller_buffer:
+            self.buffer_capped = True
+            reasons.append(f"smaller buffer: a stream's workers pack from one batch's samples, not from "
+                           f"{1 + self.buffered_batches:g} batches' worth read ahead, so that batches keep the size "
+                           f"asked for; {usable / 2**20:.1f} MiB usable ({self.limit})")
         measured = self.probing and self.model.coefficients() is not None
         self._probe_left -= measured
         probed = measured and self._probe_left <= 0
@@ -253,15 +266,31 @@ class Controller:
         self.per_batch_bytes = per_batch
         fd_limit, strategy = self._fd_plan(obs, reasons)
         return Decision(self.max_cost, per_batch, changed_prefetch, changed_workers, fd_limit, strategy, reasons,
-                        self.limit, deeper)
+                        self.limit, deeper, smaller_buffer)
 
     def _worker_heap(self, limit: str) -> Tuple[float, float]:
-        """What each worker holds besides its batches in flight, as ``(batches, bytes)``: the samples it
-        buffers (a stream's), and under a real memory limit its heap as measured: the batch's samples
-        while it makes the batch, and the largest extra lately. Not on /dev/shm's account: heaps are not there."""
-        if limit != "memory" or not self._heap_extras:
-            return self.buffered_batches, 0.0
-        return self.buffered_batches + 1.0, max(self._heap_extras)
+        """What each worker holds besides its batches in flight, under a real memory limit, as
+        ``(batches, bytes)``: the samples it buffers (a stream's), and once measured its heap: the
+        batch's samples while it makes the batch, and the largest extra lately. Not on /dev/shm's
+        account, nor on ``memory_budget``'s: heaps are not there."""
+        if limit != "memory":
+            return 0.0, 0.0
+        if not self._heap_extras:
+            return self._buffer_batches(), 0.0
+        return self._buffer_batches() + 1.0, max(self._heap_extras)
+
+    def _buffer_gives_way(self, usable: float, obs: Observation) -> bool:
+        """Whether a stream's buffer goes down to one batch's samples now: under a memory limit, with
+        the heaps measured, when the batches in flight at the size asked for do not fit beside it."""
+        if self.buffer_capped or self.buffered_batches <= 0 or not self._heaps_count():
+            return False
+        full = self.batch_bytes_at(self.user_max_cost)
+        if full <= 0:
+            return False
+        workers = self.num_workers
+        batches_per_worker, bytes_per_worker = self._worker_heap(self.limit)
+        needed = (self._slots(workers, self.prefetch_factor, obs) + workers * batches_per_worker) * full
+        return usable < needed + workers * bytes_per_worker
 
     def _heaps_count(self) -> bool:
         """Whether the last decision was bound by a real memory limit, with the makers' heaps measured."""

@@ -41,6 +41,7 @@ class Fallback(_Kind):
     SHARING_STRATEGY = "sharing_strategy"  # torch's sharing strategy switched to file_system
     RECOVERY = "recovery"  # the iterator was rebuilt after a failure
     IN_PROCESS = "in_process"  # workers could not start (no /dev/shm at all): loading in the main process
+    SMALLER_BUFFER = "smaller_buffer"  # a stream's workers pack from one batch's samples, not a buffer read ahead
 
 
 class Event(_Kind):
@@ -52,6 +53,7 @@ class Event(_Kind):
     SHARING_STRATEGY = Fallback.SHARING_STRATEGY.value
     RECOVERY = Fallback.RECOVERY.value
     IN_PROCESS = Fallback.IN_PROCESS.value
+    SMALLER_BUFFER = Fallback.SMALLER_BUFFER.value
     BUDGET = "budget"  # the cost budget moved
     DEPTH = "depth"  # the first batch was measured under memory_budget: the depth asked for comes back
     STALL = "stall"  # no batch for stall_timeout seconds

@@ -21,7 +21,7 @@ from . import _torch
 
 __all__ = ["footprint", "leaves", "dense_parts", "byte_span", "ShmProbe", "ShmState", "FdState", "read_fds",
            "host_ram_available", "rss_of", "anon_bytes", "private_bytes", "HeapMeter", "mark_heap_base",
-           "heap_growth", "release_free_heap"]
+           "heap_growth", "heap_before_batch", "release_free_heap"]
 
 
 def footprint(obj: Any, *, own_bytes: bool = False) -> Tuple[int, int]:
@@ -235,6 +235,7 @@ class HeapMeter:
     copied on write, which that misses, read from its private pages every ``PRIVATE_EVERY`` batches."""
 
     def __init__(self) -> None:
+        self.copies = False
         self._anon0: Optional[int] = None
         self._private0: Optional[int] = None
         self._copied = 0
@@ -242,6 +243,7 @@ class HeapMeter:
 
     def mark(self, copies: bool = True) -> None:
         """Count from now on; ``copies``: the parent's pages copied on write too (a forked worker's)."""
+        self.copies = copies
         self._anon0, self._private0 = anon_bytes(), private_bytes() if copies else None
         self._copied, self._reads = 0, 0
 
@@ -264,8 +266,18 @@ _HEAP = HeapMeter()
 
 def mark_heap_base(copies: bool = True) -> None:
     """From here on, :func:`heap_growth` counts this process's heap (a worker calls it as it starts;
-    ``copies``: with the parent's pages it copies on write, which costs a few ms every 32 batches)."""
+    ``copies``, under a memory limit: with the parent's pages it copies on write, which costs a few ms
+    every 32 batches, and :func:`heap_before_batch` gives the free pages back)."""
     _HEAP.mark(copies)
+
+
+def heap_before_batch() -> None:
+    """Under a memory limit (``mark_heap_base(copies=True)``), give the C heap's free pages back before
+    the worker makes a batch: glibc keeps what the last batch freed, and the memory cgroup counts it
+    as used (the detection stream in 768 MiB: a worker's extra beside its batch 90-120 MiB without,
+    35-45 MiB with)."""
+    if _HEAP.copies:
+        release_free_heap()
 
 
 def heap_growth() -> int:
@@ -278,7 +290,14 @@ def release_free_heap() -> None:
     """Give the C heap's free pages back to the kernel (glibc's ``malloc_trim``; elsewhere nothing).
     Before workers fork: pages the parent freed but kept would be reused by each worker, each
     copy charged again to the memory limit, and unseen by the workers' growth of anonymous pages."""
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            _malloc_trim = ctypes.CDLL(None).malloc_trim
+        except (OSError, AttributeError):
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim = None  # glibc's, once looked up (False: this C library has none)

@@ -40,8 +40,8 @@ logger = logging.getLogger("adaptive_loader")
 
 #: Samples a worker may hold back before the oldest one goes out in whatever batch packs it.
 AGE_LIMIT_BUFFERS = 2
-#: While memory holds the budget below the user's cap, a worker's buffer holds samples worth at most this
-#: many budgets (the controller counts them among the batches memory must hold)
+#: While the budget is below the user's cap, or the main process caps the buffer (under a memory limit), a
+#: worker's buffer holds samples worth at most this many budgets
 BUFFER_BATCHES = 1
 
 
@@ -240,15 +240,15 @@ class _WorkerStream:
     # -- reading -------------------------------------------------------------------------
     def _wants_more(self) -> bool:
         """Whether to read another sample before the next batch. By cost: until the buffer holds
-        ``buffer_size`` samples (fewer while the main process caps it, before anything is measured
-        under a memory limit), or, while memory holds the budget below the user's cap, samples
-        worth ``BUFFER_BATCHES`` budgets: the buffer is memory too."""
+        ``buffer_size`` samples (fewer while the main process caps it: before anything is measured,
+        and for good under a memory limit), and, while the budget is below the user's cap or the
+        buffer is capped, samples worth ``BUFFER_BATCHES`` budgets: the buffer is memory too."""
         _, max_cost, size, cap = self.b.budget.read()
         if self.b.passthrough or self.b.costs is None:
             return len(self.buffer) < (1 if self.b.passthrough else max(1, int(min(size, max_cost))))
         if len(self.buffer) >= min(self.b.buffer_size, cap):
             return False
-        if max_cost < self.b.user_max_cost:
+        if max_cost < self.b.user_max_cost or math.isfinite(cap):
             return sum(item.cost for item in self.buffer) < BUFFER_BATCHES * max_cost
         return True
 

@@ -104,6 +104,7 @@ class StreamLoader(AdaptiveLoader):
         self._repeat_of: Any = None  # pad: the batch a rank that ran dry repeats
         self._repeats = 0  # pad: how often this epoch
         self._seen_min, self._seen_sum, self._seen_n = math.inf, 0.0, 0  # costs seen (see _learn_costs)
+        self._seen_max, self._largest_batch = 0.0, 1  # the largest sample cost and batch seen
 
     # -- the DataLoader-like surface -------------------------------------------------------
     def __len__(self) -> int:
@@ -240,26 +241,29 @@ class StreamLoader(AdaptiveLoader):
         return [(meta.worker, p) for p in meta.positions]
 
     def _after_batch(self, indices: List[Any], stats: Any, batch: Any, wait_s: float, epoch: int) -> bool:
+        if not stats.stream.repeat:
+            self._learn_costs(stats.stream.costs)
         rebuild = super()._after_batch(indices, stats, batch, wait_s, epoch)
         if self.sampler.probing and self.controller.model.coefficients() is not None:
             self.sampler.probe(False)  # measured: the buffer asked for, its cost bounded by the budget
-        if not stats.stream.repeat:
-            self._learn_costs(stats.stream.costs)
+        if self.controller.buffer_capped and not self.sampler.buffer_capped:
+            self.sampler.cap_buffer(self._largest_batch)
         if self.uneven == "pad" and self.sampler.num_replicas > 1 and not stats.stream.repeat:
             self._repeat_of = _repeat(batch, stats)
         return rebuild
 
     def _learn_costs(self, costs: List[float]) -> None:
         """A stream's costs are known only as its samples come: the smallest positive one seen and
-        the mean set the controller's floor (``min_batch_size`` samples), as the map-style loader's
-        are set from every sample's cost up front."""
+        the mean set the controller's floor (``min_batch_size`` samples), and the largest its
+        whole batch, as the map-style loader's are set from every sample's cost up front."""
+        self._largest_batch = max(self._largest_batch, len(costs))
         positive = [c for c in costs if c > 0]
         if not positive or self._batcher.costs is None:
             return
-        self._seen_min = min(self._seen_min, min(positive))
+        self._seen_min, self._seen_max = min(self._seen_min, min(positive)), max(self._seen_max, max(positive))
         self._seen_sum, self._seen_n = self._seen_sum + sum(costs), self._seen_n + len(costs)
         controller = self.controller
-        controller.min_cost = self._seen_min
+        controller.min_cost, controller.max_sample_cost = self._seen_min, self._seen_max
         controller.floor_cost = self._seen_min + (self.min_batch_size - 1) * self._seen_sum / self._seen_n
 
     def _requeue_outstanding(self) -> None:
@@ -293,7 +297,13 @@ class StreamLoader(AdaptiveLoader):
                           min_cost=1.0 if counting else 0.0, num_workers=self.num_workers,
                           prefetch_factor=self.prefetch_factor or 1, safety=self.safety,
                           floor_cost=float(self.min_batch_size) if counting else 0.0, fixed_workers=True,
-                          buffered_batches=0.0 if counting else BUFFER_BATCHES)
+                          buffered_batches=0.0 if counting else self._read_ahead_batches())
+
+    def _read_ahead_batches(self) -> float:
+        """A worker's buffer, in batches beyond the one it makes: ``buffer_size`` samples in batches of
+        ``max_batch_size`` (without one, ``BUFFER_BATCHES``: batches by cost hold an unknown count)."""
+        size = self.sampler.max_batch_size
+        return max(0.0, self._batcher.buffer_size / size - 1) if size else float(BUFFER_BATCHES)
 
     def _follow_dataset_length(self) -> None:
         pass  # a stream has no plan over its length

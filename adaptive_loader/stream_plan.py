@@ -78,7 +78,9 @@ class StreamPlan:
         self.stateful = stateful
         self.budget = SharedBudget()
         self._max_cost = self.user_max_cost
-        self._buffer_cap = math.inf  # samples a worker may buffer (see probe())
+        self._buffer_cap = math.inf  # samples a worker may buffer (see probe() and cap_buffer())
+        self._probing = False
+        self._one_batch: Optional[float] = None  # under a memory limit: one batch's samples, no buffer beyond
         self.version = self.budget.publish(self._max_cost, max_batch_size)
         self.epoch = 0
         self.warn_oversized = True
@@ -100,15 +102,30 @@ class StreamPlan:
     def probe(self, on: bool) -> None:
         """Under a memory limit with nothing measured, each worker buffers one batch's samples at
         most (``max_batch_size``, else one), as the map-style loader plans one batch before the
-        first is measured; off: the buffer the user asked for."""
-        cap = float(self.max_batch_size or 1) if on else math.inf
-        if cap != self._buffer_cap:
-            self._buffer_cap = cap
-            self._publish()
+        first is measured; off: the buffer the user asked for (or one batch, after :meth:`cap_buffer`)."""
+        self._probing = on
+        self._set_buffer_cap()
+
+    def cap_buffer(self, samples: float) -> None:
+        """From now on each worker reads ahead one batch at most: ``samples`` (a batch's largest count)
+        and, the worker's own rule under a cap, samples worth one budget."""
+        self._one_batch = float(self.max_batch_size or max(1.0, samples))
+        self._set_buffer_cap()
 
     @property
     def probing(self) -> bool:
-        return math.isfinite(self._buffer_cap)
+        return self._probing
+
+    @property
+    def buffer_capped(self) -> bool:
+        return self._one_batch is not None
+
+    def _set_buffer_cap(self) -> None:
+        cap = min(float(self.max_batch_size or 1) if self._probing else math.inf,
+                  self._one_batch if self._one_batch is not None else math.inf)
+        if cap != self._buffer_cap:
+            self._buffer_cap = cap
+            self._publish()
 
     def _publish(self) -> None:
         self.version = self.budget.publish(self._max_cost, self.max_batch_size, self._buffer_cap)

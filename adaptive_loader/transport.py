@@ -44,7 +44,7 @@ from ._torch import collate, collate_tensor_fn, default_collate_fn_map
 from .arena import ALIGN, Arena, ArenaFull, RingWriter, default_kind, first_ring_bytes, open_view
 from .codec import decode, encode, piece_views
 from .kinds import Road
-from .measure import FdState, ShmProbe, footprint, heap_growth, leaves, mark_heap_base, read_fds
+from .measure import FdState, ShmProbe, footprint, heap_before_batch, heap_growth, leaves, mark_heap_base, read_fds
 from .region import MEMFD, SharedRegion
 from .spill import SpillDir, read_spill
 
@@ -186,6 +186,7 @@ class MeasuredCollate:
         if self._shm is None:  # the first batch in this worker: open what a later fd shortage would deny
             self._shm = ShmProbe(self.shm_path)
             self.spill.prepare()
+        heap_before_batch()
         self._batches_made += 1
         needed = sum(b for b, _ in sizes)
         free = self._shm.read().free

@@ -574,6 +574,37 @@ def test_a_stream_never_moves_to_the_main_process():
     assert d.num_workers is None and c.num_workers == 4
 
 
+def stream_controller(read_ahead=3.0):
+    """A stream's 4x2 workers, each reading ``read_ahead`` batches of samples ahead of the one it makes;
+    measured: each held that buffer, its batch and 20 MiB more."""
+    c = deep_controller(fixed_workers=True, buffered_batches=read_ahead)
+    c.observe_heap(int((1 + read_ahead) * 100 * MiB + 20 * MiB), 100 * MiB)
+    return c
+
+
+def test_a_streams_read_ahead_is_given_up_first_then_a_batch_in_flight_and_the_batches_keep_their_size():
+    # with 3 batches read ahead, 4x2 needs (9 slots + 4 x 4 heaps) x 100 MiB + 4 x 20 MiB: far over 1000 MiB;
+    # reading one batch's samples only, 4x2 needs 1380 MiB and 4x1 980 MiB
+    c = stream_controller()
+    d = observe_memory(c, available=int(1000 * MiB / 0.8))
+    assert d.smaller_buffer and c.buffer_capped and "read ahead" in d.reason("smaller buffer")
+    assert (c.num_workers, c.prefetch_factor, d.prefetch_factor, d.max_cost) == (4, 1, 1, 100.0)
+    assert d.per_batch_bytes == pytest.approx((1000 * MiB - 4 * 20 * MiB) / (4 + 1 + 4))
+    assert not observe_memory(c, available=int(1000 * MiB / 0.8)).smaller_buffer  # said once
+
+
+def test_a_streams_read_ahead_stays_where_the_batches_fit_beside_it():
+    c = stream_controller()
+    d = observe_memory(c, available=int(3000 * MiB / 0.8))  # (9 + 16) x 100 + 80 MiB fit
+    assert not d.smaller_buffer and not c.buffer_capped and (c.prefetch_factor, d.max_cost) == (2, 100.0)
+
+
+def test_a_streams_read_ahead_is_not_on_dev_shms_account():
+    c = stream_controller()
+    d = observe(c, 1000 * MiB / 0.8)  # /dev/shm binds: 9 slots of 100 MiB fit; the buffer is in the workers' heaps
+    assert (d.prefetch_factor, d.max_cost, d.smaller_buffer) == (None, 100.0, False)
+
+
 def test_the_arenas_room_leaves_the_workers_heaps_and_the_plan_out():
     c = heap_controller()
     assert c.memory_room(int(1000 * MiB / 0.8), None, 1, 0, workers=2, batch_bytes=50 * MiB) == \

@@ -210,6 +210,18 @@ def test_adaptive_at_1_4x_the_main_process_floor_keeps_whole_batches_without_an_
 
 
 @needs_cgroup_and_sandbox
+def test_a_stream_in_768_mib_gives_up_its_read_ahead_and_a_batch_in_flight_before_the_batch_size():
+    # vanilla completes here with batches of 8. A stream's workers own its shards, so there is no main-process
+    # rung: its workers read one batch ahead instead of 4 and keep one batch in flight each, and the batches stay
+    # near the 8 asked for (3.6-4.6 images before, with the budget cut first)
+    result = run_case("detection-stream", "adaptive", shm_bytes=8 << 30, memory_bytes=768 * MiB, quick=True,
+                      epochs=2)
+    assert_exactly_once(result, 768 * MiB)
+    assert result["fallbacks"].get("smaller_buffer") == 1, summary(result)
+    assert result["mean_batch_size"] >= 6.0, summary(result)
+
+
+@needs_cgroup_and_sandbox
 def test_vanilla_in_768_mib_delivers_every_sample_once():
     result = run_case("memory-limit", "vanilla", shm_bytes=8 << 30, memory_bytes=768 * MiB, quick=True)
     assert_exactly_once(result, 768 * MiB)
