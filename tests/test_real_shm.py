@@ -43,8 +43,11 @@ VANILLA_FAILS = {"seed": {"hang"}, "detection": {"hang"}, "detection-stream": {"
                  "main-kill": {"hang", "crash"}, "odd-tensors": {"hang", "crash"}, "fd-pressure": {"hang", "crash"}}
 #: Measured on torch 2.1.2, which does not reserve: the worker that touches a page tmpfs has no room for
 #: dies of SIGBUS, so it crashes rather than hangs; in "mixed" the run may also find room and complete.
-VANILLA_FAILS_UNRESERVED = {"seed": {"crash"}, "detection": {"crash"}, "detection-stream": {"crash"},
-                            "memory-limit": {"crash"}, "memory-limit-tv": {"crash"},
+#: torch sees that death at its 5 s check of the workers; on a busy machine the harness's 8 s without a
+#: batch can come first, and the same failure reads as a hang (detection-stream, once in a CI leg).
+_SIGBUS = {"crash", "hang"}
+VANILLA_FAILS_UNRESERVED = {"seed": _SIGBUS, "detection": _SIGBUS, "detection-stream": _SIGBUS,
+                            "memory-limit": _SIGBUS, "memory-limit-tv": _SIGBUS,
                             "volumes": {"crash"}, "giant-sample": {"crash"}, "many-tensors": {"hang", "crash"},
                             "shm-hog": {"hang", "crash"}, "worker-kill": {"crash"}, "mixed": {"crash", "ok"},
                             # not run on 2.1: the same as on 2.13 is expected (SIGBUS turns hangs into crashes)

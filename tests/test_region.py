@@ -280,10 +280,11 @@ def test_fds_stay_steady_over_200_batches_in_both_processes():
         worker_fds.append(fds_in_worker)
         main_fds.append(open_fds())
     assert len(main_fds) == 200
-    # Nothing grows with the number of batches: a leak of one fd per batch would add ~180. An fd in
-    # transit (a batch sent and not yet closed) moves the counts by one or two from batch to batch.
-    assert max(main_fds[20:]) <= max(main_fds[:20]) + 2
-    assert max(worker_fds[20:]) <= max(worker_fds[:20]) + 2
+    # Nothing grows with the number of batches: a leak of one fd per batch would add ~180. Fds in
+    # transit (batches sent and not yet closed) move the counts by a few from batch to batch (+3 seen on
+    # a busy machine, on torch 2.1).
+    assert max(main_fds[20:]) <= max(main_fds[:20]) + 4
+    assert max(worker_fds[20:]) <= max(worker_fds[:20]) + 4
 
 
 # -- /dev/shm untouched ----------------------------------------------------------------------------
