@@ -180,6 +180,8 @@ class EpochIterator:
         self._dl_iter = self._retired = None
         if not completed:
             parts.pipeline.drop()
+        else:
+            parts.pipeline.reap_exited()
         parts.actuator.event(Event.EPOCH_END, f"epoch {self.epoch} {'done' if completed else 'left early'} "
                              f"after {parts.ledger.step} batches in all", self.epoch, completed=completed,
                              fallbacks=host.fallbacks, arena_misses=parts.ledger.arena_misses,

@@ -160,6 +160,18 @@ class Pipeline:
         while self._retiring:
             _torch.shutdown_workers(self._retiring.pop())
 
+    def reap_exited(self) -> None:
+        """Join the retired workers that have exited by now, without waiting for the others: each is a
+        zombie until joined, and the next epoch may be far off (validation, a checkpoint)."""
+        exiting = []
+        for iterator in self._retiring:
+            alive = [w for w in _torch.iterator_workers(iterator) if w.is_alive()]  # is_alive() reaps one that exited
+            if alive:
+                exiting.append(iterator)
+            else:
+                _torch.shutdown_workers(iterator)
+        self._retiring = exiting
+
     def drop(self, iterator: Any = None, kill: bool = False) -> None:
         """Stop every worker and forget the DataLoader; the next iterator builds a new one."""
         self.reap_retired()

@@ -265,3 +265,36 @@ def test_the_last_batch_lets_the_workers_exit_and_the_next_epoch_keeps_their_are
     assert {w: a.id for w, a in loader._pipeline.current_arenas().items()} == arenas
     loader.close()
     assert [p for p in psutil.Process().children() if p not in before] == []
+
+
+
+def _process_state(pid):
+    """``pid``'s state in /proc: ``"exited"`` (a zombie: every thread gone, not joined yet), ``"running"``
+    (a zombie leader whose other threads still run counts here too), None once it is joined."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+        threads = len(os.listdir(f"/proc/{pid}/task"))
+    except FileNotFoundError:
+        return None
+    return "exited" if state == "Z" and threads == 1 else "running"
+
+
+@pytest.mark.timeout(120)
+def test_workers_that_exited_by_the_end_of_the_epoch_are_no_zombies_after_it():
+    """The workers told to exit at the last batch are joined as the epoch ends if they are gone by
+    then, not left as zombies until the next epoch or ``close()``."""
+    import psutil
+
+    before = {p.pid for p in psutil.Process().children()}
+    loader = AdaptiveLoader(Numbers(24), max_batch_size=4, num_workers=2, multiprocessing_context="fork")
+    workers = []
+    for step, _ in enumerate(loader):
+        if step == len(loader) - 1:  # they were told to exit as this batch came: wait until both have
+            workers = [p.pid for p in psutil.Process().children() if p.pid not in before]
+            deadline = time.monotonic() + 30
+            while any(_process_state(pid) == "running" for pid in workers) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert len(workers) == 2 and [_process_state(pid) for pid in workers] == ["exited", "exited"]
+    assert [pid for pid in workers if _process_state(pid) is not None] == []
+    loader.close()
