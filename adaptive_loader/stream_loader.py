@@ -218,17 +218,18 @@ class StreamLoader(AdaptiveLoader):
         raise StopIteration
 
     def _cut_rest(self, envelope: Envelope, iterator: Any) -> None:
-        samples, batches = len(envelope.stats.stream.positions), 1
-        for more in iterator:
-            if not more.stats.stream.drop:
-                samples, batches = samples + len(more.stats.stream.positions), batches + 1
+        """Another rank is dry: this rank's epoch ends here. Its workers stop now, so the rest of its
+        stream is not read (that could take as long as a shard more, with every other rank waiting for
+        it at its next collective); what was not delivered is the batch in hand and all after it."""
+        samples = len(envelope.stats.stream.positions)
+        self._pipeline.drop(iterator)
         self._epoch_end = "cut"
         why = ("another rank's stream ran dry first (uneven='stop')" if self.uneven == "stop" else
                "another rank delivered no batch this epoch, so it had none to repeat (uneven='pad')")
-        self._report_uneven(f"{samples} samples ({batches} batches) of its stream were not delivered: {why}. "
-                            f"Split the shards evenly among ranks" + (", or pass uneven='pad'" if self.uneven == "stop"
-                                                                      else ""),
-                            cut_samples=samples, cut_batches=batches)
+        self._report_uneven(f"its stream was cut at a batch of {samples} samples, not delivered, and the rest of it "
+                            f"was not read: {why}. Split the shards evenly among ranks"
+                            + (", or pass uneven='pad'" if self.uneven == "stop" else ""),
+                            cut_batch_samples=samples)
 
     def _report_uneven(self, what: str, **data: Any) -> None:
         self._actuator.event(Event.RANKS_UNEVEN, f"rank {self.sampler.rank}, epoch {self.sampler.epoch}: {what}",

@@ -26,16 +26,25 @@ def ranks(tmp_path_factory):
     return [json.loads(out.with_name(f"verdict.rank{rank}.json").read_text()) for rank in (0, 1)]
 
 
-def test_uneven_stop_every_rank_stops_at_the_first_dry_one_and_reports_the_rest(ranks):
+def test_uneven_stop_every_rank_stops_at_the_first_dry_one_and_reports_the_cut(ranks):
     for epoch in range(2):
         batches = [r["stop"]["epochs"][epoch]["batches"] for r in ranks]
         assert batches[0] == batches[1] > 0
         for rank, verdict in enumerate(ranks):
             keys = verdict["stop"]["epochs"][epoch]["keys"]
             assert len(keys) == len(set(keys)), "a sample came twice"
-            cut = sum(c["cut_samples"] for c in verdict["stop"]["cut"][epoch:epoch + 1]) if rank == 0 else 0
-            assert len(keys) + cut == SAMPLES[rank], (rank, len(keys), cut)
+        assert len(ranks[1]["stop"]["epochs"][epoch]["keys"]) == SAMPLES[1]
+        assert len(ranks[0]["stop"]["epochs"][epoch]["keys"]) < SAMPLES[0]
+    assert [c["cut_batch_samples"] > 0 for c in ranks[0]["stop"]["cut"]] == [True, True], "rank 0 reports each cut"
     assert not ranks[1]["stop"]["cut"], "the rank that ran dry first cut nothing"
+
+
+def test_a_cut_stream_is_not_read_to_its_end(ranks):
+    """Rank 0 has 4,000 samples more than rank 1: at the cut its workers stop, they do not read them."""
+    delivered = [len(e["keys"]) for e in ranks[0]["stop-long"]["epochs"]]
+    assert delivered[0] < SAMPLES[0] and len(ranks[0]["stop-long"]["cut"]) == 2
+    assert ranks[0]["stop-long"]["read"] < 2 * 1000, ranks[0]["stop-long"]["read"]  # the whole stream: 2 x 4,120
+    assert ranks[1]["stop-long"]["read"] == 2 * SAMPLES[1]
 
 
 def test_uneven_pad_the_short_rank_repeats_marked_batches_until_all_are_dry(ranks):
@@ -53,7 +62,8 @@ def test_pad_with_a_rank_that_has_no_batch_at_all_stops_every_rank_and_says_so(r
     """Nothing to repeat: the rank with batches cuts them (reported), and nobody waits."""
     for epoch in range(2):
         assert [r["pad-empty"]["epochs"][epoch]["batches"] for r in ranks] == [0, 0]
-    assert [c["cut_samples"] for c in ranks[0]["pad-empty"]["cut"]] == [200, 200]
+    assert [c["cut_batch_samples"] > 0 for c in ranks[0]["pad-empty"]["cut"]] == [True, True]
+    assert ranks[0]["pad-empty"]["read"] < 2 * 200
     assert not ranks[1]["pad-empty"]["cut"]
 
 

@@ -5,7 +5,8 @@
 Each rank writes its verdict to OUT.rank<N>.json.
 
 A stream whose shards split unevenly between the ranks (rank 0 reads 3 shards, rank 1 two), as
-``split_by_node`` leaves them with 5 shards and 2 ranks. Per epoch every rank must yield the same
+``split_by_node`` leaves them with 5 shards and 2 ranks; in "stop-long" rank 0 has a shard of 4,000
+samples more, which a cut must not read (with persistent workers, which the cut stops). Per epoch every rank must yield the same
 number of batches, every sample that was delivered must carry its own content, and what was not
 delivered must be reported. Last, plain DataLoader over the same stream with an all-reduce per step
 (what DDP does), on a group with a short timeout: the rank with more batches waits in vain.
@@ -28,21 +29,29 @@ from adaptive_loader import AdaptiveLoader  # noqa: E402
 SHARDS = [range(s * 40, (s + 1) * 40) for s in range(5)]  # 200 samples in 5 shards
 
 
+LONG_SHARD = range(1000, 5000)  # "long": rank 0 has this one too, 4,000 samples the others do not match
+
+
 class ShardedStream(IterableDataset):
     """Shards split by rank, then by worker (as WebDataset's split_by_node, split_by_worker);
-    ``empty``: rank 1 gets no shard at all."""
+    ``empty``: rank 1 gets no shard at all; ``long``: rank 0 gets ``LONG_SHARD`` as well. Each worker
+    appends every key it reads to ``reads``.rank<R>.worker<W>."""
 
-    def __init__(self, empty: bool = False) -> None:
-        self.empty = empty
+    def __init__(self, empty: bool = False, long: bool = False, reads: str = "") -> None:
+        self.empty, self.long, self.reads = empty, long, reads
 
     def __iter__(self):
         rank, world = dist.get_rank(), dist.get_world_size()
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        mine = (SHARDS if rank == 0 else [])[worker::workers] if self.empty else SHARDS[rank::world][worker::workers]
-        for shard in mine:
-            for i in shard:
-                yield {"key": f"{i:04d}", "x": torch.full((1 + i % 5,), float(i))}
+        shards = (SHARDS if rank == 0 else []) if self.empty else SHARDS[rank::world]
+        if self.long and rank == 0:
+            shards = shards + [LONG_SHARD]
+        with open(f"{self.reads}.rank{rank}.worker{worker}", "a", buffering=1) as log:
+            for shard in shards[worker::workers]:
+                for i in shard:
+                    log.write(f"{i}\n")
+                    yield {"key": f"{i:04d}", "x": torch.full((1 + i % 5,), float(i))}
 
 
 def objects(sample):
@@ -59,9 +68,9 @@ def check(sample) -> int:
     return i
 
 
-def run(uneven: str, events: list, empty: bool = False):
-    loader = AdaptiveLoader(ShardedStream(empty), costs=objects, max_cost=12, max_batch_size=4, num_workers=2,
-                            collate_fn=as_list, uneven=uneven, sync_every=4,
+def run(uneven: str, events: list, empty: bool = False, long: bool = False, reads: str = ""):
+    loader = AdaptiveLoader(ShardedStream(empty, long, reads), costs=objects, max_cost=12, max_batch_size=4, num_workers=2,
+                            collate_fn=as_list, uneven=uneven, sync_every=4, persistent_workers=long,
                             telemetry=lambda r: events.append(r) if r["kind"] == "event" else None)
     epochs = []
     for epoch in range(2):
@@ -74,6 +83,17 @@ def run(uneven: str, events: list, empty: bool = False):
         epochs.append({"keys": keys, "repeats": repeats, "batches": loader._ledger.feed.delivered})
     loader.close()
     return epochs
+
+
+def samples_read(reads: str, rank: int) -> int:
+    """How many samples this rank's workers read, over every epoch (from their logs)."""
+    folder, prefix = os.path.split(reads)
+    total = 0
+    for name in os.listdir(folder):
+        if name.startswith(f"{prefix}.rank{rank}."):
+            with open(os.path.join(folder, name)) as f:
+                total += len(f.read().split())
+    return total
 
 
 def plain_dataloader_with_a_step_collective() -> dict:
@@ -94,12 +114,14 @@ def main(out: str) -> None:
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     verdict = {}
-    for name, uneven, empty in (("stop", "stop", False), ("pad", "pad", False), ("pad-empty", "pad", True)):
-        events = []
-        epochs = run(uneven, events, empty)
+    for name, uneven, empty, long in (("stop", "stop", False, False), ("stop-long", "stop", False, True),
+                                      ("pad", "pad", False, False), ("pad-empty", "pad", True, False)):
+        events, reads = [], f"{out}.{name}.reads"
+        epochs = run(uneven, events, empty, long, reads)
         uneven_events = [e["data"] for e in events if e["event"] == "ranks_uneven"]
-        verdict[name] = {"epochs": epochs, "cut": [d for d in uneven_events if "cut_samples" in d],
-                         "repeated": [d for d in uneven_events if "repeated_batches" in d]}
+        verdict[name] = {"epochs": epochs, "cut": [d for d in uneven_events if "cut_batch_samples" in d],
+                         "repeated": [d for d in uneven_events if "repeated_batches" in d],
+                         "read": samples_read(reads, rank)}
     dist.barrier()
     verdict["dataloader"] = plain_dataloader_with_a_step_collective()
     with open(f"{out}.rank{rank}.json", "w") as f:  # no collective after a timed-out one (torch 2.1 aborts)
