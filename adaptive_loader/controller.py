@@ -202,6 +202,8 @@ class Controller:
         self.probing = False  # the probe is under way: nothing measured yet (see start_probe)
         self._probe_left = 0  # batches the probe still makes
         self.per_batch_bytes = 0.0  # what the last decision left each batch in flight
+        # a stream's first batches under a memory limit: how many were measured, and the costliest of them
+        self._batches_measured, self._costliest_batch = 0, 0.0
         # the depth a memory limit (a decision bound by memory, or an OOM kill) left: no later epoch starts deeper,
         # its arenas and heaps being still there when it starts
         self.depth_cap: Optional[Tuple[int, int]] = None
@@ -214,6 +216,30 @@ class Controller:
         batch's samples, a stream's buffer (counted as ``buffered_batches`` batches), and the rest."""
         if heap > 0:
             self._heap_extras.append(max(0.0, float(heap - batch_bytes * (1 + self._buffer_batches()))))
+
+    def observe_batch(self, cost: float) -> None:
+        """A batch of ``cost`` (in the budget's units) was delivered and measured."""
+        self._batches_measured += 1
+        self._costliest_batch = max(self._costliest_batch, float(cost))
+
+    @property
+    def slow_starting(self) -> bool:
+        """A stream's first ``SLOW_START_BATCHES`` under a memory cgroup's limit, decided after each batch:
+        the budget rises to at most ``SLOW_START_RISE`` times the costliest batch measured. The first
+        decision rests on one batch's heap and a second of memory readings; a stream's workers pack with
+        the budget they were given, so batches at a budget too high are in memory before the next
+        readings can lower it, and the OOM killer comes first (docs/performance.md, a stream at 640 MiB)."""
+        return self.fixed_workers and self.limit == "memory" and self._batches_measured < SLOW_START_BATCHES
+
+    def _slow_start(self, target: float) -> Tuple[float, str]:
+        """``target`` under the slow start's cap, and what to say of the cap where it binds."""
+        if not self.slow_starting or self._costliest_batch <= 0:
+            return target, ""
+        cap = max(SLOW_START_RISE * self._costliest_batch, self.floor_cost)
+        if cap >= target:
+            return target, ""
+        return cap, (f" (slow start, for a stream's first {SLOW_START_BATCHES} batches under a memory limit: at most "
+                     f"{SLOW_START_RISE:g}x the costliest batch measured, {format_cost(self._costliest_batch)})")
 
     def _buffer_batches(self) -> float:
         return 0.0 if self.buffer_capped else self.buffered_batches
@@ -260,8 +286,8 @@ class Controller:
         elif deeper:
             reasons.append(f"first batch measured: the depth asked for, {workers}x{prefetch} (workers x prefetch), "
                            f"fits {usable / 2**20:.1f} MiB usable ({self.limit})")
-        target = max(self._max_cost_for(per_batch), min(self.floor_cost, self.user_max_cost))
-        self._move_budget(target, per_batch, reasons)
+        target, why = self._slow_start(max(self._max_cost_for(per_batch), min(self.floor_cost, self.user_max_cost)))
+        self._move_budget(target, per_batch, reasons, why)
         self.max_cost = self.capped(self.memory_max_cost)
         self.per_batch_bytes = per_batch
         fd_limit, strategy = self._fd_plan(obs, reasons)
@@ -473,7 +499,7 @@ class Controller:
         """``max_cost`` under the caps of other limits (the device's), applied at once both ways."""
         return min(max_cost, max(self.external_cap, self.min_cost))
 
-    def _move_budget(self, target: float, per_batch: float, reasons: List[str]) -> None:
+    def _move_budget(self, target: float, per_batch: float, reasons: List[str], why: str = "") -> None:
         current = self.memory_max_cost
         # shrink on a small drop, grow only on a clear rise: batches in flight make the
         # free space jitter by a batch or so from one observation to the next
@@ -481,7 +507,7 @@ class Controller:
                 or (target == self.user_max_cost and current != target):
             direction = "lower" if target < current else "raise"
             reasons.append(f"{direction} max_cost {format_cost(current)} -> {format_cost(target)}: "
-                           f"{per_batch / 2**20:.1f} MiB per batch in flight fit in the {self.limit} limit")
+                           f"{per_batch / 2**20:.1f} MiB per batch in flight fit in the {self.limit} limit{why}")
             self.memory_max_cost = target
 
     # -- file descriptors -----------------------------------------------------
@@ -561,6 +587,8 @@ FDS_PRESSING = 8  # read fds every batch once a batch's fds exceed 1/8 of the so
 FDS_FAR = 64  # the fds are "far from their limit" while a batch's fds are under 1/64 of it
 PROBE_BATCHES = 2  # made in the main process under a memory limit before any worker starts (start_probe)
 HEAP_WINDOW = 32  # batches whose makers' heaps bound the next ones'
+SLOW_START_BATCHES = 8  # a stream's first batches under a memory limit, whose budget follows the batches measured
+SLOW_START_RISE = 1.25  # how far above the costliest batch measured the budget may rise meanwhile
 MEMORY_EVERY_SECONDS = 0.05  # reading the memory cgroup and /proc/meminfo costs ~0.2 ms: at most 20 a second
 ARENA_REPLACE_BELOW = 0.95  # an idle arena under this fraction of the planned capacity is replaced,
 ARENA_REPLACE_ABOVE = 2.0  # and one above this many times it (the batches got smaller: give memory back)

@@ -293,10 +293,12 @@ def after_batch(host: "EpochHost", parts: "EpochParts", indices: Any, stats: Any
     ledger, controller = parts.ledger, host.controller
     costs = host._unit_costs(indices, stats)  # the units the budget counts in
     pinned = parts.pipeline.pinning()
-    ledger.deliver(indices, host._batch_cost(indices, costs), stats, batch, pinned, epoch)  # record
+    cost = host._batch_cost(indices, costs)
+    ledger.deliver(indices, cost, stats, batch, pinned, epoch)  # record
     if stats.sample_bytes:  # a batch made in the main process is measured too (the probe's is)
         controller.model.observe(costs, stats.sample_bytes)
         controller.observe_heap(stats.heap, stats.batch_bytes)
+        controller.observe_batch(cost)
     if stats.transport == Road.FILE:
         parts.actuator.count(Fallback.OFF_SHM)
         parts.actuator.event(Event.OFF_SHM, f"batch {ledger.step} ({len(indices)} samples) went through a "
@@ -304,7 +306,8 @@ def after_batch(host: "EpochHost", parts: "EpochParts", indices: Any, stats: Any
                              bytes=stats.batch_bytes)
     rate = parts.rate.update(len(indices))
     fds = host._fds
-    decide = parts.actuator.agreement_due() or controller.probing or parts.pipeline.num_workers > 0 and (
+    decide = parts.actuator.agreement_due() or controller.probing or controller.slow_starting or \
+        parts.pipeline.num_workers > 0 and (
         rules.decision_due(ledger.step, ledger.last_target, ledger.largest_batch,
                            stats.transport in (Road.SHM, *ARENA_ROADS), stats.handles, fds.soft_limit if fds else None))
     telemetry = parts.telemetry

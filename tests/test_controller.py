@@ -605,6 +605,43 @@ def test_a_streams_read_ahead_is_not_on_dev_shms_account():
     assert (d.prefetch_factor, d.max_cost, d.smaller_buffer) == (None, 100.0, False)
 
 
+def test_a_streams_first_batches_under_a_memory_limit_rise_from_the_batches_measured():
+    # 3000 MiB fit every batch at the cap (100); after one batch of cost 40 the budget stays at 1.25 x 40, and
+    # rises with the batches measured until the 8th, from which the memory readings alone set it
+    from adaptive_loader.controller import SLOW_START_BATCHES, SLOW_START_RISE
+    c = stream_controller()
+    c.observe_batch(40.0)
+    d = observe_memory(c, available=int(3000 * MiB / 0.8))
+    assert d.max_cost == SLOW_START_RISE * 40 and c.slow_starting and "slow start" in d.reason("max_cost")
+    c.observe_batch(50.0)  # the budget of 50 was filled: it may rise again (by more than the hysteresis)
+    assert observe_memory(c, available=int(3000 * MiB / 0.8)).max_cost == SLOW_START_RISE * 50
+    for _ in range(SLOW_START_BATCHES - 2):
+        c.observe_batch(50.0)
+    assert observe_memory(c, available=int(3000 * MiB / 0.8)).max_cost == 100.0 and not c.slow_starting
+
+
+def test_a_slow_start_never_raises_the_budget_the_memory_readings_lower():
+    c = stream_controller()
+    c.observe_batch(90.0)
+    d = observe_memory(c, available=int(1000 * MiB / 0.8))  # the read-ahead goes, then 4x1 fits batches of 100
+    assert d.max_cost == 100.0 and d.smaller_buffer
+    c = stream_controller()
+    c.observe_batch(90.0)
+    d = observe_memory(c, available=int(400 * MiB / 0.8))
+    assert d.max_cost < 90.0
+
+
+@pytest.mark.parametrize("where", ["map-style", "/dev/shm", "memory_budget"])
+def test_no_slow_start_for_map_style_loaders_nor_outside_a_memory_cgroups_limit(where):
+    c = heap_controller() if where == "map-style" else stream_controller()
+    c.observe_batch(40.0)
+    if where == "/dev/shm":
+        d = observe(c, 3000 * MiB / 0.8)
+    else:
+        d = observe_memory(c, available=10 * GiB, budget=int(3000 * MiB / 0.8) if where == "memory_budget" else None)
+    assert d.max_cost == 100.0 and not c.slow_starting
+
+
 def test_the_arenas_room_leaves_the_workers_heaps_and_the_plan_out():
     c = heap_controller()
     assert c.memory_room(int(1000 * MiB / 0.8), None, 1, 0, workers=2, batch_bytes=50 * MiB) == \
