@@ -457,6 +457,9 @@ class AdaptiveLoader:
         given_up, sentence, cap = self.controller.step_down_after_oom()
         if cap is not None:
             self._cap_budget("oom_kill", cap)
+        # the least memory left lately was the killed worker's doing: held for seconds more, it would cut the
+        # budget to its floor behind the step-down, with the room back; fresh readings take over from here
+        self._memory_watch.forget()
         if given_up != "budget":  # a budget change is an event of its own kind, not a fallback
             self._actuator.count(Fallback(given_up))
         return given_up, sentence

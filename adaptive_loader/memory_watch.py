@@ -43,6 +43,9 @@ class RecentLow:
             return None
         return min([current] + [value for _, value in self._readings])
 
+    def clear(self) -> None:
+        self._readings.clear()
+
 
 class MemoryWatch:
     """The least memory left lately, fed by the loader's own readings and, once :meth:`start`
@@ -68,6 +71,11 @@ class MemoryWatch:
         """The least left lately, never above ``current``."""
         with self._lock:
             return self._lows.low(current)
+
+    def forget(self) -> None:
+        """Drop the readings so far: they were taken with processes that are gone (an OOM-killed worker)."""
+        with self._lock:
+            self._lows.clear()
 
     def start(self) -> None:
         """Read in a thread from now on, until :meth:`stop` (idempotent)."""

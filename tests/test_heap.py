@@ -86,3 +86,14 @@ def test_a_reading_that_fails_is_skipped():
         time.sleep(0.01)
     watch.stop()
     assert watch.low(10**6 * MiB) == 300 * MiB
+
+
+def test_after_an_oom_kill_the_watch_forgets_the_lows_the_killed_worker_made():
+    watch = MemoryWatch(lambda: None)
+    watch.add(0.0, 40 * MiB)  # the moment before the kill: a worker at its fullest
+    watch.add(0.5, 300 * MiB)
+    assert watch.low(300 * MiB) == 40 * MiB
+    watch.forget()
+    assert watch.low(300 * MiB) == 300 * MiB
+    watch.add(1.0, 250 * MiB)
+    assert watch.low(300 * MiB) == 250 * MiB  # readings from now on count again
