@@ -17,12 +17,14 @@ SAMPLES = {0: 120, 1: 80}  # rank 0 reads 3 shards of 40, rank 1 two
 def ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("ranks") / "verdict"
     argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", SCRIPT, str(out)]
+    before = set(os.listdir(REPO))
     try:
         result = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=240,
                                 env=dict(os.environ, OMP_NUM_THREADS="1"))
     except subprocess.TimeoutExpired as exc:
         pytest.fail(f"the ranks ran past 240 s (a rank waiting in a collective?): {str(exc.stdout)[-3000:]}")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert set(os.listdir(REPO)) - before == set(), "the ranks left files in the repository"
     return [json.loads(out.with_name(f"verdict.rank{rank}.json").read_text()) for rank in (0, 1)]
 
 

@@ -34,8 +34,8 @@ LONG_SHARD = range(1000, 5000)  # "long": rank 0 has this one too, 4,000 samples
 
 class ShardedStream(IterableDataset):
     """Shards split by rank, then by worker (as WebDataset's split_by_node, split_by_worker);
-    ``empty``: rank 1 gets no shard at all; ``long``: rank 0 gets ``LONG_SHARD`` as well. Each worker
-    appends every key it reads to ``reads``.rank<R>.worker<W>."""
+    ``empty``: rank 1 gets no shard at all; ``long``: rank 0 gets ``LONG_SHARD`` as well. Given
+    ``reads``, each worker appends every key it reads to ``reads``.rank<R>.worker<W>."""
 
     def __init__(self, empty: bool = False, long: bool = False, reads: str = "") -> None:
         self.empty, self.long, self.reads = empty, long, reads
@@ -47,11 +47,16 @@ class ShardedStream(IterableDataset):
         shards = (SHARDS if rank == 0 else []) if self.empty else SHARDS[rank::world]
         if self.long and rank == 0:
             shards = shards + [LONG_SHARD]
-        with open(f"{self.reads}.rank{rank}.worker{worker}", "a", buffering=1) as log:
+        log = open(f"{self.reads}.rank{rank}.worker{worker}", "a", buffering=1) if self.reads else None
+        try:
             for shard in shards[worker::workers]:
                 for i in shard:
-                    log.write(f"{i}\n")
+                    if log is not None:
+                        log.write(f"{i}\n")
                     yield {"key": f"{i:04d}", "x": torch.full((1 + i % 5,), float(i))}
+        finally:
+            if log is not None:
+                log.close()
 
 
 def objects(sample):
