@@ -88,7 +88,7 @@ class Feed:
 
 
 class HeldBatches:
-    """Yielded shm batches the user still references (via a weakref on one tensor each)."""
+    """Yielded batches the user still references (via a weakref on one tensor each), with their bytes."""
 
     def __init__(self) -> None:
         self._bytes: Dict[int, int] = {}
@@ -132,6 +132,9 @@ class Ledger:
     def __init__(self, sampler: BudgetBatchSampler) -> None:
         self.feed = Feed(sampler)
         self.held = HeldBatches()
+        # batches made in the main process (the probe's, num_workers=0) the user still references: their bytes are
+        # in its heap, and a budget that plans for the batches held must not count them a second time
+        self.held_inline = HeldBatches()
         self.step = 0  # batches delivered in all
         self.last_batch: Optional[LastBatch] = None
         self.allocated: Optional[torch.Tensor] = None  # per-worker shm bytes, written by the workers
@@ -164,6 +167,8 @@ class Ledger:
             self.delivered_bytes[stats.worker_id] += stats.arena_new_bytes
             if not pinned:
                 self.held.track(batch, 0)
+        elif road == Road.INLINE:
+            self.held_inline.track(batch, stats.batch_bytes)
         if getattr(stats, "arena_miss", None):
             self.arena_misses += 1
         self.largest_batch = max(self.largest_batch, stats.batch_bytes)

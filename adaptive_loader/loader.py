@@ -626,7 +626,7 @@ class AdaptiveLoader:
                                                               is not None),  # the probe's: workers will use them
             arena_capacity=ledger.smallest_tight_arena(),
             shm_total=shm.total, memory_available=self._memory_watch.low(memory.available), memory_budget=budget,
-            ours_in_memory=ours, shm_road=shm_road, worker_heaps=sum(self._worker_heaps.values()))
+            ours_in_memory=ours + ledger.held_inline.bytes_alive(), shm_road=shm_road, worker_heaps=sum(self._worker_heaps.values()))
 
     def _record_batch(self, epoch: int, indices: List[int], costs: np.ndarray, stats: Any, obs: Observation,
                       wait_s: float, rate: Optional[float]) -> None:

@@ -75,3 +75,23 @@ def test_the_depth_asked_for_comes_back_after_the_first_batch_when_it_fits(tmp_p
     assert [(e["event"], e["step"]) for e in depth_events] == [("depth", 1)]  # after the first batch
     assert set(depths) == {(2, 4)}
     assert fallbacks == {}
+
+
+def test_batches_made_in_the_main_process_count_as_the_loaders_while_the_user_holds_them(tmp_path):
+    # The budget plans for the batches the user holds; a batch made in the main process (the probe's,
+    # num_workers=0) is in its heap, so what memory reads as used includes it. Counted as the loader's, it
+    # is not taken from the room twice (issue 22's test at 512 MiB, which was cut to smaller batches by it).
+    records, kept = [], []
+    with AdaptiveLoader(Blocks(12, MiB, tmp_path / "loads"), max_batch_size=2, num_workers=0,
+                        telemetry=records.append) as loader:
+        for batch in loader:
+            kept.append(batch)
+        ours_kept = [r["memory_ours"] for r in records if r["kind"] == "batch"]
+        records.clear()
+        kept.clear()
+        for batch in loader:  # each batch dropped as the next comes
+            pass
+        ours_dropped = [r["memory_ours"] for r in records if r["kind"] == "batch"]
+    one = ours_kept[0]
+    assert one >= 2 * MiB and ours_kept == [k * one for k in range(1, 7)], ours_kept
+    assert len(ours_dropped) == 6 and max(ours_dropped) <= 2 * one, ours_dropped
