@@ -264,6 +264,8 @@ class Controller:
         if probed:  # the first batch is measured: from here on, as if the depth asked for had run
             self.probing = False
             self.num_workers, self.prefetch_factor = self.asked_depth
+        if self.num_workers == 0 and not self.probing:  # batches made in the main process: no arena, no worker
+            return self._in_process_budget(usable, reasons, smaller_buffer=smaller_buffer)
         workers, prefetch = self._depth_for(usable, obs)
         batches_per_worker, bytes_per_worker = self._worker_heap(self.limit)
         per_batch = max(0.0, usable - workers * bytes_per_worker) / (
@@ -337,11 +339,20 @@ class Controller:
                        f"the batches asked for in {usable / 2**20:.1f} MiB usable ({self.limit})")
         self.num_workers, self.probing = 0, False
         self.depth_cap = (0, self.prefetch_factor)
-        per_batch = max(0.0, usable - max(self._heap_extras)) / HELD_BATCHES
+        return self._in_process_budget(usable, reasons, num_workers=0)
+
+    def _in_process_budget(self, usable: float, reasons: List[str], num_workers: Optional[int] = None,
+                           smaller_buffer: bool = False) -> Decision:
+        """The budget of batches made in the main process: it holds the batch it makes (with its heap, under
+        a memory cgroup's limit) and, meanwhile, the one the user still keeps."""
+        heap = max(self._heap_extras, default=0.0) if self.limit == "memory" else 0.0
+        per_batch = max(0.0, usable - heap) / HELD_BATCHES
         target = max(self._max_cost_for(per_batch), min(self.floor_cost, self.user_max_cost))
         self._move_budget(target, per_batch, reasons)
         self.max_cost = self.capped(self.memory_max_cost)
-        return Decision(self.max_cost, per_batch, None, 0, None, None, reasons, self.limit)
+        self.per_batch_bytes = per_batch
+        return Decision(self.max_cost, per_batch, None, num_workers, None, None, reasons, self.limit,
+                        smaller_buffer=smaller_buffer)
 
     def usable_bytes(self, obs: Observation) -> Tuple[float, str]:
         """Bytes this rank's batches may fill, and which limit sets it: a safety fraction of

@@ -519,9 +519,7 @@ class AdaptiveLoader:
         self._worker_heaps.clear()  # the workers that told theirs are going
         watched = self._memory.source != "host"  # a memory cgroup's limit: what the job holds between batches counts
         self._pipeline.heap_copies = watched
-        if workers == 0:
-            mark_heap_base(copies=False)  # the batches made here count the heap they take from now on
-        elif watched:
+        if workers and watched:
             release_free_heap()
             self._memory_watch.stop()  # no thread of ours while workers fork (Python 3.12 warns of it)
         room = self._memory_room(self._pipeline.arena_bytes())
@@ -573,6 +571,10 @@ class AdaptiveLoader:
 
     def _next_envelope(self, iterator: Any) -> Any:
         """The next batch in transit from the DataLoader iterator (StopIteration at the epoch's end)."""
+        if self._pipeline.num_workers == 0:  # made here: its heap is what making it takes, not the training step's
+            if self._memory.source != "host":  # the pages the last batches freed go back first: the cgroup reads
+                release_free_heap()  # what glibc keeps as used, and the budget would fall for memory no one holds
+            mark_heap_base(copies=False)
         return next_watched(iterator)
 
     def _take_batch(self, stats: Any) -> List[int]:
@@ -611,7 +613,7 @@ class AdaptiveLoader:
         if stats.worker_pid != os.getpid():
             self._worker_heaps[stats.worker_pid] = stats.heap
         now = time.monotonic()
-        if rules.memory_due(now - self._memory_read_at):
+        if rules.memory_due(now - self._memory_read_at) or self._pipeline.num_workers == 0:
             self._memory, self._memory_read_at = read_memory(), now
             self._memory_watch.add(now, self._memory.available)
         memory = self._memory

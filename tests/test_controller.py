@@ -560,6 +560,15 @@ def test_in_the_main_process_the_budget_is_what_fits_there():
     assert d.max_cost == pytest.approx(65.0)
 
 
+def test_in_the_main_process_later_decisions_follow_the_room_there_both_ways():
+    c = heap_controller()
+    observe_memory(c, available=int(150 * MiB / 0.8), arenas=True)  # to the main process, 65 MiB batches
+    d = observe_memory(c, available=int(100 * MiB / 0.8))  # the training step took 50 MiB more
+    assert d.num_workers is None and c.num_workers == 0 and d.per_batch_bytes == pytest.approx((100 - 20) * MiB / 2)
+    assert d.max_cost == pytest.approx(40.0) and any("lower max_cost 65 -> 40" in r for r in d.reasons)
+    d = observe_memory(c, available=int(250 * MiB / 0.8))  # and gave it back: whole batches again
+    assert d.max_cost == 100.0 and c.num_workers == 0
+
 def test_after_an_oom_kill_at_one_worker_the_main_process_comes_before_the_budget_where_heaps_count():
     c = heap_controller()
     observe_memory(c, available=int(1000 * MiB / 0.8))  # a decision bound by memory: heaps count

@@ -97,5 +97,59 @@ def test_when_no_worker_fits_the_loader_ends_in_the_main_process_having_given_up
     assert result["fallbacks"]["in_process"] == 1
 
 
+# num_workers=0 under a 700 MiB limit: from its 4th step on, the training step holds 10 MiB more at every step,
+# up to 300 MiB. Batches of up to 16 samples of 2-11 MiB (about 105 MiB each), kept as lists (no copy).
+GROWING_STEP = textwrap.dedent("""
+    import json
+    import numpy as np
+    import torch
+    from adaptive_loader import AdaptiveLoader
+
+    MiB = 1 << 20
+    sizes = np.random.default_rng(0).integers(2, 12, size=640)  # MiB, and the cost
+
+    class Rows(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(sizes)
+
+        def __getitem__(self, i):
+            return torch.full((int(sizes[i]) * MiB // 4,), float(i)), i
+
+    def as_lists(samples):
+        return [x for x, _ in samples], [i for _, i in samples]
+
+    records, seen, wrong, batch_sizes, held = [], [], [], [], []
+    loader = AdaptiveLoader(Rows(), costs=sizes.astype(float), max_batch_size=16, collate_fn=as_lists,
+                            telemetry=records.append)
+    for step, (rows, ids) in enumerate(loader):
+        wrong += [i for row, i in zip(rows, ids) if not bool((row == i).all())]
+        seen += ids
+        batch_sizes.append(len(ids))
+        if step >= 3 and len(held) < 30:
+            held.append(np.ones(10 * MiB, dtype=np.uint8))  # touched: charged to the group
+        del rows, ids
+    loader.close()
+    print(json.dumps({"seen": sorted(seen), "wrong": wrong, "sizes": batch_sizes,
+                      "smaller": [r["message"] for r in records if r.get("data", {}).get("below_asked")]}))
+""")
+
+
+@pytest.mark.timeout(240)
+def test_loading_in_the_main_process_follows_the_memory_the_training_step_takes(tmp_path):
+    # A DataLoader(num_workers=0) with these batches is OOM-killed, and so was this loader before it decided
+    # in the main process: it kept its first budget, and glibc kept the pages of the batches freed, which the
+    # group counts as used. Now it gives them back before each batch and lowers the budget as the room shrinks.
+    out = tmp_path / "out.json"
+    with open(out, "w") as stdout:
+        run = run_in_memory_cgroup([sys.executable, "-c", GROWING_STEP], 700 * MiB, timeout=200, stdout=stdout,
+                                   stderr=subprocess.PIPE)
+    assert run.returncode == 0 and run.oom_kills == 0, (run.returncode, run.oom_kills, run.stderr[-2000:])
+    result = json.loads(out.read_text())
+    assert result["seen"] == list(range(640)) and result["wrong"] == []
+    sizes = result["sizes"]
+    assert sizes[:8] == [16] * 8 and min(sizes[-5:]) < 16, sizes  # whole while they fit, then smaller
+    assert len(result["smaller"]) == 1 and "memory limit" in result["smaller"][0], result["smaller"]
+
+
 def test_no_cgroup_of_ours_is_left():
     assert list_groups(os.getpid()) == []  # this run's; another run's may be alive beside it
