@@ -344,7 +344,8 @@ class Controller:
     def _in_process_budget(self, usable: float, reasons: List[str], num_workers: Optional[int] = None,
                            smaller_buffer: bool = False) -> Decision:
         """The budget of batches made in the main process: it holds the batch it makes (with its heap, under
-        a memory cgroup's limit) and, meanwhile, the one the user still keeps."""
+        a memory cgroup's limit) and, meanwhile, the one the user still keeps. (A stream's read-ahead there is
+        in what memory reads as used already.)"""
         heap = max(self._heap_extras, default=0.0) if self.limit == "memory" else 0.0
         per_batch = max(0.0, usable - heap) / HELD_BATCHES
         target = max(self._max_cost_for(per_batch), min(self.floor_cost, self.user_max_cost))

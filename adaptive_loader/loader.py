@@ -571,11 +571,16 @@ class AdaptiveLoader:
 
     def _next_envelope(self, iterator: Any) -> Any:
         """The next batch in transit from the DataLoader iterator (StopIteration at the epoch's end)."""
-        if self._pipeline.num_workers == 0:  # made here: its heap is what making it takes, not the training step's
-            if self._memory.source != "host":  # the pages the last batches freed go back first: the cgroup reads
-                release_free_heap()  # what glibc keeps as used, and the budget would fall for memory no one holds
-            mark_heap_base(copies=False)
+        self._before_batch_here()
         return next_watched(iterator)
+
+    def _before_batch_here(self) -> None:
+        """Before a batch made in the main process under a cgroup's limit: the pages the last batches freed
+        go back (the group reads what glibc keeps as used), and its heap counts from here: what making
+        the batch takes, not what the training step took since."""
+        if self._pipeline.num_workers == 0 and self._memory.source != "host":
+            release_free_heap()
+            mark_heap_base(copies=False)
 
     def _take_batch(self, stats: Any) -> List[int]:
         """The batch being handed to the user: its indices, dropped from what is outstanding."""

@@ -183,6 +183,7 @@ class StreamLoader(AdaptiveLoader):
         envelope = None
         while self._epoch_end is None:
             try:
+                self._before_batch_here()
                 envelope = next_watched(iterator)
             except StopIteration:
                 self._epoch_end = "dry"
