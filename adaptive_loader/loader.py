@@ -617,8 +617,12 @@ class AdaptiveLoader:
                                                                   self.sampler.unit_costs) + arena_bytes
         if stats.worker_pid != os.getpid():
             self._worker_heaps[stats.worker_pid] = stats.heap
+        # Loading in the main process, after the probe: the training step and the next batch take their turns,
+        # so the least memory left lately (the step's peak, which workers overlap) is not what the batch meets;
+        # what is left now, the step done, is.
+        in_process = self._pipeline.num_workers == 0 and not self.controller.probing
         now = time.monotonic()
-        if rules.memory_due(now - self._memory_read_at) or self._pipeline.num_workers == 0:
+        if rules.memory_due(now - self._memory_read_at) or in_process:
             self._memory, self._memory_read_at = read_memory(), now
             self._memory_watch.add(now, self._memory.available)
         memory = self._memory
@@ -632,7 +636,8 @@ class AdaptiveLoader:
             arenas=road in ARENA_ROADS or arena_bytes > 0 or (road == Road.INLINE and self._pipeline.arena_owner
                                                               is not None),  # the probe's: workers will use them
             arena_capacity=ledger.smallest_tight_arena(),
-            shm_total=shm.total, memory_available=self._memory_watch.low(memory.available), memory_budget=budget,
+            shm_total=shm.total, memory_available=memory.available if in_process else self._memory_watch.low(
+                memory.available), memory_budget=budget,
             ours_in_memory=ours + ledger.held_inline.bytes_alive(), shm_road=shm_road, worker_heaps=sum(self._worker_heaps.values()))
 
     def _record_batch(self, epoch: int, indices: List[int], costs: np.ndarray, stats: Any, obs: Observation,
