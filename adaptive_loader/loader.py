@@ -626,6 +626,7 @@ class AdaptiveLoader:
             self._memory, self._memory_read_at = read_memory(), now
             self._memory_watch.add(now, self._memory.available)
         memory = self._memory
+        available = memory.available if in_process else self._memory_watch.low(memory.available)
         budget = None if self.memory_budget is None else resolve_memory_budget(self.memory_budget, memory.limit)
         road = stats.transport
         shm_road = road == Road.ARENA or (road == Road.SHM and getattr(stats, "block_kind", "shm") == "shm")
@@ -636,9 +637,9 @@ class AdaptiveLoader:
             arenas=road in ARENA_ROADS or arena_bytes > 0 or (road == Road.INLINE and self._pipeline.arena_owner
                                                               is not None),  # the probe's: workers will use them
             arena_capacity=ledger.smallest_tight_arena(),
-            shm_total=shm.total, memory_available=memory.available if in_process else self._memory_watch.low(
-                memory.available), memory_budget=budget,
-            ours_in_memory=ours + ledger.held_inline.bytes_alive(), shm_road=shm_road, worker_heaps=sum(self._worker_heaps.values()))
+            shm_total=shm.total, memory_available=available, memory_budget=budget,
+            ours_in_memory=ours + ledger.held_inline.bytes_alive(), shm_road=shm_road,
+            worker_heaps=sum(self._worker_heaps.values()))
 
     def _record_batch(self, epoch: int, indices: List[int], costs: np.ndarray, stats: Any, obs: Observation,
                       wait_s: float, rate: Optional[float]) -> None:
