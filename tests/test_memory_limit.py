@@ -97,8 +97,9 @@ def test_when_no_worker_fits_the_loader_ends_in_the_main_process_having_given_up
     assert result["fallbacks"]["in_process"] == 1
 
 
-# num_workers=0 under a 700 MiB limit: from its 4th step on, the training step holds 10 MiB more at every step,
-# up to 300 MiB. Batches of up to 16 samples of 2-11 MiB (about 105 MiB each), kept as lists (no copy).
+# num_workers=0 with 550 MiB above what importing torch takes (~150 MiB with the CPU build, ~290 with CUDA's):
+# from its 4th step on, the training step holds 10 MiB more at every step, up to 280 MiB. Batches of up to 16
+# samples of 2-11 MiB (about 105 MiB each), kept as lists (no copy).
 GROWING_STEP = textwrap.dedent("""
     import json
     import numpy as np
@@ -125,30 +126,34 @@ GROWING_STEP = textwrap.dedent("""
         wrong += [i for row, i in zip(rows, ids) if not bool((row == i).all())]
         seen += ids
         batch_sizes.append(len(ids))
-        if step >= 3 and len(held) < 30:
+        if step >= 3 and len(held) < 28:
             held.append(np.ones(10 * MiB, dtype=np.uint8))  # touched: charged to the group
         del rows, ids
     loader.close()
     print(json.dumps({"seen": sorted(seen), "wrong": wrong, "sizes": batch_sizes,
-                      "smaller": [r["message"] for r in records if r.get("data", {}).get("below_asked")]}))
+                      "lowered": [r["step"] for r in records if r.get("event") == "budget"
+                                  and r["message"].startswith("lower max_cost")]}))
 """)
 
 
 @pytest.mark.timeout(240)
 def test_loading_in_the_main_process_follows_the_memory_the_training_step_takes(tmp_path):
-    # A DataLoader(num_workers=0) with these batches is OOM-killed, and so was this loader before it decided
-    # in the main process: it kept its first budget, and glibc kept the pages of the batches freed, which the
-    # group counts as used. Now it gives them back before each batch and lowers the budget as the room shrinks.
+    # The code before kept its first budget, batches of 16, to a peak of ~690 MiB of 700 here (OOM-killed in 1 of
+    # 3 runs; with 300 MiB, in every run, as DataLoader(num_workers=0) is; docs/performance.md). Now the loader
+    # gives glibc's free pages back before each batch (the group counts them as used) and lowers the budget as
+    # the room shrinks (peak ~655 MiB).
+    imported = run_in_memory_cgroup([sys.executable, "-c", "import torch, adaptive_loader"], 4 << 30, timeout=120)
+    assert imported.returncode == 0 and imported.peak_bytes > 0, imported
     out = tmp_path / "out.json"
     with open(out, "w") as stdout:
-        run = run_in_memory_cgroup([sys.executable, "-c", GROWING_STEP], 700 * MiB, timeout=200, stdout=stdout,
-                                   stderr=subprocess.PIPE)
+        run = run_in_memory_cgroup([sys.executable, "-c", GROWING_STEP], imported.peak_bytes + 550 * MiB, timeout=200,
+                                   stdout=stdout, stderr=subprocess.PIPE)
     assert run.returncode == 0 and run.oom_kills == 0, (run.returncode, run.oom_kills, run.stderr[-2000:])
     result = json.loads(out.read_text())
     assert result["seen"] == list(range(640)) and result["wrong"] == []
     sizes = result["sizes"]
-    assert sizes[:8] == [16] * 8 and min(sizes[-5:]) < 16, sizes  # whole while they fit, then smaller
-    assert len(result["smaller"]) == 1 and "memory limit" in result["smaller"][0], result["smaller"]
+    assert sizes[:4] == [16] * 4, sizes  # whole before the step grows
+    assert len([step for step in result["lowered"] if step > 4]) >= 2, result["lowered"]  # then, as it grows
 
 
 def test_no_cgroup_of_ours_is_left():
